@@ -1,0 +1,44 @@
+# Set-up and entry points. Every target creates/uses the virtualenv in $(VENV).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: venv data test test-fast demo bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST comes from the Debian package; install it when missing and we can (root).
+data:
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y dataset-fashion-mnist || \
+	     (apt-get update && apt-get install -y dataset-fashion-mnist)) || \
+	    echo "warning: could not install dataset-fashion-mnist"; \
+	  else \
+	    echo "note: $(FMNIST_DIR) missing; install the Debian package dataset-fashion-mnist" \
+	         "or set FT_KERAS_DATA_DIR"; \
+	  fi; \
+	fi
+
+test: venv data
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-fast: venv data
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+
+demo: venv data
+	$(PY) examples/demo.py
+
+bench: venv data
+	$(PY) bench/step_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,174 @@
+"""Masked Keras 3 layers: Dense and convolution layers whose kernel carries a binary mask.
+
+Each masked layer is the Keras layer it extends plus one non-trainable boolean variable,
+``kernel_mask``, with the kernel's shape. The kernel is *stored* sparse: off-mask entries are
+exactly zero, so ``call`` is the parent's unchanged forward pass (no multiply by the mask) and the
+gradient Keras computes for the kernel is the dense gradient that RigL needs. What keeps the zeros
+at zero during training is `ft_keras.DynamicSparsity` (or `StaticSparsity`), which masks the
+gradient inside the optimizer step and resets optimizer state at changed positions.
+
+Masked layers serialize like their parents (``get_config``) and save the mask with the weights,
+so ``model.save("m.keras")`` / ``keras.models.load_model`` round-trips masks and weights bit-exactly.
+You rarely build them by hand: `ft_keras.sparsify` turns a model's layers into these.
+
+Example:
+
+>>> layer = MaskedDense(4)
+>>> layer.build((None, 3))
+>>> layer.set_mask(np.eye(3, 4, dtype=bool))
+>>> int(layer.num_active)
+3
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class MaskedKernelMixin:
+    """Adds ``kernel_mask`` to a Keras layer that has a ``kernel``.
+
+    Mixed into the left of a Keras layer class. The mask is boolean (one byte per weight),
+    non-trainable, created in ``build`` under the current distribution strategy.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.kernel_mask = self.add_weight(
+            name="kernel_mask",
+            shape=tuple(self.masked_kernel.shape),
+            initializer="ones",
+            trainable=False,
+            dtype="bool",
+        )
+
+    @property
+    def masked_kernel(self):
+        """The kernel variable that the mask applies to."""
+        kernel = getattr(self, "_kernel", None)
+        return kernel if kernel is not None else self.kernel
+
+    @property
+    def num_active(self):
+        """Number of active (on-mask) kernel weights, as a Python int."""
+        return int(np.count_nonzero(keras.ops.convert_to_numpy(self.kernel_mask)))
+
+    @property
+    def kernel_size_total(self):
+        """Number of kernel positions (active or not)."""
+        return int(np.prod(self.masked_kernel.shape))
+
+    def apply_mask(self):
+        """Sets the off-mask kernel entries to exactly +0.0."""
+        kernel = self.masked_kernel
+        kernel.assign(tf.where(self.kernel_mask.value, kernel.value, tf.zeros_like(kernel.value)))
+
+    def set_mask(self, mask):
+        """Replaces the mask (bool array of the kernel's shape) and zeroes the kernel off it."""
+        mask = np.asarray(keras.ops.convert_to_numpy(mask))
+        if tuple(mask.shape) != tuple(self.masked_kernel.shape):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}; layer '{self.name}' needs the kernel's shape "
+                f"{tuple(self.masked_kernel.shape)}."
+            )
+        self.kernel_mask.assign(mask.astype(bool))
+        self.apply_mask()
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.built:
+            store[str(len(store.keys()))] = self.kernel_mask
+
+    def load_own_variables(self, store):
+        keys = sorted(store.keys(), key=int)
+        mask_key = keys[-1]
+        parent = _DropKey(store, mask_key)
+        super().load_own_variables(parent)
+        self.kernel_mask.assign(np.asarray(store[mask_key]).astype(bool))
+        self.apply_mask()
+
+    def _check_load_own_variables(self, store):
+        # The parent checks its own variables; the mask is handled by load_own_variables.
+        own = self._trainable_variables + self._non_trainable_variables
+        expected = len(own) - 1
+        if len(store.keys()) != expected:
+            raise ValueError(
+                f"Layer '{self.name}' expected {expected + 1} variables (with kernel_mask) but the "
+                f"file lists {len(store.keys()) + 1}."
+            )
+
+
+class _DropKey:
+    """A read-only view of a weights store without one key (the mask's)."""
+
+    def __init__(self, store, dropped):
+        self._store = store
+        self._dropped = dropped
+
+    def keys(self):
+        return [k for k in self._store.keys() if k != self._dropped]
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __getitem__(self, key):
+        if key == self._dropped:
+            raise KeyError(key)
+        return self._store[key]
+
+    def __contains__(self, key):
+        return key != self._dropped and key in self._store
+
+
+def _masked(base, doc):
+    """Creates and registers the masked subclass of a Keras layer class."""
+    cls = type(
+        f"Masked{base.__name__}",
+        (MaskedKernelMixin, base),
+        {"__doc__": doc, "__module__": __name__},
+    )
+    return keras.saving.register_keras_serializable(package="ft_keras")(cls)
+
+
+MaskedDense = _masked(
+    keras.layers.Dense, "`keras.layers.Dense` with a boolean `kernel_mask` (see module doc)."
+)
+MaskedConv1D = _masked(
+    keras.layers.Conv1D, "`keras.layers.Conv1D` with a boolean `kernel_mask` (see module doc)."
+)
+MaskedConv2D = _masked(
+    keras.layers.Conv2D, "`keras.layers.Conv2D` with a boolean `kernel_mask` (see module doc)."
+)
+MaskedConv3D = _masked(
+    keras.layers.Conv3D, "`keras.layers.Conv3D` with a boolean `kernel_mask` (see module doc)."
+)
+MaskedDepthwiseConv2D = _masked(
+    keras.layers.DepthwiseConv2D,
+    "`keras.layers.DepthwiseConv2D` with a boolean `kernel_mask` (see module doc).",
+)
+
+# Exact Keras class -> masked class. Subclasses of these are not converted (their `call` may
+# differ), and stay dense.
+MASKED_CLASSES = {
+    keras.layers.Dense: MaskedDense,
+    keras.layers.Conv1D: MaskedConv1D,
+    keras.layers.Conv2D: MaskedConv2D,
+    keras.layers.Conv3D: MaskedConv3D,
+    keras.layers.DepthwiseConv2D: MaskedDepthwiseConv2D,
+}
+PLAIN_CLASSES = {masked: plain for plain, masked in MASKED_CLASSES.items()}
+
+
+def is_masked(layer):
+    """True if ``layer`` is one of ft_keras's masked layers."""
+    return isinstance(layer, MaskedKernelMixin)
+
+
+def is_prunable(layer):
+    """True if ``layer``'s exact class has a masked counterpart."""
+    return type(layer) in MASKED_CLASSES
+
+
+def has_kernel(layer):
+    """True for layers that own a kernel-like weight (reported when they cannot be masked)."""
+    return any(w.name.endswith(("kernel", "embeddings")) for w in layer.weights)

@@ -1,0 +1,373 @@
+"""`sparsify` and `strip`: turn a Keras model into a masked (sparse) one and back.
+
+``sparsify`` clones a Sequential or Functional model (nested models included), replacing every
+Dense / Conv1D / Conv2D / Conv3D / DepthwiseConv2D layer by its masked twin from
+`ft_keras.layers`, copies all weights, draws random masks with exact per-layer counts from the
+chosen density distribution, and zeroes the kernels off-mask. Layers that cannot be masked stay
+dense and are listed by `sparsity_report`. ``strip`` does the reverse: a plain Keras model whose
+kernels hold the sparse weights (zeros off-mask), with identical predictions.
+
+Example:
+
+>>> model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(300, activation="relu"),
+...                           keras.layers.Dense(10)])
+>>> sparse = sparsify(model, sparsity=0.9, distribution="erk", seed=0)
+>>> print(sparsity_report(sparse))          # doctest: +SKIP
+>>> plain = strip(sparse)                  # a plain keras.Sequential again
+"""
+
+import dataclasses
+import numbers
+
+import keras
+import numpy as np
+
+from ft_keras import distributions
+from ft_keras import layers as masked_layers
+from ft_keras import topology
+
+# Salt for the initial masks' RNG key (training-time draws use steps >= 1).
+_INITIAL_MASK_STEP = -1
+
+
+def _check_model(model, argument="model"):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{argument} must be a keras.Model (Sequential or Functional); got "
+            f"{type(model).__name__}."
+        )
+    if not _is_graph_model(model):
+        raise TypeError(
+            f"{argument}={model.name!r} is a subclassed keras.Model; sparsify and strip need a "
+            "Sequential or Functional model (build it with keras.Sequential or keras.Model(inputs, "
+            "outputs))."
+        )
+
+
+def _is_graph_model(model):
+    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional" or (
+        hasattr(model, "_operations") and hasattr(model, "_nodes_by_depth")
+    )
+
+
+def walk_layers(model):
+    """Yields the leaf layers of a model in order, entering nested models; each layer once."""
+    seen = set()
+
+    def walk(container):
+        for layer in container.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, keras.Model) and hasattr(layer, "layers"):
+                yield from walk(layer)
+            else:
+                yield layer
+
+    yield from walk(model)
+
+
+def masked_layers_of(model):
+    """The masked layers of a model, in `walk_layers` order (their index keys the RNG)."""
+    return [layer for layer in walk_layers(model) if masked_layers.is_masked(layer)]
+
+
+def _kernel_shape(layer):
+    kernel = getattr(layer, "_kernel", None)
+    if kernel is None:
+        kernel = layer.kernel
+    return tuple(int(d) for d in kernel.shape)
+
+
+def _check_sparsity(sparsity):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(
+            f"sparsity must be a real number in [0, 1); got {sparsity!r} "
+            f"({type(sparsity).__name__})."
+        )
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity={sparsity!r} is outside the allowed range [0, 1).")
+
+
+def _normalise_keep_dense(keep_dense):
+    if keep_dense is None:
+        return ()
+    if isinstance(keep_dense, str):
+        return (keep_dense,)
+    try:
+        names = tuple(keep_dense)
+    except TypeError:
+        raise TypeError(
+            f"keep_dense must be a layer name or an iterable of layer names; got {keep_dense!r}."
+        ) from None
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"keep_dense must hold layer names (str); got {name!r}.")
+    return names
+
+
+def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk_power_scale=1.0):
+    """Returns a new model whose prunable layers are masked at the given overall sparsity.
+
+    Args:
+        model: a built Sequential or Functional `keras.Model` (nested models are entered).
+        sparsity: overall sparsity S in [0, 1) over all prunable kernels (``keep_dense`` layers
+            count as dense).
+        distribution: "erk" (default), "er" or "uniform"; see `ft_keras.layer_densities`.
+        keep_dense: name(s) of prunable layers to keep dense (not masked).
+        seed: int; initial masks are drawn from a stateless RNG keyed by (seed, layer index).
+        erk_power_scale: exponent applied to ERK's raw densities.
+
+    Returns:
+        A new, uncompiled `keras.Model` with the same architecture and weights, in which each
+        masked layer holds a ``kernel_mask`` with exactly ``round(density * size)`` ones and a
+        kernel that is exactly zero off-mask. Layers whose density comes out at 1.0 (ERK's cap, or
+        ``keep_dense``) stay plain layers.
+
+    Raises:
+        TypeError: ``model`` is not a Sequential/Functional model, or an argument has a bad type.
+        ValueError: sparsity outside [0, 1), unknown distribution, ``keep_dense`` naming no
+            prunable layer, or a model with no prunable layer.
+    """
+    _check_model(model)
+    _check_sparsity(sparsity)
+    keep = _normalise_keep_dense(keep_dense)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int; got {seed!r}.")
+    if not model.built:
+        raise ValueError(
+            f"model={model.name!r} is not built; call it on data or give it an Input first."
+        )
+    if any(masked_layers.is_masked(layer) for layer in walk_layers(model)):
+        raise ValueError(f"model={model.name!r} is already sparsified; strip() it first.")
+
+    prunable = [layer for layer in walk_layers(model) if masked_layers.is_prunable(layer)]
+    if not prunable:
+        raise ValueError(
+            f"model={model.name!r} has no prunable layer; sparsify masks the kernels of "
+            f"{sorted(cls.__name__ for cls in masked_layers.MASKED_CLASSES)} layers."
+        )
+    names = [layer.name for layer in prunable]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"model={model.name!r} has several prunable layers named {duplicates}; give them "
+            "unique names so densities and keep_dense can refer to them."
+        )
+    unknown = [name for name in keep if name not in names]
+    if unknown:
+        raise ValueError(
+            f"keep_dense={list(keep)!r} names no prunable layer: {unknown}. Prunable layers: "
+            f"{names}."
+        )
+    shapes = {layer.name: _kernel_shape(layer) for layer in prunable}
+    densities = distributions.layer_densities(
+        shapes,
+        sparsity,
+        distribution=distribution,
+        keep_dense=keep,
+        erk_power_scale=erk_power_scale,
+    )
+    counts = distributions.active_counts(shapes, densities)
+    to_mask = {
+        name for name in names if counts[name] < int(np.prod(shapes[name]))
+    }
+
+    originals = {}
+
+    def clone_layer(layer):
+        if layer.name in to_mask and masked_layers.is_prunable(layer):
+            new = masked_layers.MASKED_CLASSES[type(layer)].from_config(layer.get_config())
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+        originals[id(new)] = layer
+        return new
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+
+    masked_index = 0
+    for new in walk_layers(clone):
+        old = originals.get(id(new))
+        if old is None:
+            continue
+        if masked_layers.is_masked(new):
+            weights = old.get_weights()
+            new.set_weights(weights + [np.ones(_kernel_shape(new), bool)])
+            mask = topology.random_mask(
+                shapes[new.name],
+                counts[new.name],
+                topology.rng_seed(seed, _INITIAL_MASK_STEP, masked_index),
+            )
+            new.set_mask(mask)
+            masked_index += 1
+        elif old.weights:
+            new.set_weights(old.get_weights())
+    return clone
+
+
+def strip(model):
+    """Returns a plain Keras model (no masks) with the sparse model's weights and predictions.
+
+    Each masked layer becomes its Keras parent class with the same config; its kernel holds the
+    sparse weights (exactly zero off-mask). Non-masked layers are copied.
+    """
+    _check_model(model)
+    originals = {}
+
+    def clone_layer(layer):
+        cls = masked_layers.PLAIN_CLASSES.get(type(layer), type(layer))
+        new = cls.from_config(layer.get_config())
+        originals[id(new)] = layer
+        return new
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    for new in walk_layers(clone):
+        old = originals.get(id(new))
+        if old is None or not old.weights:
+            continue
+        if masked_layers.is_masked(old):
+            mask = keras.ops.convert_to_numpy(old.kernel_mask)
+            kernel = keras.ops.convert_to_numpy(old.masked_kernel)
+            kernel = np.where(mask, kernel, np.zeros_like(kernel))
+            values = [
+                kernel if w is old.masked_kernel else keras.ops.convert_to_numpy(w)
+                for w in old.weights
+                if w is not old.kernel_mask
+            ]
+            new.set_weights(values)
+        else:
+            new.set_weights(old.get_weights())
+    return clone
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSparsity:
+    """One row of a `SparsityReport`."""
+
+    name: str
+    kind: str
+    shape: tuple
+    size: int
+    active: int
+    status: str  # "masked", "dense (not masked)", "unsupported (stays dense)"
+
+    @property
+    def density(self):
+        return self.active / self.size if self.size else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer kernel sizes and active counts of a model, and the totals.
+
+    ``total_size`` / ``total_active`` cover every kernel listed (masked, kept dense and
+    unsupported); ``masked_size`` / ``masked_active`` only the masked ones; ``num_params`` and
+    ``num_active_params`` count every trainable weight (biases etc. always active).
+    """
+
+    layers: tuple
+    num_params: int
+    num_active_params: int
+
+    @property
+    def masked(self):
+        return tuple(row for row in self.layers if row.status == "masked")
+
+    @property
+    def unsupported(self):
+        return tuple(row for row in self.layers if row.status.startswith("unsupported"))
+
+    @property
+    def total_size(self):
+        return sum(row.size for row in self.layers)
+
+    @property
+    def total_active(self):
+        return sum(row.active for row in self.layers)
+
+    @property
+    def density(self):
+        return self.total_active / self.total_size if self.total_size else 1.0
+
+    @property
+    def sparsity(self):
+        return 1.0 - self.density
+
+    def as_dict(self):
+        return {
+            "layers": [dict(dataclasses.asdict(row), density=row.density) for row in self.layers],
+            "total_size": self.total_size,
+            "total_active": self.total_active,
+            "density": self.density,
+            "num_params": self.num_params,
+            "num_active_params": self.num_active_params,
+        }
+
+    def __str__(self):
+        head = f"{'layer':<24} {'kind':<22} {'shape':<20} {'active':>10} {'size':>10} {'density':>8}"
+        lines = [head, "-" * len(head)]
+        for row in self.layers:
+            lines.append(
+                f"{row.name:<24.24} {row.kind:<22.22} {str(row.shape):<20.20} {row.active:>10,d} "
+                f"{row.size:>10,d} {row.density:>8.4f}"
+                + ("" if row.status == "masked" else f"  {row.status}")
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'kernels total':<67} {self.total_active:>10,d} {self.total_size:>10,d} "
+            f"{self.density:>8.4f}"
+        )
+        lines.append(
+            f"all parameters: {self.num_active_params:,d} active of {self.num_params:,d}"
+        )
+        return "\n".join(lines)
+
+
+def sparsity_report(model):
+    """Per-layer shape, active count and density of every kernel, and the totals.
+
+    Masked layers report their mask's count; prunable layers that were kept dense and layers that
+    ft_keras cannot mask (e.g. Conv2DTranspose, Embedding) are listed as dense with their status.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model; got {type(model).__name__}.")
+    rows = []
+    num_params = 0
+    num_active = 0
+    for layer in walk_layers(model):
+        for weight in layer.trainable_weights:
+            num_params += int(np.prod(weight.shape))
+        if masked_layers.is_masked(layer):
+            size = layer.kernel_size_total
+            active = layer.num_active
+            status = "masked"
+        elif masked_layers.is_prunable(layer) or masked_layers.has_kernel(layer):
+            kernel = [w for w in layer.weights if w.name.endswith(("kernel", "embeddings"))][0]
+            size = int(np.prod(kernel.shape))
+            active = size
+            status = (
+                "dense (not masked)"
+                if masked_layers.is_prunable(layer)
+                else "unsupported (stays dense)"
+            )
+        else:
+            for weight in layer.trainable_weights:
+                num_active += int(np.prod(weight.shape))
+            continue
+        others = sum(
+            int(np.prod(w.shape))
+            for w in layer.trainable_weights
+            if not w.name.endswith(("kernel", "embeddings"))
+        )
+        num_active += active + others
+        shape = tuple(int(d) for d in (
+            layer.masked_kernel.shape if masked_layers.is_masked(layer) else kernel.shape
+        ))
+        rows.append(LayerSparsity(layer.name, type(layer).__name__, shape, size, active, status))
+    return SparsityReport(tuple(rows), num_params, num_active)
+
+
+def kernel_densities(model):
+    """``{layer name: density}`` of the masked layers (a convenience over `sparsity_report`)."""
+    return {row.name: row.density for row in sparsity_report(model).masked}
+

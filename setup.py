@@ -1,0 +1,39 @@
+"""ft_keras: FreeTickets (dynamic sparse training ensembles) for Keras 3."""
+
+import os
+
+from setuptools import find_packages, setup
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    with open(os.path.join(_HERE, "ft_keras", "version.py")) as f:
+        scope = {}
+        exec(f.read(), scope)  # pylint: disable=exec-used
+        return scope["__version__"]
+
+
+setup(
+    name="ft_keras",
+    version=_version(),
+    description=(
+        "FreeTickets for Keras 3: dynamic sparse training, EDST/DST ensembles "
+        "and TF Serving export."
+    ),
+    long_description=open(os.path.join(_HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ft_keras", "ft_keras.*"]),
+    python_requires=">=3.10,<3.14",
+    install_requires=[
+        "tensorflow>=2.16,<2.23",
+        "keras>=3.5,<3.16",
+        "tensorflow-datasets>=4.9,<5",
+        "absl-py>=1.0,<3",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+    },
+    license="Apache-2.0",
+)
