@@ -8,7 +8,7 @@ ERK / ER / uniform layer densities) and the tools to build FreeTickets ensembles
 >>> sparse.fit(..., callbacks=[ftk.DynamicSparsity(update_every=100, grow="gradient")])
 """
 
-# DATA_PENDING from ft_keras import data
+from ft_keras import data
 from ft_keras import distributions
 from ft_keras import layers
 from ft_keras import models

@@ -74,27 +74,35 @@ class MaskedKernelMixin:
         self.kernel_mask.assign(mask.astype(bool))
         self.apply_mask()
 
+    def _parent_saves_every_variable(self):
+        """True when the parent uses Layer's default saving (all variables, mask included)."""
+        parent = super(MaskedKernelMixin, self).save_own_variables
+        return getattr(parent, "__func__", None) is keras.layers.Layer.save_own_variables
+
     def save_own_variables(self, store):
         super().save_own_variables(store)
-        if self.built:
+        if self.built and not self._parent_saves_every_variable():
             store[str(len(store.keys()))] = self.kernel_mask
 
     def load_own_variables(self, store):
-        keys = sorted(store.keys(), key=int)
-        mask_key = keys[-1]
-        parent = _DropKey(store, mask_key)
-        super().load_own_variables(parent)
-        self.kernel_mask.assign(np.asarray(store[mask_key]).astype(bool))
+        if self._parent_saves_every_variable():
+            super().load_own_variables(store)
+        else:
+            keys = sorted(store.keys(), key=int)
+            mask_key = keys[-1] if keys else "0"
+            super().load_own_variables(_DropKey(store, mask_key))
+            self.kernel_mask.assign(np.asarray(store[mask_key]).astype(bool))
         self.apply_mask()
 
     def _check_load_own_variables(self, store):
-        # The parent checks its own variables; the mask is handled by load_own_variables.
+        # For parents with their own saving, the store seen here lacks the mask (see load).
         own = self._trainable_variables + self._non_trainable_variables
-        expected = len(own) - 1
+        expected = len(own) if self._parent_saves_every_variable() else len(own) - 1
         if len(store.keys()) != expected:
+            found = len(store.keys()) + len(own) - expected
             raise ValueError(
-                f"Layer '{self.name}' expected {expected + 1} variables (with kernel_mask) but the "
-                f"file lists {len(store.keys()) + 1}."
+                f"Layer '{self.name}' expected {len(own)} variables (kernel_mask included) but "
+                f"the file lists {found}: {[v.name for v in own]}."
             )
 
 
