@@ -30,6 +30,7 @@ setup(
         "keras>=3.5,<3.16",
         "tensorflow-datasets>=4.9,<5",
         "absl-py>=1.0,<3",
+        "tensorboard>=2.16,<2.23",
         "numpy>=1.26,<3",
     ],
     extras_require={

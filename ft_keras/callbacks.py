@@ -309,13 +309,20 @@ class DynamicSparsity(keras.callbacks.Callback):
             cache[key] = optimizer.add_variable_from_reference(layer.masked_kernel, name=name)
         return cache[key]
 
-    def _resolve_end_step(self):
+    def _resolve_end_step(self, epoch):
+        """The end step of this fit: explicit, or the step where the fit's last epoch ends.
+
+        Called at the first ``on_epoch_begin``, after every callback's ``on_train_begin`` (so
+        after ``BackupAndRestore`` restored ``iterations`` and the initial epoch) and before the
+        train step is traced (the value is baked into the graph).
+        """
         if self.end_step is not None:
             return self.end_step
         epochs = (self.params or {}).get("epochs")
         steps = (self.params or {}).get("steps")
         if epochs and steps:
-            return int(epochs) * int(steps)
+            start = int(self._optimizer.iterations.numpy())
+            return start + (int(epochs) - int(epoch)) * int(steps)
         if self.decay == "cosine" and not self._never_updates:
             raise ValueError(
                 "end_step=None: the cosine decay needs the number of training steps, but fit() "
@@ -330,7 +337,7 @@ class DynamicSparsity(keras.callbacks.Callback):
             raise ValueError("The model must be compiled (with an optimizer) before fit().")
         if self._optimizer is not _base_optimizer(model.optimizer) or not self._kernels:
             self.set_model(model)
-        self._resolved_end_step = self._resolve_end_step()
+        self._resolved_end_step = None
         self._sanitize()
         self._hook = _OptimizerHook(self, self._optimizer, self._kernels)
         self._hook.install()
@@ -339,6 +346,13 @@ class DynamicSparsity(keras.callbacks.Callback):
         self._last_seen_step = int(self._optimizer.iterations.numpy())
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "sparsity"))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resolved_end_step is not None or self._hook is None:
+            return
+        self._resolved_end_step = self._resolve_end_step(epoch)
+        if self._resolved_end_step is None:
+            self._resolved_end_step = -1  # no end (constant decay, unknown length)
         logging.info(
             "%s: %d masked layers, update_every=%d, drop_fraction=%.3g (%s), grow=%s, "
             "end_step=%s",
@@ -348,8 +362,12 @@ class DynamicSparsity(keras.callbacks.Callback):
             self.drop_fraction,
             self.decay,
             self.grow,
-            self._resolved_end_step,
+            self._end_step_or_none(),
         )
+
+    def _end_step_or_none(self):
+        end = self._resolved_end_step
+        return None if end is None or end < 0 else end
 
     def on_train_end(self, logs=None):
         self._collect()
@@ -378,17 +396,12 @@ class DynamicSparsity(keras.callbacks.Callback):
     # ------------------------------------------------------------ in the graph
     def _schedule(self, step):
         """``(do_update, drop_fraction)`` at ``step`` as scalar tensors (step counts from 1)."""
-        do_update = schedules.is_update_step(
-            step, self.update_every, self._resolved_end_step, self.start_step
-        )
+        end_step = self._end_step_or_none()
+        do_update = schedules.is_update_step(step, self.update_every, end_step, self.start_step)
         fraction = schedules.drop_fraction(
-            step,
-            self.drop_fraction,
-            self.decay,
-            self._resolved_end_step,
-            self.final_drop_fraction,
+            step, self.drop_fraction, self.decay, end_step, self.final_drop_fraction
         )
-        return do_update, tf.cast(fraction, tf.float32)
+        return do_update, tf.cast(fraction, tf.float64)
 
     def _accumulate_momentum(self, kernel, gradient):
         kind = self._momentum

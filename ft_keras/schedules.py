@@ -44,11 +44,11 @@ def drop_fraction(step, initial, decay="cosine", end_step=None, final=0.0):
     """
     decay = check_decay(decay)
     if decay == "constant":
-        return initial if not tf.is_tensor(step) else tf.constant(initial, tf.float32)
+        return initial if not tf.is_tensor(step) else tf.constant(initial, tf.float64)
     if end_step is None or end_step <= 0:
         raise ValueError(f"end_step={end_step!r}: the cosine decay needs a positive end_step.")
     if tf.is_tensor(step):
-        t = tf.clip_by_value(tf.cast(step, tf.float32), 0.0, float(end_step))
+        t = tf.clip_by_value(tf.cast(step, tf.float64), 0.0, float(end_step))
         cosine = 0.5 * (1.0 + tf.cos(math.pi * t / float(end_step)))
         return final + (initial - final) * cosine
     t = min(max(float(step), 0.0), float(end_step))

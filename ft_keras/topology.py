@@ -24,6 +24,8 @@ import tensorflow as tf
 _EXCLUDED = -1.0
 # Large odd multiplier that separates the user seed from the layer index in the RNG key.
 _SEED_STRIDE = 1_000_003
+# Relative slack of the ceil in num_to_drop: absorbs float32 rounding of the drop fraction.
+_CEIL_TOLERANCE = 1e-6
 
 
 def rng_seed(seed, step, layer_index):
@@ -43,12 +45,15 @@ def rng_seed(seed, step, layer_index):
 def num_to_drop(drop_fraction, num_active):
     """``ceil(drop_fraction * num_active)`` clipped to ``[0, num_active]``, as an int32 tensor.
 
-    Computed in float64 with a relative tolerance of 1e-9, so that e.g. 0.3 * 1000 gives 300
-    (not the 301 that float32 rounding would give).
+    Computed in float64 with a relative tolerance of 1e-6, so that e.g. 0.3 * 1000 gives 300,
+    also when the fraction arrives as a float32 tensor (float32(0.3) * 1000 = 300.0000119).
     """
-    p = tf.cast(drop_fraction, tf.float64)
+    if tf.is_tensor(drop_fraction):
+        p = tf.cast(drop_fraction, tf.float64)
+    else:
+        p = tf.constant(float(drop_fraction), tf.float64)
     exact = p * float(num_active)
-    k = tf.math.ceil(exact - 1e-9 * tf.maximum(exact, 1.0))
+    k = tf.math.ceil(exact - _CEIL_TOLERANCE * tf.maximum(exact, 1.0))
     k = tf.clip_by_value(k, 0.0, float(num_active))
     return tf.cast(k, tf.int32)
 
@@ -56,7 +61,7 @@ def num_to_drop(drop_fraction, num_active):
 def num_to_drop_py(drop_fraction, num_active):
     """Python twin of `num_to_drop` (for tests, reports and FLOP counts)."""
     exact = float(drop_fraction) * num_active
-    k = math.ceil(exact - 1e-9 * max(exact, 1.0))
+    k = math.ceil(exact - _CEIL_TOLERANCE * max(exact, 1.0))
     return int(min(max(k, 0), num_active))
 
 

@@ -1,0 +1,943 @@
+"""Image classification data sets as `tf.data` pipelines: Fashion-MNIST, MNIST and CIFAR-10.
+
+Every data set is read from the first source that has it:
+
+1. **tensorflow-datasets** (tfds), when the data set is already *prepared* in ``data_dir`` or in
+   tfds's default data dir (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). This module never
+   asks tfds to download anything; run ``tfds.builder(name).download_and_prepare()`` yourself on
+   a machine that is online, and later loads will use it.
+2. **Local files**, searched in ``data_dir``, then in each directory of ``$FT_KERAS_DATA_DIR``
+   (``os.pathsep`` separated), then in the system path ``/usr/share/datasets`` (the Debian
+   package ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``). In each of
+   these roots the files are looked for in a sub-folder named after the data set
+   (``fashion_mnist`` or ``fashion-mnist``, ``mnist``, ``cifar10`` or ``cifar-10``) and then in
+   the root itself.
+
+Local formats:
+
+* MNIST and Fashion-MNIST: the IDX files ``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each
+  gzipped (``.gz``) or not.
+* CIFAR-10, in this order of preference: a folder layout ``train/<class>/*.jpg`` and
+  ``test/<class>/*.jpg`` (PNG is accepted too); the archive ``cifar10-jpeg.tar.gz`` holding that
+  layout, possibly below one top-level folder (read directly, never extracted); the python
+  pickle batches ``cifar-10-batches-py/``. Decoded images are cached as ``.npz`` files in
+  ``$FT_KERAS_CACHE_DIR`` (default ``~/.cache/ft_keras``), so that only the first load decodes
+  the JPEGs.
+
+Order of the examples: IDX files are returned in file order. Local CIFAR-10 sources group the
+files by class, so the examples of a local CIFAR-10 split are returned in the fixed pseudo-random
+permutation ``numpy.random.default_rng(0).permutation(n)`` of the source order (class folders in
+alphabetical order, files in natural name order; batch order for the pickle format). The
+permutation is applied *before* slicing, so ``"train[:1000]"`` holds all classes. The tfds path
+keeps tfds's own order.
+
+Splits are ``"train"`` or ``"test"`` with the tfds slice syntax: ``"train[:1000]"``,
+``"train[1000:2000]"``, ``"train[:10%]"``, ``"test[50%:]"``, ``"train[-100:]"``, and parts
+joined with ``+`` such as ``"train[:10%]+test"``. Percent boundaries are rounded to the closest
+example, like tfds does.
+
+Example:
+    >>> from ft_keras import data
+    >>> ds = data.load("fashion_mnist", "train[:10%]")     # (uint8 image, int64 label)
+    >>> ds = data.normalize(ds).shuffle(6000).batch(128)   # float32 images in [0, 1]
+    >>> x_test, y_test = data.load_numpy("mnist", "test", data_dir="/path/to/data")
+    >>> data.INFO["cifar10"]["class_names"][0]
+    'airplane'
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import re
+import tarfile
+import tempfile
+import warnings
+import zlib
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "DATASET_NAMES",
+    "INFO",
+    "SplitPart",
+    "load",
+    "load_numpy",
+    "normalize",
+    "parse_split",
+    "preprocess",
+    "read_idx",
+    "scale_image",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: Root of system-wide data sets (Debian's ``dataset-*`` packages install below it).
+SYSTEM_DATA_DIR = "/usr/share/datasets"
+#: Environment variable with extra local data roots (``os.pathsep`` separated).
+DATA_DIR_ENV = "FT_KERAS_DATA_DIR"
+#: Environment variable naming the directory of the decoded-image cache.
+CACHE_DIR_ENV = "FT_KERAS_CACHE_DIR"
+#: Seed of the fixed permutation applied to local CIFAR-10 splits.
+CIFAR_PERMUTATION_SEED = 0
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+#: Per-data-set facts: image ``shape``, ``num_classes``, ``class_names``, ``num_examples`` per
+#: split and the local ``folders`` names searched in every data root.
+INFO: dict[str, dict[str, Any]] = {
+    "fashion_mnist": {
+        "shape": (28, 28, 1),
+        "num_classes": 10,
+        "class_names": FASHION_MNIST_CLASSES,
+        "num_examples": {"train": 60000, "test": 10000},
+        "folders": ("fashion_mnist", "fashion-mnist"),
+    },
+    "mnist": {
+        "shape": (28, 28, 1),
+        "num_classes": 10,
+        "class_names": tuple(str(i) for i in range(10)),
+        "num_examples": {"train": 60000, "test": 10000},
+        "folders": ("mnist",),
+    },
+    "cifar10": {
+        "shape": (32, 32, 3),
+        "num_classes": 10,
+        "class_names": CIFAR10_CLASSES,
+        "num_examples": {"train": 50000, "test": 10000},
+        "folders": ("cifar10", "cifar-10"),
+    },
+}
+DATASET_NAMES = tuple(INFO)
+
+_SPLITS = ("train", "test")
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+_CIFAR_ARCHIVES = ("cifar10-jpeg.tar.gz", "cifar10-jpeg.tgz", "cifar10-jpeg.tar")
+_CIFAR_PICKLE_DIR = "cifar-10-batches-py"
+_CIFAR_PICKLE_FILES = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Bumped whenever the decoding changes, so stale .npz caches are not reused.
+_CACHE_FORMAT = "ft_keras-cifar10-v1-jpeg-islow"
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and split parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or name not in INFO:
+        raise ValueError(
+            f"Unknown data set: argument `name` is {name!r}; "
+            f"expected one of {', '.join(repr(n) for n in DATASET_NAMES)}."
+        )
+    return name
+
+
+class SplitPart(NamedTuple):
+    """One ``+``-separated part of a split string, e.g. ``train[:10%]``.
+
+    Attributes:
+        split: ``"train"`` or ``"test"``.
+        start: Start boundary or None (from the beginning).
+        stop: Stop boundary or None (to the end).
+        percent: Whether the boundaries are percentages (else example counts).
+    """
+
+    split: str
+    start: float | int | None
+    stop: float | int | None
+    percent: bool
+
+    def indices(self, num_examples: int) -> slice:
+        """Resolves the part to a ``slice`` with non-negative bounds for ``num_examples``.
+
+        Percent boundaries are rounded to the closest example (like tfds); negative boundaries
+        count from the end, and out-of-range boundaries are clipped, as in Python slicing.
+
+        Args:
+            num_examples: Number of examples in the whole split.
+
+        Returns:
+            The ``slice(start, stop)`` of the selected examples.
+        """
+        bounds = []
+        for value in (self.start, self.stop):
+            if value is not None and self.percent:
+                value = int(round(value * num_examples / 100.0))
+            bounds.append(value)
+        start, stop, _ = slice(*bounds).indices(num_examples)
+        return slice(start, max(start, stop))
+
+
+_PART_RE = re.compile(r"^(?P<split>\w+)(?:\[(?P<start>[^:\[\]]*):(?P<stop>[^:\[\]]*)\])?$")
+_BOUND_RE = re.compile(r"^(?P<value>-?\d+(?:\.\d+)?)(?P<percent>%)?$")
+
+
+def parse_split(split: Any) -> tuple[SplitPart, ...]:
+    """Parses a split string in the tfds slice syntax.
+
+    Args:
+        split: For example ``"train"``, ``"test[:1000]"``, ``"train[10%:20%]"``,
+            ``"train[-500:]"`` or ``"train[:50%]+test"``.
+
+    Returns:
+        The parts of the split, in order.
+
+    Raises:
+        ValueError: If ``split`` is not a valid split string; the message names ``split``.
+    """
+
+    def fail(reason: str) -> ValueError:
+        return ValueError(
+            f"Invalid argument `split`={split!r}: {reason}. Expected 'train' or 'test', "
+            "optionally sliced like 'train[:1000]', 'train[1000:2000]', 'train[:10%]' or "
+            "'test[50%:]', with parts joined by '+'."
+        )
+
+    if not isinstance(split, str):
+        raise fail("not a string")
+    parts = []
+    for text in split.split("+"):
+        text = text.strip()
+        match = _PART_RE.match(text)
+        if not match:
+            raise fail(f"cannot parse {text!r}")
+        name = match["split"]
+        if name not in _SPLITS:
+            raise fail(f"unknown split name {name!r}")
+        if match["start"] is None:  # No brackets.
+            parts.append(SplitPart(name, None, None, False))
+            continue
+        bounds: list[Any] = []
+        units = set()
+        for raw in (match["start"].strip(), match["stop"].strip()):
+            if not raw:
+                bounds.append(None)
+                continue
+            bound = _BOUND_RE.match(raw)
+            if not bound:
+                raise fail(f"bad slice boundary {raw!r}")
+            is_percent = bool(bound["percent"])
+            units.add(is_percent)
+            if is_percent:
+                value = float(bound["value"])
+                if not -100.0 <= value <= 100.0:
+                    raise fail(f"percentage {raw!r} outside [-100%, 100%]")
+                bounds.append(value)
+            else:
+                if "." in bound["value"]:
+                    raise fail(f"example index {raw!r} is not an integer")
+                bounds.append(int(bound["value"]))
+        if not units:
+            raise fail("empty slice '[:]'")
+        if len(units) > 1:
+            raise fail("mixes percentages and example counts in one slice")
+        parts.append(SplitPart(name, bounds[0], bounds[1], units.pop()))
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST)
+# --------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _read_maybe_gzip(path: str) -> bytes:
+    """Returns the bytes of ``path``, decompressed when it starts with the gzip magic."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: corrupt gzip data ({err})") from err
+
+
+def _parse_idx(raw: bytes, path: str) -> np.ndarray:
+    """Parses IDX bytes: 2 zero bytes, a type code, the rank, big-endian uint32 dims, data."""
+    if len(raw) < 4:
+        raise ValueError(f"{path}: not an IDX file (only {len(raw)} bytes)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (the first two bytes must be zero)"
+        )
+    if raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX data type code 0x{raw[2]:02x}")
+    dtype = _IDX_DTYPES[raw[2]]
+    ndim = raw[3]
+    if ndim == 0:
+        raise ValueError(f"{path}: IDX header declares zero dimensions")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(
+            f"{path}: truncated IDX header ({len(raw)} bytes, expected {header_len})"
+        )
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    found = len(raw) - header_len
+    if found != expected:
+        raise ValueError(
+            f"{path}: IDX header declares shape {dims} ({expected} data bytes) but the file "
+            f"holds {found} data bytes after its {header_len}-byte header"
+        )
+    array = np.frombuffer(raw, dtype, offset=header_len).reshape(dims)
+    if dtype.itemsize > 1:
+        array = array.astype(dtype.newbyteorder("="))
+    return array
+
+
+@functools.lru_cache(maxsize=32)
+def _read_idx_cached(path: str, size: int, mtime_ns: int) -> np.ndarray:
+    del size, mtime_ns  # Only part of the cache key.
+    array = _parse_idx(_read_maybe_gzip(path), path)
+    array.flags.writeable = False
+    return array
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (gzipped or not) into a read-only numpy array.
+
+    The result is cached in-process, keyed by the resolved path, size and modification time.
+
+    Args:
+        path: Path of the file, e.g. ``".../train-images-idx3-ubyte.gz"``.
+
+    Returns:
+        The array, shaped as the header says (``(N, 28, 28)`` for MNIST images).
+
+    Raises:
+        ValueError: If the header is invalid or the data size does not match it; the message
+            names the file.
+    """
+    resolved = os.path.realpath(os.fspath(path))
+    stat = os.stat(resolved)
+    return _read_idx_cached(resolved, stat.st_size, stat.st_mtime_ns)
+
+
+def _load_idx_pair(
+    images_path: str, labels_path: str, shape: tuple[int, ...], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads and validates an IDX image file and its label file."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != shape[:2]:
+        raise ValueError(
+            f"{images_path}: expected uint8 images of shape (N, {shape[0]}, {shape[1]}), "
+            f"found {images.dtype} {images.shape}"
+        )
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(
+            f"{labels_path}: expected a 1-D uint8 label file, found {labels.dtype} {labels.shape}"
+        )
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{labels_path}: holds {labels.shape[0]} labels but {images_path} holds "
+            f"{images.shape[0]} images"
+        )
+    if labels.size and int(labels.max()) >= num_classes:
+        raise ValueError(f"{labels_path}: label {int(labels.max())} >= {num_classes} classes")
+    return images.reshape(images.shape + (1,)), labels.astype(np.int64)
+
+
+def _find_idx_file(directory: str, stem: str) -> str | None:
+    # The original distribution also used e.g. 'train-images.idx3-ubyte'.
+    dotted = stem.replace("-idx", ".idx")
+    for base in (stem, dotted):
+        for suffix in (".gz", ""):
+            candidate = os.path.join(directory, base + suffix)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def _probe_idx(directory: str, split: str) -> tuple[tuple[str, str] | None, str]:
+    prefix = _IDX_PREFIX[split]
+    found, missing = [], []
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        path = _find_idx_file(directory, stem)
+        if path is None:
+            missing.append(f"{stem}[.gz]")
+        found.append(path)
+    if missing:
+        return None, "no " + " / ".join(missing)
+    return (found[0], found[1]), ""
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 local sources
+# --------------------------------------------------------------------------------------------
+
+
+def _natural_key(text: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(_IMAGE_EXTENSIONS)
+
+
+def _probe_cifar(directory: str, split: str) -> tuple[tuple[str, str] | None, str]:
+    """Returns ``((kind, path), "")`` for the CIFAR-10 source in ``directory``, or a reason."""
+    split_dir = os.path.join(directory, split)
+    if all(os.path.isdir(os.path.join(split_dir, c)) for c in CIFAR10_CLASSES):
+        return ("folder", split_dir), ""
+    for archive in _CIFAR_ARCHIVES:
+        path = os.path.join(directory, archive)
+        if os.path.isfile(path):
+            return ("archive", path), ""
+    for batches in (os.path.join(directory, _CIFAR_PICKLE_DIR), directory):
+        if all(os.path.isfile(os.path.join(batches, f)) for f in _CIFAR_PICKLE_FILES[split]):
+            return ("pickle", batches), ""
+    return None, (
+        f"no {split}/<class>/ folders, no {_CIFAR_ARCHIVES[0]}, no {_CIFAR_PICKLE_DIR}/"
+    )
+
+
+def _decode_images(blobs: list[bytes], names: list[str], origin: str) -> np.ndarray:
+    """Decodes JPEG/PNG bytes into a ``(N, 32, 32, 3)`` uint8 array, in parallel with tf.data."""
+    if not blobs:
+        return np.zeros((0, 32, 32, 3), np.uint8)
+
+    def decode(blob, name):
+        image = tf.cond(
+            tf.io.is_jpeg(blob),
+            # INTEGER_ACCURATE is libjpeg's default (islow); TF's own default is less exact.
+            lambda: tf.io.decode_jpeg(blob, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_png(blob, channels=3),
+        )
+        shape = tf.shape(image)
+        check = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(shape, [32, 32, 3])),
+            ["image is not 32x32 RGB:", name, shape],
+        )
+        with tf.control_dependencies([check]):
+            image = tf.identity(image)
+        return tf.ensure_shape(image, (32, 32, 3))
+
+    ds = tf.data.Dataset.from_tensor_slices((blobs, names))
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(2048)
+    try:
+        return np.concatenate([batch.numpy() for batch in ds])
+    except tf.errors.OpError as err:
+        raise ValueError(f"{origin}: cannot decode CIFAR-10 images: {err.message}") from err
+
+
+def _read_cifar_folder(split_dir: str) -> tuple[list[bytes], list[str], list[int]]:
+    extra = sorted(
+        d
+        for d in os.listdir(split_dir)
+        if os.path.isdir(os.path.join(split_dir, d)) and d not in CIFAR10_CLASSES
+    )
+    if extra:
+        raise ValueError(
+            f"{split_dir}: unexpected class folders {extra}; expected {list(CIFAR10_CLASSES)}"
+        )
+    blobs, names, labels = [], [], []
+    for label, cls in enumerate(CIFAR10_CLASSES):
+        cls_dir = os.path.join(split_dir, cls)
+        for fname in sorted(filter(_is_image_name, os.listdir(cls_dir)), key=_natural_key):
+            path = os.path.join(cls_dir, fname)
+            with open(path, "rb") as f:
+                blobs.append(f.read())
+            names.append(path)
+            labels.append(label)
+    return blobs, names, labels
+
+
+def _read_cifar_archive(path: str, split: str) -> tuple[list[bytes], list[str], list[int]]:
+    by_class: dict[str, list[tuple[str, bytes]]] = {c: [] for c in CIFAR10_CLASSES}
+    prefixes = set()
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                parts = member.name.strip("/").split("/")
+                if not member.isfile() or len(parts) < 3 or not _is_image_name(parts[-1]):
+                    continue
+                if parts[-3] not in _SPLITS or parts[-2] not in by_class:
+                    continue
+                prefixes.add("/".join(parts[:-3]))
+                if parts[-3] == split:
+                    data = archive.extractfile(member).read()
+                    by_class[parts[-2]].append((parts[-1], data))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: cannot read the CIFAR-10 archive ({err})") from err
+    if len(prefixes) > 1:
+        raise ValueError(f"{path}: several CIFAR-10 trees in one archive: {sorted(prefixes)}")
+    empty = [c for c, items in by_class.items() if not items]
+    if empty:
+        raise ValueError(f"{path}: no {split}/<class>/ images for classes {empty}")
+    blobs, names, labels = [], [], []
+    for label, cls in enumerate(CIFAR10_CLASSES):
+        for fname, data in sorted(by_class[cls], key=lambda item: _natural_key(item[0])):
+            blobs.append(data)
+            names.append(f"{path}:{split}/{cls}/{fname}")
+            labels.append(label)
+    return blobs, names, labels
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds plain containers and numpy arrays (no arbitrary code)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # Used by protocol-2 pickles of bytes.
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for fname in _CIFAR_PICKLE_FILES[split]:
+        path = os.path.join(directory, fname)
+        try:
+            with open(path, "rb") as f:
+                batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+            data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as err:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({err})") from err
+        if data.shape[0] != batch_labels.shape[0]:
+            raise ValueError(f"{path}: {data.shape[0]} images but {batch_labels.shape[0]} labels")
+        images.append(data)
+        labels.append(batch_labels)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _cache_dir() -> str:
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return os.path.expanduser(configured)
+    return os.path.join(os.path.expanduser("~"), ".cache", "ft_keras")
+
+
+def _source_stamp(kind: str, path: str) -> str:
+    """Describes the source's content cheaply: path, sizes and modification times."""
+    if kind != "folder":
+        stat = os.stat(path)
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for fname in sorted(files):
+            stat = os.stat(os.path.join(root, fname))
+            rel = os.path.relpath(os.path.join(root, fname), path)
+            digest.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _valid_arrays(images: np.ndarray, labels: np.ndarray) -> bool:
+    return (
+        images.dtype == np.uint8
+        and images.ndim == 4
+        and images.shape[1:] == (32, 32, 3)
+        and labels.dtype == np.int64
+        and labels.shape == images.shape[:1]
+    )
+
+
+def _with_npz_cache(
+    key: str, split: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``compute()``, cached as an ``.npz`` file named after ``key``."""
+    cache_dir = _cache_dir()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, f"cifar10-{split}-{digest}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                images, labels = npz["images"], npz["labels"]
+            if _valid_arrays(images, labels):
+                return images, labels
+            warnings.warn(f"ft_keras: ignoring malformed cache file {path}", stacklevel=3)
+        except (OSError, ValueError, KeyError, zlib.error) as err:
+            warnings.warn(f"ft_keras: ignoring unreadable cache file {path}: {err}", stacklevel=3)
+    images, labels = compute()
+    tmp = None
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-cifar10-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+        os.replace(tmp, path)  # Atomic: readers never see a half-written file.
+        tmp = None
+    except OSError as err:
+        warnings.warn(f"ft_keras: cannot write the cache file {path}: {err}", stacklevel=3)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+    return images, labels
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cifar_cached(
+    kind: str, path: str, split: str, stamp: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads one local CIFAR-10 split in source order (class by class)."""
+    if kind == "pickle":
+        images, labels = _read_cifar_pickle(path, split)
+    else:
+
+        def decode() -> tuple[np.ndarray, np.ndarray]:
+            _LOG.info("Decoding CIFAR-10 %s images from %s (done once, then cached)", split, path)
+            if kind == "folder":
+                blobs, names, label_list = _read_cifar_folder(path)
+            else:
+                blobs, names, label_list = _read_cifar_archive(path, split)
+            return _decode_images(blobs, names, path), np.asarray(label_list, np.int64)
+
+        key = "\n".join((_CACHE_FORMAT, kind, path, split, stamp))
+        images, labels = _with_npz_cache(key, split, decode)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+@functools.lru_cache(maxsize=8)
+def _cifar_permutation(num_examples: int) -> np.ndarray:
+    perm = np.random.default_rng(CIFAR_PERMUTATION_SEED).permutation(num_examples)
+    perm.flags.writeable = False
+    return perm
+
+
+# --------------------------------------------------------------------------------------------
+# Source resolution
+# --------------------------------------------------------------------------------------------
+
+
+class _LocalSource(NamedTuple):
+    kind: str  # "idx", "folder", "archive" or "pickle"
+    paths: tuple[str, ...]
+
+
+def _local_roots(data_dir: str | os.PathLike | None) -> list[tuple[str, str]]:
+    roots = []
+    if data_dir is not None:
+        roots.append((os.fspath(data_dir), "data_dir argument"))
+    for path in os.environ.get(DATA_DIR_ENV, "").split(os.pathsep):
+        if path:
+            roots.append((path, f"${DATA_DIR_ENV}"))
+    roots.append((SYSTEM_DATA_DIR, "system path"))
+    return roots
+
+
+def _find_local(
+    name: str, split: str, data_dir: str | os.PathLike | None, tried: list[str]
+) -> _LocalSource | None:
+    """Returns the first local source of ``name``/``split``; appends each miss to ``tried``."""
+    seen = set()
+    for root, origin in _local_roots(data_dir):
+        candidates = [os.path.join(root, f) for f in INFO[name]["folders"]] + [root]
+        for directory in candidates:
+            key = os.path.normpath(os.path.abspath(directory))
+            if key in seen:
+                continue
+            seen.add(key)
+            if not os.path.isdir(directory):
+                tried.append(f"{directory} ({origin}): no such directory")
+                continue
+            if name == "cifar10":
+                found, reason = _probe_cifar(directory, split)
+                if found:
+                    return _LocalSource(found[0], (found[1],))
+            else:
+                found, reason = _probe_idx(directory, split)
+                if found:
+                    return _LocalSource("idx", found)
+            tried.append(f"{directory} ({origin}): {reason}")
+    return None
+
+
+def _read_local(
+    name: str, split: str, source: _LocalSource
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Returns ``(images, labels, order)`` for the whole split, as read-only arrays.
+
+    ``order`` is None when the source order is the documented order, else the permutation of
+    the source order that gives it (local CIFAR-10).
+    """
+    if source.kind == "idx":
+        info = INFO[name]
+        images, labels = _load_idx_pair(*source.paths, info["shape"], info["num_classes"])
+        return images, labels, None
+    path = os.path.realpath(source.paths[0])
+    images, labels = _load_cifar_cached(
+        source.kind, path, split, _source_stamp(source.kind, path)
+    )
+    return images, labels, _cifar_permutation(len(labels))
+
+
+def _tfds_builder_if_prepared(
+    name: str, data_dir: str | os.PathLike | None
+) -> tuple[Any, list[str]]:
+    """Returns ``(builder, tried)``: a tfds builder whose data is prepared, else ``None``.
+
+    ``data_dir`` is checked first, then tfds's default data dir. Nothing is downloaded; any
+    error (tfds missing, unknown version, unreadable dir) counts as "not available".
+    """
+    tried: list[str] = []
+    try:
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except Exception as err:  # pylint: disable=broad-except
+        tried.append(f"tensorflow-datasets: cannot import it ({err})")
+        return None, tried
+    dirs = ([os.fspath(data_dir)] if data_dir is not None else []) + [None]
+    for directory in dirs:
+        label = directory if directory is not None else "default data dir"
+        try:
+            builder = tfds.builder(name, data_dir=directory)
+            where = os.fspath(builder.data_path)
+            if hasattr(builder, "is_prepared"):
+                prepared = builder.is_prepared()
+            else:
+                prepared = tf.io.gfile.exists(os.path.join(where, "dataset_info.json"))
+        except Exception as err:  # pylint: disable=broad-except
+            tried.append(f"tfds ({label}): unavailable ({type(err).__name__}: {err})")
+            continue
+        if prepared:
+            return builder, tried
+        tried.append(f"tfds ({label}): {where} is not prepared")
+    return None, tried
+
+
+def _not_found(name: str, split: str, tried: list[str]) -> FileNotFoundError:
+    lines = "\n".join(f"  - {t}" for t in tried)
+    folders = " or ".join(INFO[name]["folders"])
+    if name == "cifar10":
+        files = "train/<class>/*.jpg + test/<class>/*.jpg, cifar10-jpeg.tar.gz or " + (
+            f"{_CIFAR_PICKLE_DIR}/"
+        )
+    else:
+        files = "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
+    hint = (
+        f"Put {files} in <dir>/{folders} (or in <dir> itself) and pass data_dir=<dir> or set "
+        f"{DATA_DIR_ENV}=<dir>"
+    )
+    if name == "fashion_mnist":
+        hint += ", or install the Debian package dataset-fashion-mnist (apt-get install -y "
+        hint += f"dataset-fashion-mnist, which fills {SYSTEM_DATA_DIR}/fashion-mnist)"
+    hint += f", or prepare it with tensorflow-datasets while online (tfds.load({name!r}))."
+    return FileNotFoundError(
+        f"Cannot find the {name!r} data set (split {split!r}). Looked in:\n{lines}\n{hint}"
+    )
+
+
+def _local_numpy(
+    name: str, parts: tuple[SplitPart, ...], data_dir: Any, tried: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for part in parts:
+        source = _find_local(name, part.split, data_dir, tried)
+        if source is None:
+            raise _not_found(name, part.split, tried)
+        _LOG.debug("ft_keras.data: %s/%s from %s", name, part.split, source)
+        split_images, split_labels, order = _read_local(name, part.split, source)
+        selection = part.indices(len(split_labels))
+        if order is not None:
+            selection = order[selection]  # Permute first, then slice.
+        images.append(split_images[selection])
+        labels.append(split_labels[selection])
+    if len(parts) == 1:
+        return images[0], labels[0]
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def load_numpy(
+    name: str, split: str = "train", data_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads a data set split as numpy arrays, from the same sources as `load`.
+
+    Args:
+        name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
+        split: ``"train"`` or ``"test"``, optionally sliced (see `parse_split`).
+        data_dir: Optional directory searched first (tfds data dir and local files root).
+
+    Returns:
+        ``(images, labels)``: writable ``uint8`` images of shape ``(N, 28, 28, 1)`` (MNISTs) or
+        ``(N, 32, 32, 3)`` (CIFAR-10) and ``int64`` labels of shape ``(N,)``.
+
+    Raises:
+        ValueError: If ``name`` or ``split`` is invalid, or a local file is malformed.
+        FileNotFoundError: If no source has the data; the message lists every place tried.
+    """
+    name = _check_name(name)
+    parts = parse_split(split)
+    builder, tried = _tfds_builder_if_prepared(name, data_dir)
+    if builder is not None:
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+        ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+        images, labels = tfds.as_numpy(ds)
+        return np.asarray(images, np.uint8), np.asarray(labels, np.int64)
+    images, labels = _local_numpy(name, parts, data_dir, tried)
+    return np.require(images, requirements="W"), np.require(labels, requirements="W")
+
+
+def load(
+    name: str,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    as_supervised: bool = True,
+    shuffle_files: bool = False,
+) -> tf.data.Dataset:
+    """Loads a data set split as a `tf.data.Dataset` with known cardinality.
+
+    Uses tensorflow-datasets when the data set is prepared in ``data_dir`` or in tfds's default
+    data dir (never downloading), else local files (see the module docstring for where they are
+    searched and in which order local examples come).
+
+    Args:
+        name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
+        split: ``"train"`` or ``"test"``, optionally sliced like ``"train[:1000]"``,
+            ``"train[:10%]"`` or ``"test[50%:]"`` (see `parse_split`).
+        data_dir: Optional directory searched first (tfds data dir and local files root).
+        as_supervised: If True, elements are ``(image, label)`` tuples, else
+            ``{"image": image, "label": label}`` dicts (tfds may add more keys).
+        shuffle_files: Passed to tfds (shuffles the order of its shard files). Local data has a
+            fixed order and ignores it; shuffle the dataset yourself for training.
+
+    Returns:
+        A dataset of ``uint8`` images shaped ``(28, 28, 1)`` (MNISTs) or ``(32, 32, 3)``
+        (CIFAR-10) and scalar ``int64`` labels; ``ds.cardinality()`` is the number of examples.
+
+    Raises:
+        ValueError: If ``name`` or ``split`` is invalid, or a local file is malformed.
+        FileNotFoundError: If no source has the data; the message lists every place tried.
+    """
+    name = _check_name(name)
+    parts = parse_split(split)
+    builder, tried = _tfds_builder_if_prepared(name, data_dir)
+    if builder is not None:
+        _LOG.info("ft_keras.data: %s[%s] from tensorflow-datasets", name, split)
+        return builder.as_dataset(
+            split=split, as_supervised=as_supervised, shuffle_files=shuffle_files
+        )
+    images, labels = _local_numpy(name, parts, data_dir, tried)
+    if as_supervised:
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+
+def scale_image(image: tf.Tensor, dtype: str | tf.DType = "float32") -> tf.Tensor:
+    """Casts a ``uint8`` image (values 0..255) to floats in ``[0, 1]``.
+
+    Args:
+        image: Image tensor with values in ``[0, 255]``.
+        dtype: A floating dtype, e.g. ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+
+    Returns:
+        ``image / 255`` as ``dtype``.
+
+    Raises:
+        ValueError: If ``dtype`` is not a floating dtype.
+    """
+    try:
+        tf_dtype = tf.as_dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"Invalid argument `dtype`={dtype!r}: {err}") from err
+    if not tf_dtype.is_floating:
+        raise ValueError(f"Invalid argument `dtype`={dtype!r}: expected a floating dtype")
+    return tf.math.divide(tf.cast(image, tf_dtype), tf.constant(255.0, tf_dtype))
+
+
+def preprocess(
+    image: tf.Tensor, label: tf.Tensor, dtype: str | tf.DType = "float32"
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Maps an ``(image, label)`` pair to ``(image in [0, 1] as dtype, label)``.
+
+    Suited to ``ds.map(preprocess)``.
+
+    Args:
+        image: ``uint8`` image tensor.
+        label: Label tensor, returned unchanged.
+        dtype: Floating dtype of the returned image.
+
+    Returns:
+        The scaled image and the label.
+    """
+    return scale_image(image, dtype), label
+
+
+def normalize(ds: tf.data.Dataset, dtype: str | tf.DType = "float32") -> tf.data.Dataset:
+    """Scales the images of a dataset to floats in ``[0, 1]``; cardinality is kept.
+
+    Args:
+        ds: Dataset of ``(image, label, ...)`` tuples, ``{"image": ...}`` dicts or bare images.
+        dtype: Floating dtype of the images, e.g. ``"float32"``.
+
+    Returns:
+        The mapped dataset.
+
+    Raises:
+        ValueError: If ``dtype`` is not a floating dtype.
+    """
+    scale_image(tf.zeros((), tf.uint8), dtype)  # Validate dtype eagerly.
+
+    def scale(*element):
+        if len(element) > 1:
+            return (scale_image(element[0], dtype),) + element[1:]
+        (item,) = element
+        if isinstance(item, dict):
+            return {**item, "image": scale_image(item["image"], dtype)}
+        return scale_image(item, dtype)
+
+    return ds.map(scale, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

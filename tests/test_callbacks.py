@@ -1,0 +1,406 @@
+"""DynamicSparsity / StaticSparsity inside model.fit: exact counts, zeros, clocks, replicas."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tensorflow.python.framework import config as tf_config
+
+import ft_keras as ftk
+from ft_keras import schedules
+from tests.conftest import masked_state
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _sparse_lenet(sparsity=0.9, seed=0, distribution="erk", weight_seed=0):
+    keras.utils.set_random_seed(weight_seed)
+    return ftk.sparsify(ftk.models.lenet_300_100(), sparsity, distribution=distribution, seed=seed)
+
+
+def _compile(model, optimizer=None, **kwargs):
+    kwargs.setdefault("jit_compile", False)
+    model.compile(optimizer or keras.optimizers.SGD(0.05, momentum=0.9), _loss(), **kwargs)
+    return model
+
+
+def _slots(model, layer):
+    """Optimizer variables with the kernel's shape that belong to ``layer``."""
+    optimizer = model.optimizer
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    prefix = layer.masked_kernel.path.replace("/", "_")
+    return [
+        v
+        for v in optimizer.variables
+        if tuple(v.shape) == tuple(layer.masked_kernel.shape)
+        and prefix in v.path
+        and "ftk_grad" not in v.path  # SNFS's dense-gradient momentum is dense by design
+    ]
+
+
+class Inspector(keras.callbacks.Callback):
+    """Checks the invariants around every optimizer step (steps_per_execution must be 1)."""
+
+    def __init__(self, update_every, end_step):
+        super().__init__()
+        self.update_every = update_every
+        self.end_step = end_step
+        self.before = None
+        self.updates_seen = 0
+        self.total_grown = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = masked_state(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        after = masked_state(self.model)
+        for layer in ftk.masked_layers(self.model):
+            old_mask, _ = self.before[layer.name]
+            mask, kernel = after[layer.name]
+            assert mask.sum() == old_mask.sum(), "active count changed"
+            assert not kernel[~mask].any(), "nonzero weight off-mask"
+            for slot in _slots(self.model, layer):
+                assert not slot.numpy()[~mask].any(), f"optimizer state off-mask in {slot.path}"
+            grown = mask & ~old_mask
+            if step % self.update_every == 0 and step < self.end_step:
+                self.updates_seen += 1
+                self.total_grown += int(grown.sum())
+                assert not kernel[grown].any(), "grown weights must start at zero"
+                for slot in _slots(self.model, layer):
+                    assert not slot.numpy()[grown].any()
+            else:
+                np.testing.assert_array_equal(mask, old_mask)
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
+def test_invariants_around_every_step(fashion_mnist_small, grow):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9, distribution="uniform"))
+    initial = masked_state(model)
+    inspector = Inspector(update_every=3, end_step=24)
+    callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=1)
+    model.fit(x[:768], y[:768], batch_size=64, epochs=2, shuffle=False, verbose=0,
+              callbacks=[callback, inspector])
+    assert inspector.updates_seen == 7 * 3  # steps 3, 6, ..., 21 (24 ends training); 3 layers
+    assert inspector.total_grown > 0
+    final = masked_state(model)
+    for name in initial:
+        assert (initial[name][0] != final[name][0]).any(), f"{name}: mask never moved"
+
+
+def _one_update_run(optimizer, grow, x, y):
+    """One fit step at learning rate 0 with a mask update at step 1; returns before/after."""
+    keras.utils.set_random_seed(3)
+    base = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(20, name="fc"),
+         keras.layers.Dense(10, name="out")]
+    )
+    model = ftk.sparsify(base, 0.5, distribution="uniform", keep_dense="out", seed=5)
+    _compile(model, optimizer)
+    layer = model.get_layer("fc")
+    mask0 = layer.kernel_mask.numpy().copy()
+    w0 = layer.masked_kernel.numpy().copy()
+    with tf.GradientTape() as tape:
+        loss = _loss()(y, model(x, training=True))
+    grad = tape.gradient(loss, layer.masked_kernel.value).numpy()
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0,
+              callbacks=[ftk.DynamicSparsity(update_every=1, drop_fraction=0.5,
+                                             decay="constant", end_step=10, grow=grow)])
+    return mask0, w0, grad, layer.kernel_mask.numpy(), layer.masked_kernel.numpy()
+
+
+@pytest.mark.parametrize(
+    "optimizer_fn,grow",
+    [
+        (lambda: keras.optimizers.SGD(0.0), "gradient"),
+        (lambda: keras.optimizers.SGD(0.0, momentum=0.9), "momentum"),
+        (lambda: keras.optimizers.Adam(0.0), "momentum"),
+    ],
+)
+def test_prune_smallest_grow_largest_dense_gradient(fashion_mnist_small, optimizer_fn, grow):
+    """At lr 0 the weights do not move, so the update is fully predictable from w and dL/dW."""
+    (x, y), _ = fashion_mnist_small
+    mask0, w0, grad, mask1, w1 = _one_update_run(optimizer_fn(), grow, x[:64], y[:64])
+    n = int(mask0.sum())
+    k = ftk.topology.num_to_drop_py(0.5, n)
+    assert mask1.sum() == n
+    keep = mask1 & (w1 != 0)  # survivors keep their weight; grown (and regrown) restart at 0
+    np.testing.assert_array_equal(w1[keep], w0[keep])
+    assert keep.sum() == n - k and not (keep & ~mask0).any()
+    dropped = mask0 & ~keep
+    assert np.abs(w0[keep]).min() >= np.abs(w0[dropped]).max()  # pruned = smallest |w|
+    grown = mask1 & ~keep
+    not_grown = ~mask1
+    # grown = largest |dense gradient| among positions outside keep (dropped ones allowed)
+    assert np.abs(grad[grown]).min() >= np.abs(grad[not_grown]).max() * (1 - 1e-5)
+    assert (grown & mask0).sum() < k  # not simply a re-growth of the same positions
+    assert (grad[~mask0] != 0).any(), "the gradient off-mask must be the dense gradient"
+
+
+def test_random_growth_is_seeded(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+
+    def run(seed):
+        model = _compile(_sparse_lenet(0.9))
+        model.fit(x[:512], y[:512], batch_size=64, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(update_every=2, grow="random", seed=seed)])
+        return masked_state(model)
+
+    a, b, c = run(0), run(0), run(1)
+    for name in a:
+        np.testing.assert_array_equal(a[name][0], b[name][0])
+        np.testing.assert_array_equal(a[name][1], b[name][1])
+        assert (a[name][0] != c[name][0]).any()
+
+
+def test_steps_per_execution_gives_the_same_run(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    states, callbacks = [], []
+    for spe in (1, 3):
+        model = _compile(_sparse_lenet(0.9), steps_per_execution=spe)
+        callback = ftk.DynamicSparsity(update_every=4, drop_fraction=0.5, grow="gradient")
+        model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[callback])
+        states.append(masked_state(model))
+        callbacks.append(callback)
+        assert int(model.optimizer.iterations.numpy()) == 16
+    for name in states[0]:
+        np.testing.assert_array_equal(states[0][name][0], states[1][name][0])
+        np.testing.assert_allclose(states[0][name][1], states[1][name][1], rtol=0, atol=1e-6)
+    # the last update is at step 12 (16 is the end of training, exclusive)
+    assert callbacks[0].updates[-1]["step"] == callbacks[1].updates[-1]["step"] == 12
+
+
+def test_xla_train_step(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.8), jit_compile=True, steps_per_execution=4)
+    before = masked_state(model)
+    callback = ftk.DynamicSparsity(update_every=4, drop_fraction=0.3, grow="random")
+    model.fit(x[:512], y[:512], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+    after = masked_state(model)
+    for name in before:
+        assert after[name][0].sum() == before[name][0].sum()
+        assert (after[name][0] != before[name][0]).any()
+        assert not after[name][1][~after[name][0]].any()
+
+
+def _events(log_dir):
+    tags = {}
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents*"), recursive=True):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value
+                tags.setdefault(value.tag, []).append((event.step, float(tensor)))
+    return tags
+
+
+def test_schedule_end_step_and_tensorboard(fashion_mnist_small, tmp_path):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    callback = ftk.DynamicSparsity(update_every=2, drop_fraction=0.4, decay="cosine",
+                                   end_step=11, log_dir=str(tmp_path))
+    masks_at = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            masks_at[step] = masked_state(self.model)
+
+    model.fit(x[:1024], y[:1024], batch_size=64, epochs=1, shuffle=False, verbose=0,
+              callbacks=[callback, Snapshot()])
+    assert [u["step"] for u in callback.updates] == [2, 4, 6, 8, 10]
+    for record in callback.updates:
+        expected = schedules.drop_fraction(record["step"], 0.4, "cosine", 11)
+        assert abs(record["drop_fraction"] - expected) < 1e-6
+        for name, values in record["layers"].items():
+            n = int(masks_at[10][name][0].sum())
+            k = ftk.topology.num_to_drop_py(record["drop_fraction"], n)
+            assert 0 < values["mask_churn"] <= k / n
+            assert abs(values["density"] - masks_at[10][name][0].mean()) < 1e-12
+    for step in range(11, 17):  # no update after end_step
+        for name in masks_at[10]:
+            np.testing.assert_array_equal(masks_at[step][name][0], masks_at[10][name][0])
+    tags = _events(str(tmp_path))
+    assert [s for s, _ in tags["sparsity/drop_fraction"]] == [2, 4, 6, 8, 10]
+    assert "sparsity/fc1/density" in tags and "sparsity/fc2/mask_churn" in tags
+    churn = dict(tags["sparsity/fc1/mask_churn"])
+    assert abs(churn[4] - callback.updates[1]["layers"]["fc1"]["mask_churn"]) < 1e-6
+
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.05),
+    "nesterov": lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(1e-3),
+    "adamw": lambda: keras.optimizers.AdamW(1e-3, weight_decay=0.01),
+    "adam_amsgrad": lambda: keras.optimizers.Adam(1e-3, amsgrad=True),
+    "rmsprop": lambda: keras.optimizers.RMSprop(1e-3, momentum=0.5),
+    "adagrad": lambda: keras.optimizers.Adagrad(0.05),
+    "loss_scale_sgd": lambda: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.05, momentum=0.9)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_any_optimizer_keeps_zeros(fashion_mnist_small, name):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9), OPTIMIZERS[name]())
+    counts = {k: v[0].sum() for k, v in masked_state(model).items()}
+    model.fit(x[:512], y[:512], batch_size=64, epochs=1, verbose=0,
+              callbacks=[ftk.DynamicSparsity(update_every=3, drop_fraction=0.5)])
+    for layer in ftk.masked_layers(model):
+        mask = layer.kernel_mask.numpy()
+        assert mask.sum() == counts[layer.name]
+        assert not layer.masked_kernel.numpy()[~mask].any()
+        slots = _slots(model, layer)
+        if name != "sgd":
+            assert slots, f"no optimizer state found for {name}"
+        for slot in slots:
+            assert not slot.numpy()[~mask].any(), slot.path
+
+
+def test_static_sparsity_and_training_without_callback(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    before = masked_state(model)
+    model.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0,
+              callbacks=[ftk.StaticSparsity()])
+    after = masked_state(model)
+    for name in before:
+        np.testing.assert_array_equal(after[name][0], before[name][0])
+        assert not after[name][1][~after[name][0]].any()
+        assert (after[name][1] != before[name][1]).any()  # it did train
+    # without a sparsity callback Keras trains the zeros too: that is why the callback exists
+    model.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0)
+    layer = ftk.masked_layers(model)[0]
+    assert layer.masked_kernel.numpy()[~layer.kernel_mask.numpy()].any()
+
+
+def test_hook_is_removed_and_second_fit_continues(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    callback = ftk.DynamicSparsity(update_every=4, decay="constant")
+    model.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+    assert "update_step" not in model.optimizer.__dict__
+    model.fit(x[:256], y[:256], batch_size=64, epochs=3, verbose=0, callbacks=[callback])
+    # clock = optimizer.iterations (4 at the start); this fit ends at step 16 (exclusive)
+    assert [u["step"] for u in callback.updates] == [8, 12]
+    assert "update_step" not in model.optimizer.__dict__
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(update_every=0), "update_every"),
+        (dict(update_every=2.5), "update_every"),
+        (dict(drop_fraction=0.0), "drop_fraction"),
+        (dict(drop_fraction=1.5), "drop_fraction"),
+        (dict(decay="linear"), "decay"),
+        (dict(prune="random"), "prune"),
+        (dict(grow="largest"), "grow"),
+        (dict(end_step=0), "end_step"),
+        (dict(final_drop_fraction=0.6, drop_fraction=0.5), "final_drop_fraction"),
+        (dict(seed="a"), "seed"),
+    ],
+)
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ftk.DynamicSparsity(**kwargs)
+
+
+def test_model_that_was_not_sparsified(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(ftk.models.lenet_300_100())
+    with pytest.raises(ValueError, match="no masked layer"):
+        model.fit(x[:64], y[:64], verbose=0, callbacks=[ftk.DynamicSparsity()])
+
+
+def test_momentum_growth_needs_momentum(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9), keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="momentum"):
+        model.fit(x[:64], y[:64], verbose=0, callbacks=[ftk.DynamicSparsity(grow="momentum")])
+
+
+def test_cosine_needs_known_length(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    ds = tf.data.Dataset.from_tensor_slices((x[:128], y[:128])).batch(32).repeat()
+    ds = ds.apply(tf.data.experimental.assert_cardinality(tf.data.UNKNOWN_CARDINALITY))
+    with pytest.raises(ValueError, match="end_step"):
+        model.fit(ds, epochs=1, steps_per_epoch=None, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(decay="cosine")])
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
+def test_mirrored_replicas_stay_identical(fashion_mnist_small, two_cpus, grow):
+    (x, y), _ = fashion_mnist_small
+    with two_cpus.scope():
+        model = _compile(_sparse_lenet(0.9, distribution="uniform"))
+    initial = masked_state(model)
+    callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=2)
+    model.fit(x[:768], y[:768], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.updates and callback.updates[-1]["step"] == 9
+    for layer in ftk.masked_layers(model):
+        masks = [v.numpy() for v in layer.kernel_mask.value.values]
+        kernels = [v.numpy() for v in layer.masked_kernel.value.values]
+        assert len(masks) == 2
+        np.testing.assert_array_equal(masks[0], masks[1])
+        np.testing.assert_array_equal(kernels[0], kernels[1])
+        assert masks[0].sum() == initial[layer.name][0].sum()
+        assert (masks[0] != initial[layer.name][0]).any()
+        assert not kernels[0][~masks[0]].any()
+        for slot in _slots(model, layer):
+            values = [v.numpy() for v in slot.value.values]
+            np.testing.assert_array_equal(values[0], values[1])
+            assert not values[0][~masks[0]].any()
+
+
+class _Crash(keras.callbacks.Callback):
+    def __init__(self, at_step):
+        super().__init__()
+        self.at_step = at_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("grow", ["gradient", "momentum"])
+def test_resume_with_backup_and_restore(fashion_mnist_small, tmp_path, grow):
+    (x, y), _ = fashion_mnist_small
+    tf_config.enable_op_determinism()
+    try:
+        def fresh():
+            return _compile(_sparse_lenet(0.9, seed=7, weight_seed=7))
+
+        def callback():
+            return ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow)
+
+        fit_args = dict(x=x[:640], y=y[:640], batch_size=64, epochs=3, shuffle=False, verbose=0)
+        reference = fresh()
+        reference.fit(callbacks=[callback()], **fit_args)
+
+        backup = str(tmp_path / "backup")
+        interrupted = fresh()
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            interrupted.fit(callbacks=[callback(), keras.callbacks.BackupAndRestore(backup),
+                                       _Crash(at_step=16)], **fit_args)  # mid-epoch 2
+        resumed = fresh()  # a new process would rebuild the model the same way
+        resumed.fit(callbacks=[keras.callbacks.BackupAndRestore(backup), callback()], **fit_args)
+        assert int(resumed.optimizer.iterations.numpy()) == 30
+        want, got = masked_state(reference), masked_state(resumed)
+        for name in want:
+            np.testing.assert_array_equal(got[name][0], want[name][0])
+            np.testing.assert_array_equal(got[name][1], want[name][1])
+    finally:
+        tf_config.disable_op_determinism()  # no public API to undo
