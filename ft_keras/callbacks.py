@@ -162,7 +162,7 @@ class _OptimizerHook:
         callback = self.callback
         if callback.grow == "momentum":
             callback._accumulate_momentum(kernel, gradient)  # pylint: disable=protected-access
-        self.original(tf.where(mask, gradient, tf.zeros_like(gradient)), variable, learning_rate)
+        self.original(topology.zero_off_mask(mask, gradient), variable, learning_rate)
         if callback._never_updates:  # pylint: disable=protected-access
             return None
         step = tf.cast(self.optimizer.iterations, tf.int64) + 1
@@ -391,7 +391,7 @@ class DynamicSparsity(keras.callbacks.Callback):
             mask = tf.convert_to_tensor(kernel.mask.value)
             for variable in [kernel.kernel] + kernel.slots:
                 value = tf.convert_to_tensor(variable.value)
-                variable.assign(tf.where(mask, value, tf.zeros_like(value)))
+                variable.assign(topology.zero_off_mask(mask, value))
 
     # ------------------------------------------------------------ in the graph
     def _schedule(self, step):
@@ -432,10 +432,10 @@ class DynamicSparsity(keras.callbacks.Callback):
         weights = tf.convert_to_tensor(variable)
         scores = self._grow_scores(kernel, gradient, step)
         new_mask, keep = topology.update_mask(mask, weights, scores, fraction, kernel.num_active)
-        variable.assign(tf.where(keep, weights, tf.zeros_like(weights)))
+        variable.assign(topology.zero_off_mask(keep, weights))
         for slot in kernel.slots:
             value = tf.convert_to_tensor(slot.value)
-            slot.value.assign(tf.where(keep, value, tf.zeros_like(value)))
+            slot.value.assign(topology.zero_off_mask(keep, value))
         kernel.mask.value.assign(new_mask)
         kernel.stats.assign(
             tf.stack(

@@ -22,7 +22,8 @@ Example:
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from ft_keras import topology
 
 
 class MaskedKernelMixin:
@@ -61,7 +62,7 @@ class MaskedKernelMixin:
     def apply_mask(self):
         """Sets the off-mask kernel entries to exactly +0.0."""
         kernel = self.masked_kernel
-        kernel.assign(tf.where(self.kernel_mask.value, kernel.value, tf.zeros_like(kernel.value)))
+        kernel.assign(topology.zero_off_mask(self.kernel_mask.value, kernel.value))
 
     def set_mask(self, mask):
         """Replaces the mask (bool array of the kernel's shape) and zeroes the kernel off it."""

@@ -154,6 +154,12 @@ def update_mask(mask, weights, grow_scores, drop_fraction, num_active):
     return new_mask, keep
 
 
+def zero_off_mask(mask, values):
+    """``values`` where ``mask`` is True, exactly +0.0 elsewhere (a scalar zero broadcasts, so no
+    zeros tensor is materialised; unlike a multiply it never yields -0.0 or NaN * 0)."""
+    return tf.where(mask, values, tf.zeros([], values.dtype))
+
+
 def random_scores(shape, seed):
     """Uniform [0, 1) scores for random (SET) growth, keyed by a stateless seed."""
     return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
