@@ -30,6 +30,7 @@ Example:
 """
 
 import dataclasses
+import json
 import numbers
 import os
 
@@ -499,3 +500,343 @@ class StaticSparsity(DynamicSparsity):
     def __init__(self, log_dir=None):
         super().__init__(update_every=1, decay="constant", grow="gradient", log_dir=log_dir)
         self._never_updates = True
+
+
+# ----------------------------------------------------------------------------- tickets: best-of
+def _monitor_mode(monitor, mode):
+    mode = _check_choice("mode", mode, ("auto", "min", "max"))
+    if mode == "auto":
+        mode = "min" if "loss" in monitor or "error" in monitor else "max"
+    return mode
+
+
+def _is_chief(model):
+    """True on the worker that writes results (every single-worker strategy is its own chief)."""
+    extended = model.distribute_strategy.extended
+    return bool(getattr(extended, "should_checkpoint", True))
+
+
+class _BestSnapshot:
+    """Keeps the best-so-far model state of one selection window (a phase, or a whole fit).
+
+    The state is held in memory and mirrored to ``<ticket_dir>/.progress-<index>.*`` after each
+    improvement (written atomically), so that a run resumed with ``BackupAndRestore`` inside the
+    window still selects over the whole window.
+    """
+
+    def __init__(self, ticket_dir, index, monitor, mode):
+        self.ticket_dir = ticket_dir
+        self.index = index
+        self.monitor = monitor
+        self.mode = mode
+        self.value = None
+        self.weights = None
+        self.info = {}
+
+    @property
+    def _paths(self):
+        base = os.path.join(self.ticket_dir, f".progress-{self.index}")
+        return base + ".json", base + ".npz"
+
+    def better(self, value):
+        if self.value is None:
+            return True
+        return value < self.value if self.mode == "min" else value > self.value
+
+    def offer(self, model, value, info, persist):
+        """Takes the model's state if ``value`` beats the best so far; returns True if taken."""
+        if value is None or not np.isfinite(value) or not self.better(value):
+            return False
+        self.value = float(value)
+        self.weights = [np.array(w) for w in model.get_weights()]
+        self.info = dict(info, monitor=self.monitor, monitor_value=self.value)
+        if persist:
+            self._persist()
+        return True
+
+    def _persist(self):
+        json_path, npz_path = self._paths
+        os.makedirs(self.ticket_dir, exist_ok=True)
+        for path, write in (
+            (npz_path, lambda f: np.savez(f, *self.weights)),
+            (json_path, lambda f: f.write(json.dumps(self.info).encode())),
+        ):
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+
+    def restore(self, num_weights):
+        """Loads a persisted best-so-far state, if one exists for this window."""
+        json_path, npz_path = self._paths
+        if not (os.path.exists(json_path) and os.path.exists(npz_path)):
+            return False
+        with open(json_path) as f:
+            info = json.load(f)
+        with np.load(npz_path) as data:
+            weights = [data[f"arr_{i}"] for i in range(len(data.files))]
+        if len(weights) != num_weights:
+            logging.warning("ignoring %s: it holds %d arrays, the model %d", npz_path,
+                            len(weights), num_weights)
+            return False
+        self.info, self.weights, self.value = info, weights, float(info["monitor_value"])
+        return True
+
+    def clear(self):
+        for path in self._paths:
+            if os.path.exists(path):
+                os.remove(path)
+
+    def write_ticket(self, model, method, extra, overwrite):
+        """Writes the best state as ``ticket_<index>`` (atomically) and forgets the progress."""
+        if self.weights is None:
+            raise ValueError(
+                f"No value of monitor={self.monitor!r} was seen for ticket {self.index}; "
+                "nothing to save."
+            )
+        from ft_keras import tickets  # pylint: disable=import-outside-toplevel
+
+        snapshot = keras.models.clone_model(model)
+        snapshot.set_weights(self.weights)
+        metadata = dict(self.info, method=method, **extra)
+        path = tickets.write_ticket(snapshot, self.ticket_dir, self.index, metadata,
+                                    overwrite=overwrite)
+        self.clear()
+        logging.info("ticket %d written to %s (%s = %.4f)", self.index, path, self.monitor,
+                     self.value)
+        return path
+
+
+def _monitored(logs, monitor):
+    logs = logs or {}
+    if monitor not in logs:
+        raise ValueError(
+            f"monitor={monitor!r} is not in the epoch logs {sorted(logs)}. Pass validation_data "
+            "to fit() (for 'val_*' metrics) or choose a monitor that is logged."
+        )
+    return float(logs[monitor])
+
+
+class FreeTickets(DynamicSparsity):
+    """EDST Ensemble (SPEC.md section 5): M tickets from one sparse run.
+
+    The fit follows a phase plan (`ft_keras.schedules.edst_plan`): ``exploration_epochs`` of DST
+    at a large constant learning rate, then ``num_tickets`` refinement phases of
+    ``refine_epochs`` each (learning rate ``refine_lr[0]``, then ``refine_lr[1]`` from the middle of
+    the phase). At the first step of refinement phases 2..M a *global exploration* prunes
+    ``explore_fraction`` of every layer's active weights by magnitude and grows as many with the
+    ``grow`` criterion. Inside refinement phase i the epoch with the best ``monitor`` value becomes
+    ``ticket_dir/ticket_<i-1>/`` (SavedModel + ``.keras`` + ``metadata.json``, written atomically).
+
+    The learning rate is set at every epoch from the epoch index (restored by BackupAndRestore), and
+    the mask jumps are in-graph at steps derived from ``optimizer.iterations``, so a resumed run
+    follows the same plan. The optimizer must have a constant (float) learning rate: FreeTickets
+    owns it (``control_learning_rate=False`` leaves it alone).
+
+    Args:
+        ticket_dir: folder for the tickets; a non-empty folder is refused unless ``overwrite``.
+        num_tickets: M >= 1.
+        exploration_epochs: t_ex >= 0.
+        refine_epochs: t_re >= 1.
+        explore_fraction: q in (0, 1], the global exploration's drop fraction (paper: 0.8).
+        monitor: the epoch log to select tickets by (``val_accuracy``; needs validation data).
+        mode: "auto" (min for losses, else max), "min" or "max".
+        exploration_lr, refine_lr, refine_lr_switch: the learning-rate plan.
+        overwrite: replace existing tickets in ``ticket_dir``.
+        **dst_kwargs: `DynamicSparsity` arguments (update_every, drop_fraction, decay, grow, ...);
+            FreeTickets' defaults are drop_fraction=0.5 annealed (cosine) to 0.005 over the run.
+    """
+
+    def __init__(
+        self,
+        ticket_dir,
+        num_tickets=3,
+        exploration_epochs=None,
+        refine_epochs=None,
+        explore_fraction=0.8,
+        monitor="val_accuracy",
+        mode="auto",
+        exploration_lr=0.1,
+        refine_lr=(0.01, 0.001),
+        refine_lr_switch=0.5,
+        control_learning_rate=True,
+        overwrite=False,
+        **dst_kwargs,
+    ):
+        dst_kwargs.setdefault("drop_fraction", 0.5)
+        dst_kwargs.setdefault("final_drop_fraction", 0.005)
+        super().__init__(**dst_kwargs)
+        if not isinstance(ticket_dir, (str, os.PathLike)):
+            raise TypeError(f"ticket_dir must be a path; got {ticket_dir!r}.")
+        if exploration_epochs is None or refine_epochs is None:
+            raise ValueError(
+                "exploration_epochs and refine_epochs are required (e.g. exploration_epochs=150, "
+                f"refine_epochs=100 on CIFAR); got {exploration_epochs!r}, {refine_epochs!r}."
+            )
+        self.plan = schedules.edst_plan(exploration_epochs, refine_epochs, num_tickets)
+        self.ticket_dir = os.fspath(ticket_dir)
+        self.num_tickets = num_tickets
+        self.exploration_epochs = exploration_epochs
+        self.refine_epochs = refine_epochs
+        self.explore_fraction = _check_fraction("explore_fraction", explore_fraction)
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor={monitor!r} must be the name of an epoch log entry.")
+        self.monitor = monitor
+        self.mode = _monitor_mode(monitor, mode)
+        lrs = tuple(refine_lr) if isinstance(refine_lr, (list, tuple)) else None
+        if not lrs or len(lrs) != 2 or not all(
+            isinstance(v, numbers.Real) and v > 0 for v in lrs
+        ):
+            raise ValueError(f"refine_lr={refine_lr!r} must be two positive learning rates.")
+        if not isinstance(exploration_lr, numbers.Real) or exploration_lr <= 0:
+            raise ValueError(f"exploration_lr={exploration_lr!r} must be a positive number.")
+        self.exploration_lr = float(exploration_lr)
+        self.refine_lr = lrs
+        self.refine_lr_switch = _check_fraction("refine_lr_switch", refine_lr_switch)
+        self.control_learning_rate = bool(control_learning_rate)
+        self.overwrite = bool(overwrite)
+        self.tickets = []  # paths written by this callback, in ticket order
+        self._jump_steps = ()
+        self._best = None
+
+    @property
+    def total_epochs(self):
+        return schedules.plan_epochs(self.plan)
+
+    def on_train_begin(self, logs=None):
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None and epochs < self.total_epochs:
+            raise ValueError(
+                f"fit(epochs={epochs}) does not cover the FreeTickets plan: exploration_epochs="
+                f"{self.exploration_epochs} + num_tickets={self.num_tickets} x refine_epochs="
+                f"{self.refine_epochs} = {self.total_epochs} epochs."
+            )
+        if self.control_learning_rate:
+            optimizer = _base_optimizer(self.model.optimizer)
+            if isinstance(optimizer._learning_rate,  # pylint: disable=protected-access
+                          keras.optimizers.schedules.LearningRateSchedule):
+                raise ValueError(
+                    "FreeTickets sets the learning rate itself; compile with a float learning "
+                    "rate (or pass control_learning_rate=False)."
+                )
+        super().on_train_begin(logs)
+        self._jump_steps = ()
+        self._best = None
+
+    def _steps_per_epoch(self):
+        steps = (self.params or {}).get("steps")
+        if not steps:
+            raise ValueError(
+                "FreeTickets needs the number of steps per epoch: use a dataset of known length "
+                "or pass steps_per_epoch to fit()."
+            )
+        return int(steps)
+
+    def _resolve_end_step(self, epoch):
+        if self.end_step is not None:
+            return self.end_step
+        steps = self._steps_per_epoch()
+        origin = int(self._optimizer.iterations.numpy()) - epoch * steps
+        return origin + self.total_epochs * steps
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._resolved_end_step is None and self._hook is not None:
+            # First epoch of this fit, before the train step is traced: fix the jump steps.
+            steps = self._steps_per_epoch()
+            origin = int(self._optimizer.iterations.numpy()) - epoch * steps
+            self._jump_steps = tuple(
+                origin + e * steps + 1 for e in schedules.global_exploration_epochs(self.plan)
+            )
+            if epoch == 0 and _is_chief(self.model):
+                from ft_keras import tickets  # pylint: disable=import-outside-toplevel
+
+                tickets.prepare_ticket_dir(self.ticket_dir, overwrite=self.overwrite)
+        super().on_epoch_begin(epoch, logs)
+        if epoch >= self.total_epochs:
+            self.model.stop_training = True
+            return
+        if self.control_learning_rate:
+            lr = schedules.edst_learning_rate(
+                self.plan, epoch, self.exploration_lr, self.refine_lr, self.refine_lr_switch
+            )
+            self._optimizer.learning_rate = lr
+        phase = schedules.phase_at(self.plan, epoch)
+        if phase.kind == "refinement" and (self._best is None or
+                                           self._best.index != phase.index - 1):
+            self._best = _BestSnapshot(self.ticket_dir, phase.index - 1, self.monitor, self.mode)
+            if epoch > phase.start_epoch:  # resumed inside the phase
+                self._best.restore(len(self.model.get_weights()))
+        if epoch in schedules.global_exploration_epochs(self.plan):
+            logging.info("epoch %d: global exploration (q = %.2f) at step %d", epoch,
+                         self.explore_fraction, self._jump_steps[phase.index - 2])
+
+    def _schedule(self, step):
+        do_update, fraction = super()._schedule(step)
+        if not self._jump_steps:
+            return do_update, fraction
+        jump = tf.reduce_any(tf.equal(step, tf.constant(self._jump_steps, tf.int64)))
+        fraction = tf.where(jump, tf.constant(self.explore_fraction, tf.float64), fraction)
+        return tf.logical_or(do_update, jump), fraction
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        phase = schedules.phase_at(self.plan, epoch)
+        if phase is None or phase.kind != "refinement":
+            return
+        value = _monitored(logs, self.monitor)
+        chief = _is_chief(self.model)
+        step = int(self._optimizer.iterations.numpy())
+        self._best.offer(self.model, value, {"phase": phase.index, "epoch": epoch, "step": step},
+                         persist=chief)
+        if epoch == phase.end_epoch - 1 and chief:
+            self.tickets.append(
+                self._best.write_ticket(
+                    self.model,
+                    method="edst",
+                    extra={"seed": self.seed, "explore_fraction": self.explore_fraction,
+                           "num_tickets": self.num_tickets},
+                    overwrite=True,
+                )
+            )
+
+
+class TicketCheckpoint(keras.callbacks.Callback):
+    """Writes the best epoch of a fit (by ``monitor``) as ``ticket_dir/ticket_<index>/``.
+
+    Used for DST Ensemble members (`train_dst_ensemble`): each independent run contributes its
+    best-validation checkpoint as one ticket. Written once, at the end of training (atomically),
+    by the chief worker only.
+    """
+
+    def __init__(self, ticket_dir, index, monitor="val_accuracy", mode="auto",
+                 method="dst_ensemble", metadata=None, overwrite=False):
+        super().__init__()
+        self.ticket_dir = os.fspath(ticket_dir)
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+            raise ValueError(f"index={index!r} must be an integer >= 0.")
+        self.index = int(index)
+        self.monitor = monitor
+        self.mode = _monitor_mode(monitor, mode)
+        self.method = method
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self.path = None
+        self._best = None
+
+    def on_train_begin(self, logs=None):
+        self._best = _BestSnapshot(self.ticket_dir, self.index, self.monitor, self.mode)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch > 0 and self._best.weights is None:
+            self._best.restore(len(self.model.get_weights()))
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        self._best.offer(self.model, _monitored(logs, self.monitor),
+                         {"epoch": epoch, "step": step}, persist=_is_chief(self.model))
+
+    def on_train_end(self, logs=None):
+        if _is_chief(self.model) and self._best.weights is not None:
+            self.path = self._best.write_ticket(self.model, self.method, self.metadata,
+                                                overwrite=self.overwrite)
+
