@@ -737,6 +737,15 @@ def _tfds_builder_if_prepared(
     dirs = ([os.fspath(data_dir)] if data_dir is not None else []) + [None]
     for directory in dirs:
         label = directory if directory is not None else "default data dir"
+        root = directory
+        if root is None:
+            root = os.environ.get("TFDS_DATA_DIR") or os.path.join(
+                os.path.expanduser("~"), "tensorflow_datasets"
+            )
+        if "://" not in str(root) and not os.path.isdir(os.path.join(root, name)):
+            # Nothing prepared there: skip tfds (its probe only logs warnings about it).
+            tried.append(f"tfds ({label}): {os.path.join(root, name)} does not exist")
+            continue
         try:
             builder = tfds.builder(name, data_dir=directory)
             where = os.fspath(builder.data_path)

@@ -35,9 +35,10 @@ def fashion_mnist_small():
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_cpus():
-    """A MirroredStrategy over the two logical CPUs."""
+    """A MirroredStrategy over the two logical CPUs (one per session: TF's collective ops keep
+    per-strategy bookkeeping that clashes when several strategies run models of other sizes)."""
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < 2:
         pytest.skip("two logical CPU devices are not available in this process")

@@ -526,12 +526,28 @@ def test_real_tfds_check_not_prepared_falls_back(monkeypatch, tmp_path):
         return real_builder(name, data_dir=data_dir or str(default_dir), **kwargs)
 
     monkeypatch.setattr(tfds, "builder", offline_builder)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(default_dir))
+    (default_dir / "mnist").mkdir(parents=True)  # exists, but holds no prepared data
     builder, tried = data._tfds_builder_if_prepared("mnist", SHARED_DATA)
     assert builder is None
     assert any(SHARED_DATA in t and "not prepared" in t for t in tried)
     assert any(str(default_dir) in t and "not prepared" in t for t in tried)
     ds = data.load("mnist", "train[:4]", data_dir=SHARED_DATA)
     assert [int(y) for _, y in ds] == [5, 0, 4, 1]
+
+
+def test_tfds_probe_skipped_when_no_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "_tfds_builder_if_prepared", REAL_TFDS_CHECK)
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("tfds.builder must not be called when no folder exists")
+
+    monkeypatch.setattr(tfds, "builder", no_call)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "none"))
+    builder, tried = data._tfds_builder_if_prepared("mnist", str(tmp_path))
+    assert builder is None
+    assert sum("does not exist" in t for t in tried) == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,730 @@
+"""Tickets on disk: write, list and read sparse subnetworks, atomically.
+
+A *ticket* is one sparse network saved during (or after) dynamic sparse training. A ticket
+directory holds one folder per ticket::
+
+    ticket_dir/
+      ticket_0/
+        model.keras              the sparse model (masked layers, masks and weights)
+        saved_model/1/           a TF Serving SavedModel of `ft_keras.strip(model)`
+        metadata.json            index, method, phase, epoch, step, monitor, densities, versions...
+      ticket_1/
+      ...
+
+``model.keras`` reloads with ``keras.models.load_model`` (masks and weights bit-exact).
+``saved_model/<version>/`` holds plain layers with the masks baked into the kernels and one
+signature, ``serving_default``: input ``inputs`` (float32, ``(None,) + input_shape``), outputs
+``logits``, ``probabilities`` (softmax) and ``class_ids`` (int64 argmax). The folder
+``saved_model/`` is a TF Serving model base path on its own.
+
+Writes are atomic: everything goes to a hidden sibling folder ``.tmp-ticket_<i>-<random>/``
+that is renamed to ``ticket_<i>`` once complete, so a crash leaves either a complete ticket or
+nothing that `list_tickets` (or `ft_keras.Ensemble.from_directory`) accepts.
+
+Example:
+
+>>> sparse = ftk.sparsify(model, sparsity=0.8, seed=0)
+>>> sparse.fit(x, y, callbacks=[ftk.DynamicSparsity()])       # doctest: +SKIP
+>>> prepare_ticket_dir("/tmp/tickets", overwrite=True)         # doctest: +SKIP
+>>> path = write_ticket(sparse, "/tmp/tickets", 0, {"method": "dst_ensemble", "seed": 0})
+>>> model, metadata = read_ticket(path)                         # doctest: +SKIP
+>>> list_tickets("/tmp/tickets")                                # doctest: +SKIP
+['/tmp/tickets/ticket_0']
+"""
+
+import datetime
+import json
+import numbers
+import os
+import platform
+import re
+import secrets
+import shutil
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+# Import the functions: the package attribute ``ft_keras.sparsify`` is the function, not the module.
+from ft_keras.sparsify import masked_layers_of
+from ft_keras.sparsify import sparsity_report
+from ft_keras.sparsify import strip
+from ft_keras.version import __version__
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+SAVED_MODEL_DIR = "saved_model"
+SAVED_MODEL_PB = "saved_model.pb"
+SERVING_SIGNATURE = "serving_default"
+SERVING_INPUT = "inputs"
+
+_TICKET_RE = re.compile(r"^ticket_(0|[1-9][0-9]*)$")
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+# Keys that write_ticket computes itself; a caller's metadata may not set them.
+COMPUTED_KEYS = (
+    "format_version",
+    "index",
+    "layers",
+    "density",
+    "num_params",
+    "num_active_params",
+    "versions",
+    "created",
+)
+# Keys every ticket has; None unless the caller gives a value.
+CALLER_KEYS = (
+    "method",
+    "phase",
+    "epoch",
+    "step",
+    "monitor",
+    "monitor_value",
+    "seed",
+    "forward_flops",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks and small helpers.
+
+
+def _check_path(value, argument):
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"{argument} must be a path (str or os.PathLike); got {value!r} "
+            f"({type(value).__name__})."
+        )
+    path = os.fspath(value)
+    if not path:
+        raise ValueError(f"{argument} must be a non-empty path; got {value!r}.")
+    return path
+
+
+def _check_int(value, argument, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{argument} must be an int >= {minimum}; got {value!r} ({type(value).__name__})."
+        )
+    if value < minimum:
+        raise ValueError(f"{argument}={value!r} is not allowed; it must be an int >= {minimum}.")
+    return int(value)
+
+
+def _check_bool(value, argument):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{argument} must be True or False; got {value!r}.")
+    return bool(value)
+
+
+def _check_model(model, argument="model"):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{argument} must be a keras.Model; got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"{argument}={model.name!r} is not built; build it (keras.Input, or call it on data) "
+            "before saving it."
+        )
+
+
+def model_input_shape(model, argument="model"):
+    """The input shape of a single-input model without the batch axis, e.g. ``(28, 28, 1)``.
+
+    Raises:
+        ValueError: the model has several inputs, or no known input (an unbuilt or subclassed
+            model never called on a `keras.Input`).
+    """
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            f"{argument}={model.name!r} has no known input shape; build it from a keras.Input "
+            "(Sequential with keras.Input, or a Functional model)."
+        )
+    if len(inputs) != 1:
+        raise ValueError(
+            f"{argument}={model.name!r} has {len(inputs)} inputs; only single-input models are "
+            "supported."
+        )
+    return tuple(inputs[0].shape[1:])
+
+
+def model_output_shape(model, argument="model"):
+    """The output shape of a single-output model without the batch axis, e.g. ``(10,)``."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        raise ValueError(
+            f"{argument}={model.name!r} has no known output shape; build it from a keras.Input."
+        )
+    if len(outputs) != 1:
+        raise ValueError(
+            f"{argument}={model.name!r} has {len(outputs)} outputs; only single-output models "
+            "(one logits tensor) are supported."
+        )
+    return tuple(outputs[0].shape[1:])
+
+
+def plain_model(model):
+    """``ft_keras.strip(model)`` for a model with masked layers, else the model itself.
+
+    A subclassed model with masked layers cannot be stripped; it is returned as is (its
+    kernels already hold exact zeros off-mask, so its forward pass is the stripped one; only
+    the unused mask variables stay in an export).
+    """
+    if not masked_layers_of(model):
+        return model
+    try:
+        return strip(model)
+    except TypeError as error:
+        logging.warning(
+            "Could not strip %r (%s); exporting it with its mask variables.", model.name, error
+        )
+        return model
+
+
+def _fsync_tree(root):
+    """Flushes every file and folder under ``root`` to disk (best effort on folders)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder):
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _make_unique_dir(parent, prefix):
+    """Creates a new folder ``parent/<prefix><random>`` with the umask's permissions.
+
+    (``tempfile.mkdtemp`` would make it 0700, which hides the renamed ticket or export from,
+    e.g., a TF Serving process that runs as another user.)
+    """
+    for _ in range(100):
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"could not create a unique folder {prefix}* in {parent!r}.")
+
+
+def atomic_folder(destination, write, overwrite=False, argument="folder"):
+    """Builds a folder with ``write(tmp_path)`` in a hidden sibling, then renames it into place.
+
+    Args:
+        destination: the final folder path.
+        write: a callable that fills the (existing, empty) temporary folder it is given.
+        overwrite: whether to replace an existing ``destination``; the old folder is renamed
+            aside first and deleted only after the new one is in place.
+        argument: what ``destination`` is, for error messages (e.g. "ticket folder").
+
+    Returns:
+        ``destination``.
+
+    Raises:
+        ValueError: ``destination`` exists (as a non-empty folder, or as a file) and
+            ``overwrite`` is False.
+    """
+    parent, base = os.path.split(os.path.abspath(destination))
+    if os.path.lexists(destination):
+        empty_dir = os.path.isdir(destination) and not os.listdir(destination)
+        if not empty_dir and not overwrite:
+            raise ValueError(
+                f"{argument} {destination!r} already exists (overwrite=False); pass "
+                "overwrite=True to replace it."
+            )
+    os.makedirs(parent, exist_ok=True)
+    tmp = _make_unique_dir(parent, f"{_TMP_PREFIX}{base}-")
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        trash = None
+        if os.path.lexists(destination):
+            trash = _make_unique_dir(parent, f"{_TRASH_PREFIX}{base}-")
+            os.rmdir(trash)  # only the unique name is needed
+            os.rename(destination, trash)
+        try:
+            os.rename(tmp, destination)
+        except BaseException:
+            if trash is not None:
+                os.rename(trash, destination)
+            raise
+        _fsync_dir(parent)
+        if trash is not None:
+            if os.path.isdir(trash) and not os.path.islink(trash):
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.remove(trash)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination
+
+
+# --------------------------------------------------------------------------------------------
+# Writing.
+
+
+def serving_fn(model, input_shape):
+    """A `tf.function` mapping ``inputs`` to ``{"logits", "probabilities", "class_ids"}``."""
+    spec = tf.TensorSpec((None,) + tuple(input_shape), tf.float32, name=SERVING_INPUT)
+
+    @tf.function(input_signature=[spec])
+    def serve(inputs):
+        logits = tf.cast(model(inputs, training=False), tf.float32)
+        return {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits, axis=-1),
+            "class_ids": tf.argmax(logits, axis=-1, output_type=tf.int64),
+        }
+
+    return serve
+
+
+def export_saved_model(models, fn, path):
+    """Writes a SavedModel at ``path`` tracking ``models`` with ``fn`` as ``serving_default``."""
+    archive = keras.export.ExportArchive()
+    for model in models:
+        archive.track(model)
+    archive.add_endpoint(name=SERVING_SIGNATURE, fn=fn, input_signature=fn.input_signature)
+    archive.write_out(path, verbose=False)
+
+
+def _write_saved_model(model, path):
+    plain = plain_model(model)
+    export_saved_model([plain], serving_fn(plain, model_input_shape(model)), path)
+
+
+def _save_keras_model(model, path, include_optimizer):
+    """``model.save(path)``, leaving out the optimizer (via a weight-exact clone) if asked."""
+    to_save = model
+    if not include_optimizer and getattr(model, "optimizer", None) is not None:
+        try:
+            # Rebuild from the architecture alone (keras.models.clone_model would recompile).
+            config = keras.saving.serialize_keras_object(model)
+            config.pop("compile_config", None)
+            to_save = keras.saving.deserialize_keras_object(config)
+            to_save.set_weights(model.get_weights())
+        except Exception as error:  # pylint: disable=broad-except
+            logging.warning(
+                "Could not clone %r to save it without its optimizer (%s); saving it as is.",
+                model.name,
+                error,
+            )
+            to_save = model
+    to_save.save(path)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "numpy"):  # tf / keras tensors and variables
+        return _json_default(np.asarray(value.numpy()))
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def library_versions():
+    """``{"ft_keras", "tensorflow", "keras", "python"}`` version strings."""
+    return {
+        "ft_keras": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def ticket_metadata(model, index, metadata=None):
+    """The metadata dict `write_ticket` stores for ``model`` as ticket ``index``.
+
+    Args:
+        model: the (sparse) keras.Model.
+        index: the ticket index.
+        metadata: optional dict of caller keys: ``method``, ``phase``, ``epoch``, ``step``,
+            ``monitor``, ``monitor_value``, ``seed``, ``forward_flops`` (each None when absent)
+            and any extra JSON-serialisable keys. Computed keys (`COMPUTED_KEYS`) are refused.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict or None; got {type(metadata).__name__}.")
+    bad_keys = [key for key in metadata if not isinstance(key, str)]
+    if bad_keys:
+        raise TypeError(f"metadata keys must be str; got {bad_keys!r}.")
+    reserved = sorted(key for key in metadata if key in COMPUTED_KEYS)
+    if reserved:
+        raise ValueError(
+            f"metadata sets {reserved}, which write_ticket computes itself; allowed caller keys "
+            f"are {list(CALLER_KEYS)} and any other extra key."
+        )
+    report = sparsity_report(model)
+    layers = [
+        {
+            "name": row.name,
+            "kind": row.kind,
+            "shape": list(row.shape),
+            "active": row.active,
+            "size": row.size,
+            "density": row.density,
+            "status": row.status,
+        }
+        for row in report.layers
+    ]
+    result = {"format_version": FORMAT_VERSION, "index": index}
+    for key in CALLER_KEYS:
+        result[key] = metadata.get(key)
+    result.update(
+        {
+            "layers": layers,
+            "density": report.density,
+            "num_params": report.num_params,
+            "num_active_params": report.num_active_params,
+            "versions": library_versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+        }
+    )
+    for key, value in metadata.items():
+        if key not in result:
+            result[key] = value
+    # Normalise (numpy scalars, tensors) and check that everything is JSON-serialisable.
+    try:
+        return json.loads(json.dumps(result, default=_json_default))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"metadata must be JSON-serialisable: {error}.") from None
+
+
+def _write_metadata(metadata, path):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle, indent=2)
+        handle.write("\n")
+
+
+def write_ticket(
+    model,
+    ticket_dir,
+    index,
+    metadata=None,
+    *,
+    version=1,
+    overwrite=False,
+    include_optimizer=False,
+):
+    """Writes ``model`` as ``ticket_dir/ticket_<index>/``, atomically.
+
+    The ticket folder holds ``model.keras`` (the sparse model), ``saved_model/<version>/`` (a
+    TF Serving SavedModel of ``ft_keras.strip(model)``) and ``metadata.json``. Everything is
+    written into a hidden temporary folder inside ``ticket_dir`` and renamed into place at the
+    end, so readers only ever see complete tickets.
+
+    Example:
+
+    >>> path = write_ticket(sparse, "/tmp/tickets", 0,
+    ...                     {"method": "edst", "phase": 1, "epoch": 12, "step": 5640,
+    ...                      "monitor": "val_accuracy", "monitor_value": 0.87, "seed": 0})
+    >>> path                                             # doctest: +SKIP
+    '/tmp/tickets/ticket_0'
+
+    Args:
+        model: a built, single-input `keras.Model` that outputs logits (sparse or plain).
+        ticket_dir: the ticket directory; created if missing.
+        index: the ticket number i >= 0.
+        metadata: optional dict; see `ticket_metadata` for the keys. Extra keys are stored as
+            given (they must be JSON-serialisable).
+        version: the SavedModel version folder under ``saved_model/`` (an int >= 0; TF Serving
+            serves the highest).
+        overwrite: replace an existing ``ticket_<index>``.
+        include_optimizer: also save the optimizer's state in ``model.keras`` (default False:
+            a ticket is weights and masks; the file is 2-3x smaller without it).
+
+    Returns:
+        The path of the ticket folder, ``ticket_dir/ticket_<index>``.
+
+    Raises:
+        TypeError: ``model`` is not a keras.Model, or an argument has the wrong type.
+        ValueError: bad ``index`` / ``version``, a model without a single known input,
+            metadata setting computed keys, or an existing ticket and ``overwrite=False``.
+    """
+    _check_model(model)
+    ticket_dir = _check_path(ticket_dir, "ticket_dir")
+    index = _check_int(index, "index")
+    version = _check_int(version, "version")
+    overwrite = _check_bool(overwrite, "overwrite")
+    include_optimizer = _check_bool(include_optimizer, "include_optimizer")
+    model_input_shape(model)
+    meta = ticket_metadata(model, index, metadata)
+    if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
+        raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
+    destination = os.path.join(ticket_dir, f"ticket_{index}")
+
+    def write(tmp):
+        _save_keras_model(model, os.path.join(tmp, MODEL_FILE), include_optimizer)
+        _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)))
+        _write_metadata(meta, os.path.join(tmp, METADATA_FILE))  # last: marks completeness
+
+    atomic_folder(destination, write, overwrite=overwrite, argument="ticket folder")
+    return destination
+
+
+def prepare_ticket_dir(ticket_dir, overwrite=False):
+    """Creates ``ticket_dir`` for new tickets, refusing to mix them with old ones.
+
+    Example:
+
+    >>> prepare_ticket_dir("/tmp/tickets", overwrite=True)   # doctest: +SKIP
+    '/tmp/tickets'
+
+    Args:
+        ticket_dir: the folder; created (with parents) if missing.
+        overwrite: if ``ticket_dir`` is not empty, delete its ``ticket_<i>`` folders (and
+            leftovers of interrupted writes) and keep everything else; if False, refuse.
+
+    Returns:
+        ``ticket_dir``.
+
+    Raises:
+        ValueError: ``ticket_dir`` is a file, or a non-empty folder and ``overwrite=False``.
+    """
+    ticket_dir = _check_path(ticket_dir, "ticket_dir")
+    overwrite = _check_bool(overwrite, "overwrite")
+    if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
+        raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
+    os.makedirs(ticket_dir, exist_ok=True)
+    entries = sorted(os.listdir(ticket_dir))
+    if entries and not overwrite:
+        raise ValueError(
+            f"ticket_dir={ticket_dir!r} is not empty ({len(entries)} entries, e.g. "
+            f"{entries[:3]}); pass overwrite=True to delete its ticket_* folders."
+        )
+    for name in entries:
+        ours = _TICKET_RE.match(name) or name.startswith(
+            (f"{_TMP_PREFIX}ticket_", f"{_TRASH_PREFIX}ticket_")
+        )
+        path = os.path.join(ticket_dir, name)
+        if ours and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+    return ticket_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def saved_model_path(ticket_path):
+    """The highest-version SavedModel folder of a ticket, or None if it has none."""
+    root = os.path.join(ticket_path, SAVED_MODEL_DIR)
+    if not os.path.isdir(root):
+        return None
+    versions = [
+        int(name)
+        for name in os.listdir(root)
+        if _VERSION_RE.match(name) and os.path.isfile(os.path.join(root, name, SAVED_MODEL_PB))
+    ]
+    return os.path.join(root, str(max(versions))) if versions else None
+
+
+def _is_complete(path):
+    return os.path.isfile(os.path.join(path, METADATA_FILE)) and (
+        os.path.isfile(os.path.join(path, MODEL_FILE)) or saved_model_path(path) is not None
+    )
+
+
+def list_tickets(ticket_dir, *, allow_empty=False):
+    """The complete ``ticket_<i>`` folders of ``ticket_dir``, sorted by i (numerically).
+
+    Hidden folders (temporary writes) and ticket folders lacking ``metadata.json`` or a model
+    (``model.keras`` or ``saved_model/<version>/saved_model.pb``) are skipped.
+
+    Example:
+
+    >>> list_tickets("/tmp/tickets")                   # doctest: +SKIP
+    ['/tmp/tickets/ticket_0', '/tmp/tickets/ticket_1', '/tmp/tickets/ticket_2']
+
+    Args:
+        ticket_dir: the ticket directory.
+        allow_empty: return ``[]`` rather than raise when there is no complete ticket.
+
+    Returns:
+        A list of folder paths (``ticket_dir`` joined with ``ticket_<i>``).
+
+    Raises:
+        ValueError: ``ticket_dir`` is missing or not a folder, or (unless ``allow_empty``) holds
+            no complete ticket.
+    """
+    ticket_dir = _check_path(ticket_dir, "ticket_dir")
+    if not os.path.isdir(ticket_dir):
+        raise ValueError(f"ticket_dir={ticket_dir!r} does not exist or is not a folder.")
+    found = []
+    skipped = []
+    for name in os.listdir(ticket_dir):
+        match = _TICKET_RE.match(name)
+        path = os.path.join(ticket_dir, name)
+        if not match or not os.path.isdir(path):
+            continue
+        if _is_complete(path):
+            found.append((int(match.group(1)), path))
+        else:
+            skipped.append(path)
+    for path in sorted(skipped):
+        logging.warning(
+            "Skipping incomplete ticket %s: it needs %s and %s (or %s/<version>/%s).",
+            path,
+            METADATA_FILE,
+            MODEL_FILE,
+            SAVED_MODEL_DIR,
+            SAVED_MODEL_PB,
+        )
+    if not found and not allow_empty:
+        detail = f"; incomplete: {sorted(skipped)}" if skipped else ""
+        raise ValueError(
+            f"ticket_dir={ticket_dir!r} holds no complete ticket_<i> folder (each needs "
+            f"{METADATA_FILE} and {MODEL_FILE} or {SAVED_MODEL_DIR}/<version>/)" + detail + "."
+        )
+    return [path for _, path in sorted(found)]
+
+
+def read_metadata(ticket_path):
+    """The parsed ``metadata.json`` of a ticket folder.
+
+    Raises:
+        ValueError: the file is missing, not valid JSON, not a JSON object, or of an unknown
+            ``format_version``; the message names the file.
+    """
+    path = os.path.join(_check_path(ticket_path, "path"), METADATA_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"ticket metadata file {path!r} is missing.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"ticket metadata file {path!r} is corrupt: {error}.") from error
+    if not isinstance(metadata, dict):
+        raise ValueError(
+            f"ticket metadata file {path!r} is corrupt: it holds a {type(metadata).__name__}, "
+            "not a JSON object."
+        )
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"ticket metadata file {path!r} is corrupt: no int format_version.")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"ticket metadata file {path!r} has format_version={version}; this ft_keras "
+            f"({__version__}) reads format_version <= {FORMAT_VERSION}: upgrade ft_keras."
+        )
+    return metadata
+
+
+def load_serving_model(path, name=None):
+    """A Keras model that runs a SavedModel's ``serving_default`` and returns its logits.
+
+    Args:
+        path: a SavedModel folder (``.../saved_model/<version>``) whose ``serving_default``
+            signature takes ``inputs`` and returns ``logits`` (as `write_ticket` writes).
+        name: the model's name (default: derived from the path).
+
+    Returns:
+        A Functional `keras.Model` (a `keras.layers.TFSMLayer` inside) mapping inputs to logits.
+        It predicts, evaluates and can be ensembled, but has no masks: it cannot be trained
+        with DST.
+    """
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get(SERVING_SIGNATURE)
+    if signature is None:
+        raise ValueError(f"SavedModel {path!r} has no {SERVING_SIGNATURE!r} signature.")
+    _, kwargs = signature.structured_input_signature
+    if list(kwargs) != [SERVING_INPUT] or "logits" not in signature.structured_outputs:
+        raise ValueError(
+            f"SavedModel {path!r}: its {SERVING_SIGNATURE!r} signature must take "
+            f"{SERVING_INPUT!r} and return 'logits'; it takes {list(kwargs)} and returns "
+            f"{sorted(signature.structured_outputs)}."
+        )
+    shape = tuple(kwargs[SERVING_INPUT].shape[1:])
+    inputs = keras.Input(shape, name=SERVING_INPUT)
+    layer = keras.layers.TFSMLayer(path, call_endpoint=SERVING_SIGNATURE, trainable=False)
+    outputs = layer(inputs)["logits"]
+    return keras.Model(inputs, outputs, name=name or "saved_model")
+
+
+def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
+    """Reads a ticket folder written by `write_ticket`.
+
+    The model comes from ``model.keras`` (masked layers, masks and weights bit-exact). A ticket
+    without ``model.keras`` is read from its highest SavedModel version instead, as an
+    inference-only Keras model returning logits (see `load_serving_model`).
+
+    Example:
+
+    >>> model, metadata = read_ticket("/tmp/tickets/ticket_0")   # doctest: +SKIP
+    >>> metadata["density"], metadata["monitor_value"]          # doctest: +SKIP
+    (0.2, 0.873)
+
+    Args:
+        path: a ``ticket_<i>`` folder.
+        compile: passed to ``keras.models.load_model`` (only useful with a ticket written from a
+            compiled model with ``include_optimizer=True``).
+
+    Returns:
+        ``(model, metadata)``: a `keras.Model` and the metadata dict.
+
+    Raises:
+        ValueError: a missing or empty folder, a missing, corrupt or unreadable file (the
+            message names it).
+    """
+    path = _check_path(path, "path")
+    compile = _check_bool(compile, "compile")
+    if not os.path.isdir(path):
+        raise ValueError(f"ticket folder {path!r} does not exist or is not a folder.")
+    if not os.listdir(path):
+        raise ValueError(
+            f"ticket folder {path!r} is empty; a ticket holds {METADATA_FILE}, {MODEL_FILE} and "
+            f"{SAVED_MODEL_DIR}/<version>/."
+        )
+    metadata = read_metadata(path)
+    model_path = os.path.join(path, MODEL_FILE)
+    if os.path.isfile(model_path):
+        try:
+            model = keras.models.load_model(model_path, compile=compile)
+        except Exception as error:  # pylint: disable=broad-except
+            raise ValueError(
+                f"ticket model file {model_path!r} could not be loaded: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        return model, metadata
+    serving_path = saved_model_path(path)
+    if serving_path is None:
+        raise ValueError(
+            f"ticket folder {path!r} has no model: both {model_path!r} and "
+            f"{os.path.join(path, SAVED_MODEL_DIR)!r}/<version>/{SAVED_MODEL_PB} are missing."
+        )
+    try:
+        model = load_serving_model(serving_path, name=f"ticket_{metadata.get('index', 'x')}")
+    except ValueError:
+        raise
+    except Exception as error:  # pylint: disable=broad-except
+        raise ValueError(
+            f"ticket SavedModel {serving_path!r} could not be loaded: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return model, metadata
