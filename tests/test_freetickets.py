@@ -1,0 +1,208 @@
+"""EDST Ensemble end to end on a small slice of real Fashion-MNIST: phases, jumps, tickets."""
+
+import itertools
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import ft_keras as ftk
+from ft_keras import schedules
+from tests.conftest import masked_state
+
+EPOCH_STEPS = 32  # 2,048 images / batch 64
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    base = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu", name="fc1"),
+            keras.layers.Dense(10, name="out"),
+        ]
+    )
+    sparse = ftk.sparsify(base, 0.8, distribution="uniform", seed=seed)
+    sparse.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=False,
+    )
+    return sparse
+
+
+class Recorder(keras.callbacks.Callback):
+    """Masks after every step, weights and logs after every epoch, the learning rate per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = {}
+        self.epoch_weights = {}
+        self.epoch_logs = {}
+        self.lrs = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.lrs[epoch] = float(self.model.optimizer.learning_rate)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        self.masks[step] = masked_state(self.model)["fc1"]  # (mask, kernel)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_weights[epoch] = [np.array(w) for w in self.model.get_weights()]
+        self.epoch_logs[epoch] = dict(logs)
+
+
+@pytest.fixture(scope="module")
+def edst_run(fashion_mnist_small, tmp_path_factory):
+    (x, y), (xv, yv) = fashion_mnist_small
+    ticket_dir = str(tmp_path_factory.mktemp("edst") / "tickets")
+    model = _model()
+    initial = {name: mask for name, (mask, _) in masked_state(model).items()}
+    callback = ftk.FreeTickets(
+        ticket_dir, num_tickets=3, exploration_epochs=1, refine_epochs=2, update_every=8,
+        grow="gradient",
+    )
+    recorder = Recorder()
+    model.fit(x, y, batch_size=64, epochs=7, validation_data=(xv, yv), shuffle=False, verbose=0,
+              callbacks=[callback, recorder])
+    return dict(model=model, callback=callback, recorder=recorder, ticket_dir=ticket_dir,
+                initial=initial, xv=xv, yv=yv)
+
+
+def test_tickets_written_with_metadata(edst_run):
+    ticket_dir = edst_run["ticket_dir"]
+    paths = ftk.list_tickets(ticket_dir)
+    assert [os.path.basename(p) for p in paths] == ["ticket_0", "ticket_1", "ticket_2"]
+    assert edst_run["callback"].tickets == paths
+    assert not [n for n in os.listdir(ticket_dir) if n.startswith(".")]  # no leftovers
+    for i, path in enumerate(paths):
+        meta = json.load(open(os.path.join(path, "metadata.json")))
+        assert meta["method"] == "edst" and meta["phase"] == i + 1
+        assert meta["monitor"] == "val_accuracy"
+        assert os.path.isdir(os.path.join(path, "saved_model", "1"))
+
+
+def test_each_ticket_is_the_best_epoch_of_its_phase(edst_run):
+    recorder = edst_run["recorder"]
+    plan = schedules.edst_plan(1, 2, 3)
+    for i, path in enumerate(ftk.list_tickets(edst_run["ticket_dir"])):
+        phase = plan[i + 1]
+        epochs = list(range(phase.start_epoch, phase.end_epoch))
+        values = [recorder.epoch_logs[e]["val_accuracy"] for e in epochs]
+        best_epoch = epochs[int(np.argmax(values))]  # first best wins ties
+        model, meta = ftk.read_ticket(path)
+        assert meta["epoch"] == best_epoch
+        assert meta["step"] == (best_epoch + 1) * EPOCH_STEPS
+        assert meta["monitor_value"] == pytest.approx(max(values))
+        for saved, recorded in zip(model.get_weights(), recorder.epoch_weights[best_epoch]):
+            np.testing.assert_array_equal(saved, recorded)
+        # exactly the density of the run
+        for layer in ftk.masked_layers(model):
+            assert layer.num_active == edst_run["initial"][layer.name].sum()
+            assert not layer.masked_kernel.numpy()[~layer.kernel_mask.numpy()].any()
+
+
+def test_tickets_are_diverse(edst_run):
+    xv, yv = edst_run["xv"], edst_run["yv"]
+    models = [ftk.read_ticket(p)[0] for p in ftk.list_tickets(edst_run["ticket_dir"])]
+    preds = [m.predict(xv, verbose=0).argmax(-1) for m in models]
+    for a, b in itertools.combinations(range(3), 2):
+        mask_a = ftk.masked_layers(models[a])[0].kernel_mask.numpy()
+        mask_b = ftk.masked_layers(models[b])[0].kernel_mask.numpy()
+        assert (mask_a != mask_b).sum() > 0, (a, b)
+        assert (preds[a] != preds[b]).mean() > 0, (a, b)
+    ensemble = ftk.Ensemble.from_directory(edst_run["ticket_dir"], combine="probs")
+    accuracy = (ensemble.predict(xv, verbose=0).argmax(-1) == yv).mean()
+    assert accuracy > 0.6  # it learned something on 2,048 images
+
+
+def test_learning_rate_plan(edst_run):
+    lrs = edst_run["recorder"].lrs
+    expected = [0.1, 0.01, 0.001, 0.01, 0.001, 0.01, 0.001]
+    assert [round(lrs[e], 6) for e in range(7)] == expected
+
+
+def test_global_exploration_jumps(edst_run):
+    masks = edst_run["recorder"].masks
+    jumps = [e * EPOCH_STEPS + 1 for e in schedules.global_exploration_epochs(
+        schedules.edst_plan(1, 2, 3))]
+    assert jumps == [97, 161]
+    n = int(edst_run["initial"]["fc1"].sum())
+    total = 7 * EPOCH_STEPS
+    for step in range(2, total + 1):
+        (before, _), (after, kernel) = masks[step - 1], masks[step]
+        assert after.sum() == n
+        regrown = int((after & (kernel == 0)).sum())  # grown (or regrown) weights restart at 0
+        if step in jumps:
+            # global exploration: ceil(0.8 n) dropped by magnitude, as many grown by gradient
+            assert regrown == ftk.topology.num_to_drop_py(0.8, n), step
+            assert (before != after).any()
+        elif step % 8 == 0 and step < total:
+            p = schedules.drop_fraction(step, 0.5, "cosine", total, final=0.005)
+            assert regrown == ftk.topology.num_to_drop_py(p, n), step
+        else:
+            np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(num_tickets=0, exploration_epochs=1, refine_epochs=1), "num_tickets"),
+        (dict(exploration_epochs=-1, refine_epochs=1), "exploration_epochs"),
+        (dict(exploration_epochs=1, refine_epochs=0), "refine_epochs"),
+        (dict(exploration_epochs=1), "refine_epochs"),
+        (dict(exploration_epochs=1, refine_epochs=1, explore_fraction=0.0), "explore_fraction"),
+        (dict(exploration_epochs=1, refine_epochs=1, explore_fraction=1.2), "explore_fraction"),
+        (dict(exploration_epochs=1, refine_epochs=1, refine_lr=(0.1,)), "refine_lr"),
+        (dict(exploration_epochs=1, refine_epochs=1, mode="up"), "mode"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ftk.FreeTickets(str(tmp_path), **kwargs)
+
+
+def test_fit_must_cover_the_plan(fashion_mnist_small, tmp_path):
+    (x, y), (xv, yv) = fashion_mnist_small
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=2, exploration_epochs=1,
+                               refine_epochs=2)
+    with pytest.raises(ValueError, match="does not cover"):
+        _model().fit(x[:128], y[:128], epochs=4, validation_data=(xv, yv), verbose=0,
+                     callbacks=[callback])
+
+
+def test_monitor_needs_validation_data(fashion_mnist_small, tmp_path):
+    (x, y), _ = fashion_mnist_small
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=0,
+                               refine_epochs=1)
+    with pytest.raises(ValueError, match="val_accuracy"):
+        _model().fit(x[:128], y[:128], epochs=1, verbose=0, callbacks=[callback])
+
+
+def test_learning_rate_schedule_is_refused(fashion_mnist_small, tmp_path):
+    (x, y), (xv, yv) = fashion_mnist_small
+    model = _model()
+    model.compile(keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=0,
+                               refine_epochs=1)
+    with pytest.raises(ValueError, match="learning rate"):
+        model.fit(x[:128], y[:128], epochs=1, validation_data=(xv, yv), verbose=0,
+                  callbacks=[callback])
+
+
+def test_non_empty_ticket_dir_is_refused(fashion_mnist_small, tmp_path):
+    (x, y), (xv, yv) = fashion_mnist_small
+    ticket_dir = tmp_path / "t"
+    (ticket_dir / "ticket_0").mkdir(parents=True)
+    (ticket_dir / "ticket_0" / "metadata.json").write_text("{}")
+    callback = ftk.FreeTickets(str(ticket_dir), num_tickets=1, exploration_epochs=0,
+                               refine_epochs=1)
+    with pytest.raises(ValueError, match="overwrite"):
+        _model().fit(x[:128], y[:128], epochs=1, validation_data=(xv, yv), verbose=0,
+                     callbacks=[callback])
