@@ -404,3 +404,9 @@ def test_resume_with_backup_and_restore(fashion_mnist_small, tmp_path, grow):
             np.testing.assert_array_equal(got[name][1], want[name][1])
     finally:
         tf_config.disable_op_determinism()  # no public API to undo
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_callbacks.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -578,3 +578,9 @@ def test_normalize_and_preprocess():
         data.normalize(ds, dtype="int32")
     with pytest.raises(ValueError, match="`dtype`"):
         data.scale_image(images, dtype="no-such-dtype")
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_data.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -332,3 +332,9 @@ def test_random_property_loop():
         assert all(1 <= counts[k] <= numel[k] for k in shapes)
         assert abs(sum(counts.values()) - round((1 - sparsity) * n_total)) <= len(shapes)
     assert checked > 300
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_distributions.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

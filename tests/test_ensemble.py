@@ -395,3 +395,9 @@ def test_export_crash_leaves_no_version(members, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="out of disk"):
         Ensemble(members).export(export_dir)
     assert os.listdir(export_dir) == []
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_ensemble.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

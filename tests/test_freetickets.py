@@ -206,3 +206,9 @@ def test_non_empty_ticket_dir_is_refused(fashion_mnist_small, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         _model().fit(x[:128], y[:128], epochs=1, validation_data=(xv, yv), verbose=0,
                      callbacks=[callback])
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_freetickets.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -168,3 +168,9 @@ def test_class_registry():
     assert not ml.is_prunable(keras.layers.Conv2DTranspose(2, 3))
     assert ml.is_masked(ml.MaskedDense(2))
     assert not ml.is_masked(keras.layers.Dense(2))
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_layers.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -200,3 +200,9 @@ def test_registry():
         assert required in str(info.value)
     with pytest.raises(ValueError, match="name"):
         models.get(None)
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_models.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

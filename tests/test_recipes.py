@@ -84,3 +84,9 @@ def test_bad_arguments(fashion_mnist_small, tmp_path):
         ftk.train_dst_ensemble(_build, 2, (x, y), validation_data=None, **common)
     with pytest.raises(TypeError, match="build_fn"):
         ftk.train_dst_ensemble("lenet", 2, (x, y), validation_data=(xv, yv), **common)
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_recipes.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -223,3 +223,9 @@ def test_update_steps_matches_is_update_step():
     for every, end_step, start_step in [(7, 60, 0), (10, None, 25), (4, 41, 8)]:
         expected = [t for t in range(1, 101) if is_update_step(t, every, end_step, start_step)]
         assert update_steps(100, every, end_step, start_step) == expected
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_schedules.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -222,3 +222,9 @@ def test_sparse_model_saves_and_loads(tmp_path):
         assert type(a) is type(b)
         np.testing.assert_array_equal(a.kernel_mask.numpy(), b.kernel_mask.numpy())
         np.testing.assert_array_equal(a.masked_kernel.numpy(), b.masked_kernel.numpy())
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_sparsify.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

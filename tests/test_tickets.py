@@ -424,3 +424,9 @@ def test_write_during_fit(images, tmp_path):
         np.testing.assert_array_equal(layer.kernel_mask.numpy(), original.kernel_mask.numpy())
         np.testing.assert_array_equal(layer.masked_kernel.numpy(), original.masked_kernel.numpy())
     np.testing.assert_array_equal(last.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_tickets.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -468,3 +468,9 @@ def test_module_docstring_example():
     new_mask, _ = update_mask(mask, weights, scores, drop_fraction=0.5, num_active=6)
     assert int(count_active(new_mask)) == 6
     assert topology._EXCLUDED < 0  # every real score (>= 0) beats an excluded one
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_topology.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))
