@@ -467,7 +467,54 @@ def test_module_docstring_example():
     scores = tf.abs(tf.random.stateless_normal((4, 5), seed=[3, 4]))
     new_mask, _ = update_mask(mask, weights, scores, drop_fraction=0.5, num_active=6)
     assert int(count_active(new_mask)) == 6
-    assert topology._EXCLUDED < 0  # every real score (>= 0) beats an excluded one
+
+
+
+# ------------------------------------------------------------------------------- select_largest
+def _reference_select(scores, candidates, m):
+    """numpy: the m candidates with the largest score, ties towards the lower index."""
+    idx = np.flatnonzero(candidates)
+    order = idx[np.lexsort((idx, -scores[idx]))]
+    out = np.zeros(len(scores), bool)
+    out[order[:m]] = True
+    return out
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_select_largest_matches_reference(trial):
+    rng = np.random.default_rng(trial)
+    n = int(rng.integers(1, 5000))
+    kind = trial % 4
+    if kind == 0:  # distinct continuous scores
+        scores = rng.random(n).astype(np.float32)
+    elif kind == 1:  # heavy ties: few distinct values, many zeros
+        scores = rng.integers(0, 4, n).astype(np.float32)
+    elif kind == 2:  # wide dynamic range (different exponents, tiny and huge)
+        scores = (10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
+    else:  # values that share their high 16 bits (same bucket in the first pass)
+        scores = (1.0 + rng.integers(0, 50, n) * 2.0 ** -23).astype(np.float32)
+    candidates = rng.random(n) < rng.uniform(0.1, 1.0)
+    if not candidates.any():
+        candidates[0] = True
+    for m in {0, 1, int(candidates.sum()), int(rng.integers(0, candidates.sum() + 1))}:
+        got = topology.select_largest(tf.constant(scores), tf.constant(candidates), m).numpy()
+        np.testing.assert_array_equal(got, _reference_select(scores, candidates, m))
+
+
+def test_select_largest_signed_zero_and_xla():
+    scores = tf.constant([0.0, -0.0, 3.0, -0.0, 1.0, 0.0])
+    candidates = tf.constant([True] * 6)
+    got = topology.select_largest(scores, candidates, 4).numpy()
+    np.testing.assert_array_equal(got, [True, True, True, False, True, False])
+    rng = np.random.default_rng(0)
+    big = tf.constant(rng.integers(0, 100, 10_000).astype(np.float32))
+    cand = tf.constant(rng.random(10_000) < 0.5)
+    compiled = tf.function(topology.select_largest, jit_compile=True)
+    for m in (0, 7, 2000, int(cand.numpy().sum())):
+        np.testing.assert_array_equal(
+            compiled(big, cand, tf.constant(m)).numpy(),
+            _reference_select(big.numpy(), cand.numpy(), m),
+        )
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_topology.py
