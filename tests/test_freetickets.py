@@ -7,6 +7,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from tensorflow.python.framework import config as tf_config
 
 import ft_keras as ftk
 from ft_keras import schedules
@@ -206,6 +207,46 @@ def test_non_empty_ticket_dir_is_refused(fashion_mnist_small, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         _model().fit(x[:128], y[:128], epochs=1, validation_data=(xv, yv), verbose=0,
                      callbacks=[callback])
+
+
+class _Crash(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 4 * EPOCH_STEPS + 10:
+            raise RuntimeError("simulated crash")  # inside epoch 4: refinement phase 2
+
+
+def test_resume_inside_a_phase_gives_the_same_tickets(fashion_mnist_small, tmp_path):
+    (x, y), (xv, yv) = fashion_mnist_small
+    tf_config.enable_op_determinism()
+    try:
+        fit_args = dict(x=x, y=y, batch_size=64, epochs=7, validation_data=(xv, yv),
+                        shuffle=False, verbose=0)
+
+        def callback(folder):
+            return ftk.FreeTickets(str(tmp_path / folder), num_tickets=3, exploration_epochs=1,
+                                   refine_epochs=2, update_every=8, grow="random", seed=3)
+
+        _model().fit(callbacks=[callback("reference")], **fit_args)
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _model().fit(callbacks=[callback("resumed"), backup, _Crash()], **fit_args)
+        assert [os.path.basename(p) for p in ftk.list_tickets(str(tmp_path / "resumed"))] == [
+            "ticket_0"]
+        recorder = Recorder()
+        _model().fit(callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                                callback("resumed"), recorder], **fit_args)
+        assert sorted(recorder.lrs) == [4, 5, 6]  # resumed at epoch 4 ...
+        assert [round(recorder.lrs[e], 6) for e in (4, 5, 6)] == [0.001, 0.01, 0.001]  # ... on plan
+        want = ftk.list_tickets(str(tmp_path / "reference"))
+        got = ftk.list_tickets(str(tmp_path / "resumed"))
+        assert len(want) == len(got) == 3
+        for a, b in zip(want, got):
+            (model_a, meta_a), (model_b, meta_b) = ftk.read_ticket(a), ftk.read_ticket(b)
+            assert (meta_a["epoch"], meta_a["step"]) == (meta_b["epoch"], meta_b["step"])
+            for wa, wb in zip(model_a.get_weights(), model_b.get_weights()):
+                np.testing.assert_array_equal(wa, wb)
+    finally:
+        tf_config.disable_op_determinism()
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_freetickets.py
