@@ -167,13 +167,14 @@ class _OptimizerHook:
         if callback._never_updates:  # pylint: disable=protected-access
             return None
         step = tf.cast(self.optimizer.iterations, tf.int64) + 1
-        do_update, fraction = callback._schedule(step)  # pylint: disable=protected-access
 
         def update():
+            fraction = callback._drop_fraction_at(step)  # pylint: disable=protected-access
             callback._update_layer(kernel, variable, mask, gradient, step, fraction)  # pylint: disable=W0212
             return tf.constant(True)
 
-        tf.cond(do_update, update, lambda: tf.constant(False))
+        # Only the predicate runs at ordinary steps; the schedule and the update run inside.
+        tf.cond(callback._is_update_step(step), update, lambda: tf.constant(False))  # pylint: disable=W0212
         return None
 
 
@@ -395,14 +396,19 @@ class DynamicSparsity(keras.callbacks.Callback):
                 variable.assign(topology.zero_off_mask(mask, value))
 
     # ------------------------------------------------------------ in the graph
-    def _schedule(self, step):
-        """``(do_update, drop_fraction)`` at ``step`` as scalar tensors (step counts from 1)."""
-        end_step = self._end_step_or_none()
-        do_update = schedules.is_update_step(step, self.update_every, end_step, self.start_step)
-        fraction = schedules.drop_fraction(
-            step, self.drop_fraction, self.decay, end_step, self.final_drop_fraction
+    def _is_update_step(self, step):
+        """Whether a mask update happens at ``step`` (a scalar int64 tensor counted from 1)."""
+        return schedules.is_update_step(
+            step, self.update_every, self._end_step_or_none(), self.start_step
         )
-        return do_update, tf.cast(fraction, tf.float64)
+
+    def _drop_fraction_at(self, step):
+        """The drop fraction at ``step``, a float64 scalar tensor (float64: exact ceil(p n))."""
+        fraction = schedules.drop_fraction(
+            step, self.drop_fraction, self.decay, self._end_step_or_none(),
+            self.final_drop_fraction,
+        )
+        return tf.cast(fraction, tf.float64)
 
     def _accumulate_momentum(self, kernel, gradient):
         kind = self._momentum
@@ -770,13 +776,19 @@ class FreeTickets(DynamicSparsity):
             logging.info("epoch %d: global exploration (q = %.2f) at step %d", epoch,
                          self.explore_fraction, self._jump_steps[phase.index - 2])
 
-    def _schedule(self, step):
-        do_update, fraction = super()._schedule(step)
+    def _is_jump(self, step):
+        return tf.reduce_any(tf.equal(step, tf.constant(self._jump_steps, tf.int64)))
+
+    def _is_update_step(self, step):
+        regular = super()._is_update_step(step)
+        return tf.logical_or(regular, self._is_jump(step)) if self._jump_steps else regular
+
+    def _drop_fraction_at(self, step):
+        regular = super()._drop_fraction_at(step)
         if not self._jump_steps:
-            return do_update, fraction
-        jump = tf.reduce_any(tf.equal(step, tf.constant(self._jump_steps, tf.int64)))
-        fraction = tf.where(jump, tf.constant(self.explore_fraction, tf.float64), fraction)
-        return tf.logical_or(do_update, jump), fraction
+            return regular
+        return tf.where(self._is_jump(step), tf.constant(self.explore_fraction, tf.float64),
+                        regular)
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
