@@ -11,6 +11,7 @@ ERK / ER / uniform layer densities) and the tools to build FreeTickets ensembles
 from ft_keras import data
 from ft_keras import distributions
 from ft_keras import ensemble
+from ft_keras import flops
 from ft_keras import layers
 from ft_keras import models
 from ft_keras import recipes
@@ -46,6 +47,7 @@ __all__ = [
     "distributions",
     "ensemble",
     "ensemble_outputs",
+    "flops",
     "layer_densities",
     "layers",
     "list_tickets",
