@@ -13,6 +13,7 @@ from ft_keras import distributions
 from ft_keras import ensemble
 from ft_keras import flops
 from ft_keras import layers
+from ft_keras import metrics
 from ft_keras import models
 from ft_keras import recipes
 from ft_keras import schedules
@@ -52,6 +53,7 @@ __all__ = [
     "layers",
     "list_tickets",
     "masked_layers",
+    "metrics",
     "models",
     "prepare_ticket_dir",
     "read_ticket",

@@ -394,6 +394,8 @@ def ticket_metadata(model, index, metadata=None):
     result = {"format_version": FORMAT_VERSION, "index": index}
     for key in CALLER_KEYS:
         result[key] = metadata.get(key)
+    if result["forward_flops"] is None:
+        result["forward_flops"] = _forward_flops_or_none(model)
     result.update(
         {
             "layers": layers,
@@ -414,6 +416,18 @@ def ticket_metadata(model, index, metadata=None):
         return json.loads(json.dumps(result, default=_json_default))
     except (TypeError, ValueError) as error:
         raise TypeError(f"metadata must be JSON-serialisable: {error}.") from None
+
+
+def _forward_flops_or_none(model):
+    """Sparse forward FLOPs per example (2 x multiply-adds), or None where they cannot be counted
+    (e.g. a model whose input shape is not fully known)."""
+    from ft_keras import flops  # pylint: disable=import-outside-toplevel
+
+    try:
+        return flops.macs_to_flops(flops.forward_macs(model))
+    except (ValueError, TypeError) as error:
+        logging.warning("forward FLOPs of %s not counted: %s", model.name, error)
+        return None
 
 
 def _write_metadata(metadata, path):
