@@ -8,6 +8,7 @@ ERK / ER / uniform layer densities) and the tools to build FreeTickets ensembles
 >>> sparse.fit(..., callbacks=[ftk.DynamicSparsity(update_every=100, grow="gradient")])
 """
 
+from ft_keras import corruptions
 from ft_keras import data
 from ft_keras import distributions
 from ft_keras import ensemble
@@ -44,6 +45,7 @@ __all__ = [
     "StaticSparsity",
     "TicketCheckpoint",
     "__version__",
+    "corruptions",
     "data",
     "distributions",
     "ensemble",

@@ -124,7 +124,9 @@ def test_metadata_fields(written, sparse_model):
     assert metadata["monitor"] == "val_accuracy"
     assert metadata["monitor_value"] == pytest.approx(0.75)
     assert metadata["seed"] == 3
-    assert metadata["forward_flops"] is None
+    # counted when the caller gives none: 2 x multiply-adds of the sparse forward pass
+    assert metadata["forward_flops"] == 2 * ftk.flops.forward_macs(sparse_model)
+    assert metadata["forward_flops"] == 2 * sum(r.active for r in report.layers)  # Dense only
     assert metadata["note"] == "hello"
     assert metadata["tags"] == ["a", "b"]
     assert metadata["density"] == report.density
