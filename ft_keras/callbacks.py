@@ -145,6 +145,7 @@ class _OptimizerHook:
         self.optimizer = optimizer
         self.original = optimizer.update_step
         self.by_key = {optimizer._var_key(k.kernel): k for k in kernels}  # pylint: disable=W0212
+        self.calls = 0  # Python calls = masked kernels x times the train step was traced
 
     def install(self):
         self.optimizer.update_step = self
@@ -157,6 +158,7 @@ class _OptimizerHook:
         kernel = self.by_key.get(self.optimizer._var_key(variable))  # pylint: disable=W0212
         if kernel is None:
             return self.original(gradient, variable, learning_rate)
+        self.calls += 1
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)
         mask = tf.convert_to_tensor(kernel.mask.value)
@@ -386,6 +388,17 @@ class DynamicSparsity(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._collect()
+
+    @property
+    def trace_count(self):
+        """How many times the current fit's train step was traced with the hook (0 outside fit).
+
+        Python runs the hook only while TensorFlow traces the train step, so this counts traces;
+        it stays at 1 for a whole fit unless something forces a retrace.
+        """
+        if self._hook is None or not self._kernels:
+            return 0
+        return self._hook.calls // len(self._kernels)
 
     def _sanitize(self):
         """Re-establishes the invariants before training: zeros off-mask in kernels and slots."""

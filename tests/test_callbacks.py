@@ -406,6 +406,49 @@ def test_resume_with_backup_and_restore(fashion_mnist_small, tmp_path, grow):
         tf_config.disable_op_determinism()  # no public API to undo
 
 
+class _TraceCounter(keras.callbacks.Callback):
+    def __init__(self, sparsity_callback):
+        super().__init__()
+        self.sparsity_callback = sparsity_callback
+        self.counts = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.counts.append(self.sparsity_callback.trace_count)
+
+
+@pytest.mark.parametrize("spe", [1, 4])
+def test_train_function_traced_once_per_fit(fashion_mnist_small, spe):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9), steps_per_execution=spe)
+    callback = ftk.DynamicSparsity(update_every=5, drop_fraction=0.5)
+    counter = _TraceCounter(callback)
+    model.fit(x[:704], y[:704], batch_size=64, epochs=4, verbose=0, callbacks=[callback, counter])
+    assert len(callback.updates) == 4  # updates ran in every epoch ...
+    assert counter.counts[0] == 1
+    assert counter.counts == [counter.counts[0]] * 4  # ... without a retrace after epoch 1
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+def test_mixed_bfloat16_keeps_masks_exact(fashion_mnist_small, grow):
+    (x, y), _ = fashion_mnist_small
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = _compile(_sparse_lenet(0.9), keras.optimizers.Adam(1e-3))
+        counts = {k: v[0].sum() for k, v in masked_state(model).items()}
+        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow)
+        model.fit(x[:512], y[:512], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+        assert callback.updates
+        for layer in ftk.masked_layers(model):
+            assert layer.compute_dtype == "bfloat16" and layer.masked_kernel.dtype == "float32"
+            mask = layer.kernel_mask.numpy()
+            assert mask.dtype == bool and mask.sum() == counts[layer.name]
+            assert not layer.masked_kernel.numpy()[~mask].any()
+            for slot in _slots(model, layer):
+                assert not slot.numpy()[~mask].any()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 if __name__ == "__main__":  # bazel test / python tests/test_callbacks.py
     import sys
 
