@@ -793,7 +793,8 @@ class _WeightedMean(_ProbabilityMetric):
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="count")
 
     def _per_example(self, probs, log_probs, labels):
-        raise NotImplementedError
+        """The per-example quantity to average; every subclass defines it."""
+        raise TypeError(f"{type(self).__name__} must define _per_example().")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         """Adds a batch: ``y_true`` labels, ``y_pred`` probabilities (or logits)."""
