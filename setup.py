@@ -34,7 +34,8 @@ setup(
         "numpy>=1.26,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        "test": ["pytest>=8,<10", "matplotlib>=3.7,<4"],
+        "examples": ["matplotlib>=3.7,<4"],
     },
     license="Apache-2.0",
 )
