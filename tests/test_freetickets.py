@@ -209,6 +209,28 @@ def test_non_empty_ticket_dir_is_refused(fashion_mnist_small, tmp_path):
                      callbacks=[callback])
 
 
+def test_edst_under_mirrored_strategy(fashion_mnist_small, two_cpus, tmp_path):
+    (x, y), (xv, yv) = fashion_mnist_small
+    with two_cpus.scope():
+        model = _model(seed=4)
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=2, exploration_epochs=1,
+                               refine_epochs=1, update_every=8, grow="gradient")
+    model.fit(x[:1024], y[:1024], batch_size=64, epochs=3, validation_data=(xv, yv), verbose=0,
+              callbacks=[callback])
+    paths = ftk.list_tickets(str(tmp_path / "t"))
+    assert len(paths) == 2
+    for layer in ftk.masked_layers(model):
+        replicas = [v.numpy() for v in layer.kernel_mask.value.values]
+        kernels = [v.numpy() for v in layer.masked_kernel.value.values]
+        np.testing.assert_array_equal(replicas[0], replicas[1])
+        np.testing.assert_array_equal(kernels[0], kernels[1])
+    last, _ = ftk.read_ticket(paths[-1])
+    final = {layer.name: layer for layer in ftk.masked_layers(model)}
+    for layer in ftk.masked_layers(last):  # the last phase has one epoch: its ticket = final state
+        np.testing.assert_array_equal(layer.kernel_mask.numpy(),
+                                      final[layer.name].kernel_mask.numpy())
+
+
 class _Crash(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) == 4 * EPOCH_STEPS + 10:
