@@ -406,6 +406,31 @@ def test_resume_with_backup_and_restore(fashion_mnist_small, tmp_path, grow):
         tf_config.disable_op_determinism()  # no public API to undo
 
 
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_fused_sgd_path_matches_keras_sgd(fashion_mnist_small, monkeypatch, momentum, nesterov):
+    """Masked kernels under stock SGD use TF's fused kernels; results equal Keras's own SGD."""
+    (x, y), _ = fashion_mnist_small
+
+    def run():
+        model = _compile(_sparse_lenet(0.9), keras.optimizers.SGD(0.05, momentum=momentum,
+                                                                  nesterov=nesterov))
+        model.fit(x[:384], y[:384], batch_size=64, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(update_every=3, drop_fraction=0.5)])
+        return masked_state(model), [v.numpy() for v in model.optimizer.variables]
+
+    fused_state, fused_slots = run()
+    from ft_keras import callbacks as callbacks_lib  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(callbacks_lib._OptimizerHook, "_apply",  # pylint: disable=W0212
+                        lambda self, g, v, lr: self.original(g, v, lr))
+    keras_state, keras_slots = run()
+    for name in fused_state:
+        np.testing.assert_array_equal(fused_state[name][0], keras_state[name][0])
+        np.testing.assert_allclose(fused_state[name][1], keras_state[name][1], atol=1e-6)
+    for a, b in zip(fused_slots, keras_slots):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 class _TraceCounter(keras.callbacks.Callback):
     def __init__(self, sparsity_callback):
         super().__init__()
