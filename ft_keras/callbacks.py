@@ -383,6 +383,10 @@ class DynamicSparsity(keras.callbacks.Callback):
         self._resolved_end_step = self._resolve_end_step(epoch)
         if self._resolved_end_step is None:
             self._resolved_end_step = -1  # no end (constant decay, unknown length)
+        if self._never_updates:
+            logging.info("%s: %d masked layers, masks fixed", type(self).__name__,
+                         len(self._kernels))
+            return
         logging.info(
             "%s: %d masked layers, update_every=%d, drop_fraction=%.3g (%s), grow=%s, "
             "end_step=%s",

@@ -63,20 +63,24 @@ def num_to_drop_py(drop_fraction, num_active):
     return int(min(max(k, 0), num_active))
 
 
-_DIGIT_BITS = 16
-_BINS = 1 << _DIGIT_BITS
+# Digit widths of the radix selection (they add up to the 31 bits of a non-negative float32
+# pattern). Big vectors: two passes with 2**16-bin histograms; small ones: three passes with
+# 2**11 bins, so that a small layer does not pay for zeroing and scanning 65,536 bins twice.
+_WIDE_DIGITS = (15, 16)
+_NARROW_DIGITS = (11, 10, 10)
+_NARROW_BELOW = 1 << 17
 
 
-def _histogram(digits, valid):
-    """Counts of each value of ``digits`` (ints in [0, 2**16)) over the ``valid`` positions."""
-    index = tf.where(valid, digits, _BINS)  # invalid positions go to an overflow bin
+def _histogram(digits, valid, bins):
+    """Counts of each value of ``digits`` (ints in [0, bins)) over the ``valid`` positions."""
+    index = tf.where(valid, digits, bins)  # invalid positions go to an overflow bin
     counts = tf.raw_ops.DenseBincount(
         input=index,
-        size=tf.constant(_BINS + 1, tf.int32),  # a constant size keeps it XLA-compilable
+        size=tf.constant(bins + 1, tf.int32),  # a constant size keeps it XLA-compilable
         weights=tf.constant([], tf.int32),
         binary_output=False,
     )
-    return counts[:_BINS]
+    return counts[:bins]
 
 
 def _select_digit(histogram, rank):
@@ -91,11 +95,12 @@ def select_largest(scores, candidates, num_selected):
     """Exactly ``num_selected`` of the ``candidates`` with the largest scores, as a bool vector.
 
     An exact top-k by radix selection: scores (>= 0; negative ones count as 0) are compared by
-    their float32 bit patterns, which order like the numbers; two 16-bit histogram passes find the
-    ``num_selected``-th largest pattern, everything above it is taken, and ties at it are broken
-    towards the lower index. About a dozen elementwise passes over the vector and no sort, so it
-    costs a fraction of ``tf.math.top_k`` with a large k (the mask update of a 1M-weight kernel
-    takes milliseconds), with static shapes only (XLA-compilable) and deterministic results.
+    their float32 bit patterns, which order like the numbers; two or three histogram passes over
+    the digits of the patterns find the ``num_selected``-th largest one, everything above it is
+    taken, and ties at it are broken towards the lower index. A dozen or so elementwise passes
+    and no sort, so it costs a fraction of ``tf.math.top_k`` with a large k (the mask update of a
+    1M-weight kernel takes milliseconds), with static shapes only (XLA-compilable) and
+    deterministic results.
 
     Args:
         scores: float vector.
@@ -104,21 +109,28 @@ def select_largest(scores, candidates, num_selected):
     """
     keys = tf.bitcast(tf.cast(scores, tf.float32) + 0.0, tf.int32)  # + 0.0 turns -0.0 into +0.0
     keys = tf.maximum(keys, 0)
-    wanted = tf.cast(num_selected, tf.int32)
-    high = tf.bitwise.right_shift(keys, _DIGIT_BITS)
-    high_digit, above_high = _select_digit(_histogram(high, candidates), wanted)
-    in_bucket = tf.logical_and(candidates, tf.equal(high, high_digit))
-    low = tf.bitwise.bitwise_and(keys, _BINS - 1)
-    low_digit, above_low = _select_digit(_histogram(low, in_bucket), wanted - above_high)
-    threshold = tf.bitwise.bitwise_or(tf.bitwise.left_shift(high_digit, _DIGIT_BITS), low_digit)
+    size = scores.shape[0]
+    widths = _NARROW_DIGITS if size is not None and size < _NARROW_BELOW else _WIDE_DIGITS
+    remaining = tf.cast(num_selected, tf.int32)
+    wanted = remaining
+    threshold = tf.constant(0, tf.int32)
+    prefix = candidates  # candidates whose leading digits equal the threshold's so far
+    shift = 31
+    for width in widths:
+        shift -= width
+        bins = 1 << width
+        digits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(keys, shift), bins - 1)
+        digit, above = _select_digit(_histogram(digits, prefix, bins), remaining)
+        remaining -= above
+        threshold = tf.bitwise.bitwise_or(threshold, tf.bitwise.left_shift(digit, shift))
+        prefix = tf.logical_and(prefix, tf.equal(digits, digit))
     greater = tf.logical_and(candidates, keys > threshold)
-    ties = tf.logical_and(candidates, tf.equal(keys, threshold))
-    needed = wanted - above_high - above_low
+    ties = prefix  # candidates equal to the threshold
     num_ties = tf.reduce_sum(tf.cast(ties, tf.int32))
     chosen_ties = tf.cond(
-        needed >= num_ties,
+        remaining >= num_ties,
         lambda: ties,
-        lambda: tf.logical_and(ties, tf.cumsum(tf.cast(ties, tf.int32)) <= needed),
+        lambda: tf.logical_and(ties, tf.cumsum(tf.cast(ties, tf.int32)) <= remaining),
     )
     return tf.logical_and(tf.logical_or(greater, chosen_ties), wanted > 0)
 

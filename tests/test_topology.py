@@ -501,6 +501,21 @@ def test_select_largest_matches_reference(trial):
         np.testing.assert_array_equal(got, _reference_select(scores, candidates, m))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_largest_wide_digits_path(ties):
+    """Vectors of 2**17 or more use two 16-bit-ish passes; check that path against numpy too."""
+    rng = np.random.default_rng(7)
+    n = topology._NARROW_BELOW + 1001  # pylint: disable=protected-access
+    if ties:
+        scores = rng.integers(0, 6, n).astype(np.float32) * 0.25
+    else:
+        scores = np.abs(rng.normal(size=n)).astype(np.float32)
+    candidates = rng.random(n) < 0.7
+    for m in (0, 1, 12_345, int(candidates.sum())):
+        got = topology.select_largest(tf.constant(scores), tf.constant(candidates), m).numpy()
+        np.testing.assert_array_equal(got, _reference_select(scores, candidates, m))
+
+
 def test_select_largest_signed_zero_and_xla():
     scores = tf.constant([0.0, -0.0, 3.0, -0.0, 1.0, 0.0])
     candidates = tf.constant([True] * 6)
