@@ -47,6 +47,7 @@ import tensorflow as tf
 from absl import logging
 
 # Import the functions: the package attribute ``ft_keras.sparsify`` is the function, not the module.
+from ft_keras.flops import _check_model  # one check of "a built keras.Model" for both
 from ft_keras.sparsify import masked_layers_of
 from ft_keras.sparsify import sparsity_report
 from ft_keras.sparsify import strip
@@ -119,16 +120,6 @@ def _check_bool(value, argument):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{argument} must be True or False; got {value!r}.")
     return bool(value)
-
-
-def _check_model(model, argument="model"):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"{argument} must be a keras.Model; got {type(model).__name__}.")
-    if not model.built:
-        raise ValueError(
-            f"{argument}={model.name!r} is not built; build it (keras.Input, or call it on data) "
-            "before saving it."
-        )
 
 
 def model_input_shape(model, argument="model"):
@@ -718,13 +709,10 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
     metadata = read_metadata(path)
     model_path = os.path.join(path, MODEL_FILE)
     if os.path.isfile(model_path):
-        try:
-            model = keras.models.load_model(model_path, compile=compile)
-        except Exception as error:  # pylint: disable=broad-except
-            raise ValueError(
-                f"ticket model file {model_path!r} could not be loaded: "
-                f"{type(error).__name__}: {error}"
-            ) from error
+        model = _load_or_raise(
+            lambda: keras.models.load_model(model_path, compile=compile),
+            f"ticket model file {model_path!r}",
+        )
         return model, metadata
     serving_path = saved_model_path(path)
     if serving_path is None:
@@ -732,13 +720,16 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
             f"ticket folder {path!r} has no model: both {model_path!r} and "
             f"{os.path.join(path, SAVED_MODEL_DIR)!r}/<version>/{SAVED_MODEL_PB} are missing."
         )
-    try:
-        model = load_serving_model(serving_path, name=f"ticket_{metadata.get('index', 'x')}")
-    except ValueError:
-        raise
-    except Exception as error:  # pylint: disable=broad-except
-        raise ValueError(
-            f"ticket SavedModel {serving_path!r} could not be loaded: "
-            f"{type(error).__name__}: {error}"
-        ) from error
+    model = _load_or_raise(
+        lambda: load_serving_model(serving_path, name=f"ticket_{metadata.get('index', 'x')}"),
+        f"ticket SavedModel {serving_path!r}",
+    )
     return model, metadata
+
+
+def _load_or_raise(load, what):
+    """Runs ``load()``; any failure becomes a ValueError that names the file (``what``)."""
+    try:
+        return load()
+    except Exception as error:  # pylint: disable=broad-except
+        raise ValueError(f"{what} could not be loaded: {type(error).__name__}: {error}") from error
