@@ -99,10 +99,12 @@ flags.DEFINE_integer("seed", 0, "Base seed: member m uses seed + m (weights, mas
 flags.DEFINE_string("output_dir", None,
                     "Where tickets, train_summary.json and TensorBoard logs go.")
 flags.DEFINE_bool("overwrite", False, "Replace the tickets of an earlier run in output_dir.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
-                  "tf.distribute strategy: default (one device) or mirrored (all local GPUs).")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"],
+                  "tf.distribute strategy: default (one device), mirrored (all local GPUs) or "
+                  "multiworker (MultiWorkerMirroredStrategy; set TF_CONFIG on every host, see "
+                  "the README's 'Training on several machines').")
 flags.DEFINE_integer("steps_per_execution", 1,
-                     "Keras steps_per_execution; must be 1 with --strategy=mirrored.")
+                     "Keras steps_per_execution; must be 1 with --strategy=mirrored or multiworker.")
 flags.DEFINE_float("validation_fraction", 0.1,
                    "Fraction at the end of the training split held out to select tickets.")
 flags.DEFINE_integer("train_examples", 0,
@@ -149,12 +151,13 @@ flags.register_validator("model", lambda v: v.strip().lower().replace("-", "_") 
 
 @flags.multi_flags_validator(
     ["strategy", "steps_per_execution"],
-    message="--steps_per_execution must be 1 with --strategy=mirrored: stock Keras 3 fails under "
+    message="--steps_per_execution must be 1 with --strategy=mirrored or multiworker: stock Keras 3 "
+    "fails under "
     "a tf.distribute strategy with steps_per_execution > 1 (even for a dense model). Pass "
     "--steps_per_execution=1, or use --strategy=default.",
 )
 def _check_strategy(values):
-    return values["strategy"] != "mirrored" or values["steps_per_execution"] == 1
+    return values["strategy"] == "default" or values["steps_per_execution"] == 1
 
 
 # ------------------------------------------------------------------------------------- data
@@ -550,6 +553,21 @@ _FLAG_NAMES = ("method", "dataset", "model", "sparsity", "distribution", "keep_d
                "steps_per_execution", "validation_fraction", "train_examples", "jit_compile")
 
 
+def _strategy():
+    """The tf.distribute strategy of --strategy (create it before any other TF work)."""
+    if FLAGS.strategy == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+    elif FLAGS.strategy == "multiworker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        logging.info("MultiWorkerMirroredStrategy: worker %s, chief=%s, Keras fit fix %s",
+                     strategy.cluster_resolver.task_id, ftk.distribute.is_chief(strategy),
+                     "on" if ftk.distribute.multiworker_fix_installed() else "off")
+    else:
+        return tf.distribute.get_strategy()
+    logging.info("%s over %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
 def _write_json(value, path):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -562,20 +580,26 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     method = FLAGS.method
+    if method == "pf_ensemble" and FLAGS.strategy == "multiworker":
+        raise app.UsageError("--method=pf_ensemble does not support --strategy=multiworker (its "
+                             "members start from the dense ticket that only the chief writes).")
     if method in SPARSE_METHODS and FLAGS.sparsity <= 0.0:
         raise app.UsageError(f"--method={method} needs --sparsity in (0, 1).")
     tf.get_logger().setLevel("WARNING")  # SavedModel writing is chatty at INFO
+    strategy = _strategy()
+    chief = ftk.distribute.is_chief(strategy)
+    if not chief:
+        # Only the chief writes tickets, summaries and TensorBoard files; the other workers
+        # train in lockstep and send their own files to a throw-away folder.
+        FLAGS.output_dir = ftk.distribute.worker_log_dir(FLAGS.output_dir, strategy)
+        logging.info("not the chief: results are written by the chief; this worker writes "
+                     "to %s", FLAGS.output_dir)
     ticket_dir = os.path.join(FLAGS.output_dir, "tickets")
     try:
         ftk.prepare_ticket_dir(ticket_dir, overwrite=FLAGS.overwrite)
     except ValueError:
         raise app.UsageError(f"{ticket_dir} already holds tickets: pass --overwrite to replace "
                              "them, or choose another --output_dir.") from None
-    if FLAGS.strategy == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
-        logging.info("MirroredStrategy over %d replicas", strategy.num_replicas_in_sync)
-    else:
-        strategy = tf.distribute.get_strategy()
     data = Data()
 
     trained = None
@@ -588,6 +612,10 @@ def main(argv):
         times, trained = _train_edst(strategy, data, ticket_dir)
     else:
         times, trained = _train_pf_ensemble(strategy, data, ticket_dir)
+
+    if not chief:
+        logging.info("training done on this worker; the chief writes the tickets and summary")
+        return
 
     # Cost models: the architecture dense, and its sparse version (active counts per layer do not
     # depend on the seed, nor change during training).

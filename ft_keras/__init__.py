@@ -10,6 +10,7 @@ ERK / ER / uniform layer densities) and the tools to build FreeTickets ensembles
 
 from ft_keras import corruptions
 from ft_keras import data
+from ft_keras import distribute
 from ft_keras import distributions
 from ft_keras import ensemble
 from ft_keras import flops
@@ -38,6 +39,9 @@ from ft_keras.tickets import read_ticket
 from ft_keras.tickets import write_ticket
 from ft_keras.version import __version__
 
+# Keras's model.fit cannot run under MultiWorkerMirroredStrategy; see ft_keras/distribute.py.
+distribute.install_multiworker_fix()
+
 __all__ = [
     "DynamicSparsity",
     "Ensemble",
@@ -47,6 +51,7 @@ __all__ = [
     "__version__",
     "corruptions",
     "data",
+    "distribute",
     "distributions",
     "ensemble",
     "ensemble_outputs",

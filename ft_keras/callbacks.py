@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ft_keras import distribute
 from ft_keras import schedules
 from ft_keras import sparsify as sparsify_lib
 from ft_keras import topology
@@ -367,6 +368,7 @@ class DynamicSparsity(keras.callbacks.Callback):
             raise ValueError("The model must be compiled (with an optimizer) before fit().")
         if self._optimizer is not _base_optimizer(model.optimizer) or not self._kernels:
             self.set_model(model)
+        distribute.check_steps_per_execution(model)
         self._resolved_end_step = None
         self._sanitize()
         self._hook = _OptimizerHook(self, self._optimizer, self._kernels)
@@ -374,7 +376,7 @@ class DynamicSparsity(keras.callbacks.Callback):
         # fit() made its train function before calling us; make one that sees the hook.
         model.make_train_function(force=True)
         self._last_seen_step = int(self._optimizer.iterations.numpy())
-        if self.log_dir and self._writer is None:
+        if self.log_dir and self._writer is None and _is_chief(model):
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "sparsity"))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -561,8 +563,7 @@ def _monitor_mode(monitor, mode):
 
 def _is_chief(model):
     """True on the worker that writes results (every single-worker strategy is its own chief)."""
-    extended = model.distribute_strategy.extended
-    return bool(getattr(extended, "should_checkpoint", True))
+    return distribute.is_chief(model.distribute_strategy)
 
 
 class _BestSnapshot:
