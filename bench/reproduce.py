@@ -1,0 +1,1340 @@
+"""Reproduction benchmark: FreeTickets (EDST / DST Ensembles) against dense baselines.
+
+Trains and evaluates, for every model of the configuration and every seed (SPEC.md sections 4-8):
+
+* ``dense``: one dense model (it is member 0 of the deep ensemble of the same seed when both are
+  run, so it is trained once);
+* ``deep_ensemble``: M dense models with independent seeds;
+* ``dst_ensemble``: M independent dynamic-sparse-training runs at sparsity S (ERK, RigL gradient
+  growth, magnitude pruning, drop fraction 0.5 cosine-annealed to 0.005), ``ftk.train_dst_ensemble``;
+* ``edst``: ONE sparse run with ``ftk.FreeTickets`` (exploration, then M refinement phases with a
+  global exploration jump q before phases 2..M); the epochs follow the paper's ratio
+  t_ex : t_re : dense = 150 : 100 : 250 (CIFAR), i.e. ``round(0.6 E) + M * round(0.4 E)`` epochs
+  where E is the dense run's epochs;
+* ``static_sparse_ensemble``: M sparse models with fixed random ERK masks (``ftk.StaticSparsity``).
+
+Every member's ticket is its best-validation epoch (a held-out part of the training split);
+EDST's tickets are the best epoch of each refinement phase. The ensemble predicts with the mean
+of its members' softmax probabilities (the paper's evaluation). Metrics (``ft_keras.metrics``):
+accuracy, NLL, ECE (15 bins), Brier score, disagreement and KL diversity between members,
+OoD detection AUROC against MNIST test images (max-probability and entropy scores), accuracy,
+NLL and ECE averaged over ``ft_keras.corruptions`` (every type at 5 severities) on a fixed subset
+of the test set, training and inference cost relative to one dense model (``ft_keras.flops``,
+theoretical sparse multiply-accumulates), active parameters summed over members, and training
+wall time.
+
+Outputs, in ``--output_dir`` (default ``docs/`` in full mode, a folder under the system temp dir
+with ``--quick``, so that a quick run never overwrites the committed results):
+
+* ``<name>.json``: every per-seed number, the settings, the command, machine information and
+  timing (written after every (model, seed), so a cut-off run keeps what it finished);
+* ``<name>.md``: the tables, written between ``<!-- results:begin -->`` and
+  ``<!-- results:end -->``; text outside those markers (a hand-written discussion) is kept;
+* ``<name>_accuracy_vs_training_flops.png``, ``<name>_reliability.png``,
+  ``<name>_corruption_severity.png``.
+
+``<name>`` is ``results`` for ``--config=fashion_mnist`` and ``results_cifar10`` for
+``--config=cifar10``. Tickets go to ``--work_dir`` (default: a fresh temporary folder, deleted at
+the end unless ``--keep_tickets``).
+
+How to run (from the repository root; ``../shared/data`` is added to the data search path when it
+exists):
+
+    python bench/reproduce.py --quick            # ~5 minutes on 2 CPU cores, writes to /tmp
+    python bench/reproduce.py                    # full Fashion-MNIST run (~1 hour on 2 cores)
+    python bench/reproduce.py --models=lenet_300_100 --methods=dense,edst --seeds=0,1,2
+    python bench/reproduce.py --epochs=lenet_300_100:30,lenet5:15 --output_dir=/tmp/ftk_repro
+    python bench/reproduce.py --config=cifar10 --quick      # CIFAR-10 (JPEG q75), ResNet-8
+    python bench/reproduce.py --config=cifar10              # meant for a GPU
+    python bench/reproduce.py --render_only=docs/results.json   # markdown + plots again
+"""
+
+import dataclasses
+import datetime
+import gc
+import json
+import logging as std_logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+try:
+    import ft_keras as ftk  # noqa: E402
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import ft_keras as ftk  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.abspath(os.path.join(_REPO, "..", "shared", "data"))
+
+METHODS = ("dense", "deep_ensemble", "dst_ensemble", "edst", "static_sparse_ensemble")
+ENSEMBLE_METHODS = METHODS[1:]
+SPARSE_METHODS = ("dst_ensemble", "edst", "static_sparse_ensemble")
+LABELS = {
+    "dense": "Dense (single model)",
+    "deep_ensemble": "Deep Ensemble",
+    "dst_ensemble": "DST Ensemble",
+    "edst": "EDST Ensemble",
+    "static_sparse_ensemble": "Static sparse ensemble",
+}
+MODELS = {
+    "lenet_300_100": ("LeNet-300-100 (MLP)", "lenet_300_100", {}),
+    "lenet5": ("LeNet-5 (CNN)", "lenet5", {}),
+    "small_cnn": ("small CNN (width 32)", "small_cnn", {}),
+    "resnet8": ("ResNet-8 (width 16)", "resnet", {"depth": 8, "width": 16}),
+    "resnet20": ("ResNet-20 (width 16)", "resnet20", {}),
+}
+NUM_BINS = 15
+SEVERITIES = (1, 2, 3, 4, 5)
+CORRUPTION_SUBSET_SEED = 0
+EDST_EXPLORATION_RATIO = 0.6  # 150 / 250 epochs in the paper's CIFAR setting
+EDST_REFINE_RATIO = 0.4  # 100 / 250
+MARK_BEGIN = "<!-- results:begin -->"
+MARK_END = "<!-- results:end -->"
+
+# Per configuration: data sets, default models, epochs of one dense run per model, and the rest.
+CONFIGS = {
+    "fashion_mnist": {
+        "dataset": "fashion_mnist",
+        "ood_dataset": "mnist",
+        "output_name": "results",
+        "models": ["lenet_300_100", "lenet5"],
+        "epochs": {"lenet_300_100": 20, "lenet5": 12, "small_cnn": 10},
+        "seeds": [0, 1, 2],
+        "train_examples": 0,
+        "test_examples": 0,
+        "corruption_examples": 1000,
+        "update_every": 100,
+        "weight_decay": 0.0,
+        "augment": False,
+    },
+    "cifar10": {
+        "dataset": "cifar10",
+        "ood_dataset": None,  # no SVHN / CIFAR-100 offline; shapes of the MNISTs differ
+        "output_name": "results_cifar10",
+        "models": ["resnet8"],
+        "epochs": {"resnet8": 30, "resnet20": 30},
+        "seeds": [0, 1, 2],
+        "train_examples": 0,
+        "test_examples": 0,
+        "corruption_examples": 1000,
+        "update_every": 100,
+        "weight_decay": 5e-4,
+        "augment": True,
+    },
+}
+# What --quick changes (flags given explicitly still win).
+QUICK = {
+    "fashion_mnist": {
+        "seeds": [0, 1],
+        "train_examples": 12000,
+        "epochs": {"lenet_300_100": 5, "lenet5": 4, "small_cnn": 4},
+        "corruption_examples": 500,
+        "update_every": 25,
+    },
+    "cifar10": {
+        "seeds": [0],
+        "train_examples": 3000,
+        "test_examples": 1000,
+        "epochs": {"resnet8": 2, "resnet20": 2},
+        "corruption_examples": 200,
+        "update_every": 10,
+    },
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("config", "fashion_mnist", list(CONFIGS),
+                  "fashion_mnist (LeNet-300-100 and LeNet-5, OoD = MNIST) or cifar10 (CIFAR-10 "
+                  "JPEG q75, small ResNet, no OoD set).")
+flags.DEFINE_bool("quick", False, "Smoke run (~5 minutes on 2 cores): fewer seeds, examples and "
+                  "epochs (see QUICK); output under the temp dir unless --output_dir is given.")
+flags.DEFINE_list("models", None, f"Models, from {sorted(MODELS)} (default: the config's).")
+flags.DEFINE_list("methods", list(METHODS), f"Methods, from {list(METHODS)}.")
+flags.DEFINE_list("seeds", None, "Seeds (integers); member m of seed s uses 100 * s + m.")
+flags.DEFINE_list("epochs", None,
+                  "Epochs of one dense run (and of every independent member): one integer for "
+                  "every model, and/or model:epochs entries, e.g. lenet_300_100:20,lenet5:12.")
+flags.DEFINE_integer("exploration_epochs", None,
+                     "EDST exploration epochs (default: round(0.6 * epochs)).")
+flags.DEFINE_integer("refine_epochs", None,
+                     "EDST epochs per refinement phase (default: round(0.4 * epochs), >= 1).")
+flags.DEFINE_integer("num_members", 3, "Members M of every ensemble (EDST: tickets).")
+flags.DEFINE_float("sparsity", 0.8, "Sparsity S of the sparse methods.")
+flags.DEFINE_integer("update_every", None, "Optimizer steps between DST mask updates "
+                     "(default: 100; 25 with --quick).")
+flags.DEFINE_float("drop_fraction", 0.5, "Initial DST drop fraction (cosine-annealed to 0.005).")
+flags.DEFINE_float("explore_fraction", 0.8, "EDST global exploration drop fraction q.")
+flags.DEFINE_float("learning_rate", 0.05,
+                   "SGD (momentum 0.9) peak learning rate: cosine-decayed for the independent "
+                   "runs, EDST's exploration rate.")
+flags.DEFINE_list("refine_lr", ["0.01", "0.001"], "EDST refinement learning rates (two halves).")
+flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (default: 0 for fashion_mnist, "
+                   "5e-4 for cifar10).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("steps_per_execution", 32, "Keras steps_per_execution.")
+flags.DEFINE_float("validation_fraction", 0.1,
+                   "Fraction at the end of the training examples held out to select tickets.")
+flags.DEFINE_integer("train_examples", None,
+                     "Use the first N training examples (0: all; default: the config's).")
+flags.DEFINE_integer("test_examples", None, "Use the first N test examples (0: all).")
+flags.DEFINE_integer("corruption_examples", None,
+                     "Size of the fixed random test subset that is corrupted (0: all).")
+flags.DEFINE_list("corruptions", list(ftk.corruptions.CORRUPTIONS),
+                  "Corruptions (ft_keras.corruptions.CORRUPTIONS), or 'none'.")
+flags.DEFINE_integer("corruption_seed", 0, "Seed of the random corruptions.")
+flags.DEFINE_string("output_dir", None,
+                    "Where the JSON, markdown and plots go (default: docs/, or "
+                    "<tmp>/ft_keras_reproduce_quick with --quick).")
+flags.DEFINE_string("output_name", None,
+                    "Base name of the outputs (default: results, or results_cifar10).")
+flags.DEFINE_string("work_dir", None, "Where tickets go (default: a new temporary folder).")
+flags.DEFINE_bool("keep_tickets", False, "Keep the tickets in --work_dir after the run.")
+flags.DEFINE_string("data_dir", None,
+                    "Data folder searched first (default: ft_keras.data's search path, plus "
+                    "../shared/data when it exists).")
+flags.DEFINE_bool("plots", True, "Write the PNG plots.")
+flags.DEFINE_string("render_only", None,
+                    "Train nothing: re-render the markdown and plots of an existing results "
+                    "JSON (into --output_dir, default: the JSON's folder).")
+flags.DEFINE_integer("keras_verbose", 0, "Keras fit verbosity (0, 1 or 2).")
+
+for _name in ("num_members", "batch_size", "steps_per_execution"):
+    flags.register_validator(_name, lambda v: v >= 1, f"--{_name} must be an integer >= 1.")
+for _name in ("train_examples", "test_examples", "corruption_examples", "exploration_epochs"):
+    flags.register_validator(_name, lambda v: v is None or v >= 0,
+                             f"--{_name} must be an integer >= 0.")
+for _name in ("update_every", "refine_epochs"):
+    flags.register_validator(_name, lambda v: v is None or v >= 1,
+                             f"--{_name} must be an integer >= 1.")
+flags.register_validator("sparsity", lambda v: 0.0 < v < 1.0, "--sparsity must be in (0, 1).")
+flags.register_validator("validation_fraction", lambda v: 0.0 < v < 1.0,
+                         "--validation_fraction must be in (0, 1): tickets are selected on it.")
+flags.register_validator("drop_fraction", lambda v: 0.005 <= v <= 1.0,
+                         "--drop_fraction must be in [0.005, 1].")
+flags.register_validator("explore_fraction", lambda v: 0.0 < v <= 1.0,
+                         "--explore_fraction must be in (0, 1].")
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0.")
+flags.register_validator("weight_decay", lambda v: v is None or v >= 0,
+                         "--weight_decay must be >= 0.")
+flags.register_validator("keras_verbose", lambda v: v in (0, 1, 2),
+                         "--keras_verbose must be 0, 1 or 2.")
+flags.register_validator("corruption_seed", lambda v: v >= 0, "--corruption_seed must be >= 0.")
+
+
+# ------------------------------------------------------------------------------- settings
+@dataclasses.dataclass
+class Settings:
+    """Everything a run depends on, resolved from the config, --quick and the flags."""
+
+    config: str
+    quick: bool
+    dataset: str
+    ood_dataset: object
+    models: list
+    methods: list
+    seeds: list
+    epochs: dict
+    edst_epochs: dict  # model -> (exploration_epochs, refine_epochs)
+    num_members: int
+    sparsity: float
+    update_every: int
+    drop_fraction: float
+    explore_fraction: float
+    learning_rate: float
+    refine_lr: tuple
+    weight_decay: float
+    batch_size: int
+    steps_per_execution: int
+    validation_fraction: float
+    train_examples: int
+    test_examples: int
+    corruption_examples: int
+    corruptions: list
+    corruption_seed: int
+    augment: bool
+    data_dir: object
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _usage(flag, message):
+    return app.UsageError(f"--{flag}: {message}")
+
+
+def _parse_names(flag, values, allowed):
+    names = [v.strip() for v in values if v.strip()]
+    if not names:
+        raise _usage(flag, f"give at least one of {list(allowed)}.")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise _usage(flag, f"unknown {unknown}; choose from {list(allowed)}.")
+    if len(set(names)) != len(names):
+        raise _usage(flag, f"{names} lists a name twice.")
+    return names
+
+
+def _parse_seeds(values):
+    try:
+        seeds = [int(v) for v in values if v.strip()]
+    except ValueError:
+        raise _usage("seeds", f"takes integers, e.g. 0,1,2; got {values}.") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise _usage("seeds", f"must be distinct integers >= 0; got {values}.")
+    return seeds
+
+
+def _parse_epochs(values, models, defaults):
+    """Epochs per model from ``--epochs`` entries (``N`` for all, ``model:N`` for one)."""
+    epochs = {m: defaults[m] for m in models}
+    if values is None:
+        return epochs
+    everyone, named = None, {}
+    for entry in (v.strip() for v in values):
+        name, _, number = entry.rpartition(":")
+        try:
+            count = int(number)
+        except ValueError:
+            raise _usage("epochs", f"{entry!r} is not N or model:N with an integer N.") from None
+        if count < 1:
+            raise _usage("epochs", f"{entry!r}: epochs must be >= 1.")
+        if not name:
+            everyone = count
+        elif name not in MODELS:
+            raise _usage("epochs", f"{entry!r} names an unknown model; choose from "
+                         f"{sorted(MODELS)}.")
+        else:
+            named[name] = count
+    for model in models:
+        epochs[model] = named.get(model, everyone if everyone is not None else epochs[model])
+    return epochs
+
+
+def _edst_epochs(epochs):
+    """(exploration, refinement) epochs of EDST for a dense budget of ``epochs`` epochs."""
+    exploration = FLAGS.exploration_epochs
+    refine = FLAGS.refine_epochs
+    if exploration is None:
+        exploration = int(round(EDST_EXPLORATION_RATIO * epochs))
+    if refine is None:
+        refine = max(1, int(round(EDST_REFINE_RATIO * epochs)))
+    return exploration, refine
+
+
+def _pick(name, config, quick):
+    """A flag's value if given, else the quick override, else the config default."""
+    if FLAGS[name].value is not None:
+        return FLAGS[name].value
+    if quick is not None and name in quick:
+        return quick[name]
+    return config[name]
+
+
+def resolve_settings():
+    """Settings from the flags; raises app.UsageError naming the flag on bad values."""
+    config = CONFIGS[FLAGS.config]
+    quick = QUICK[FLAGS.config] if FLAGS.quick else None
+    dataset_models = [m for m in MODELS if m in config["epochs"]]
+    models = _parse_names("models", FLAGS.models or config["models"], dataset_models)
+    methods = _parse_names("methods", FLAGS.methods, METHODS)
+    seeds = _parse_seeds(FLAGS.seeds) if FLAGS.seeds else list(_pick("seeds", config, quick))
+    default_epochs = dict(config["epochs"], **(quick or {}).get("epochs", {}))
+    epochs = _parse_epochs(FLAGS.epochs, models, default_epochs)
+    try:
+        refine_lr = tuple(float(v) for v in FLAGS.refine_lr)
+    except ValueError:
+        raise _usage("refine_lr", f"takes two numbers, e.g. 0.01,0.001; got {FLAGS.refine_lr}.")
+    if len(refine_lr) != 2 or min(refine_lr) <= 0:
+        raise _usage("refine_lr", f"takes two positive numbers; got {FLAGS.refine_lr}.")
+    corruptions = [c.strip() for c in FLAGS.corruptions if c.strip()]
+    if corruptions == ["none"]:
+        corruptions = []
+    else:
+        _parse_names("corruptions", corruptions, ftk.corruptions.CORRUPTIONS)
+    if "edst" in methods and FLAGS.num_members < 1:
+        raise _usage("num_members", "EDST needs at least one ticket.")
+    if FLAGS.num_members < 2 and any(m in methods for m in ENSEMBLE_METHODS):
+        logging.warning("--num_members=1: the ensembles have one member (no diversity metrics).")
+    weight_decay = FLAGS.weight_decay if FLAGS.weight_decay is not None else config[
+        "weight_decay"]
+    return Settings(
+        config=FLAGS.config,
+        quick=FLAGS.quick,
+        dataset=config["dataset"],
+        ood_dataset=config["ood_dataset"],
+        models=models,
+        methods=methods,
+        seeds=seeds,
+        epochs=epochs,
+        edst_epochs={m: _edst_epochs(e) for m, e in epochs.items()},
+        num_members=FLAGS.num_members,
+        sparsity=FLAGS.sparsity,
+        update_every=_pick("update_every", config, quick),
+        drop_fraction=FLAGS.drop_fraction,
+        explore_fraction=FLAGS.explore_fraction,
+        learning_rate=FLAGS.learning_rate,
+        refine_lr=refine_lr,
+        weight_decay=weight_decay,
+        batch_size=FLAGS.batch_size,
+        steps_per_execution=FLAGS.steps_per_execution,
+        validation_fraction=FLAGS.validation_fraction,
+        train_examples=_pick("train_examples", config, quick),
+        test_examples=_pick("test_examples", config, quick),
+        corruption_examples=_pick("corruption_examples", config, quick),
+        corruptions=corruptions,
+        corruption_seed=FLAGS.corruption_seed,
+        augment=config["augment"],
+        data_dir=FLAGS.data_dir,
+    )
+
+
+# ----------------------------------------------------------------------------------- data
+def _augment(image, label):
+    """CIFAR-style augmentation: random horizontal flip, 4-pixel reflect pad and random crop."""
+    shape = tf.shape(image)
+    image = tf.image.random_flip_left_right(image)
+    image = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
+    return tf.image.random_crop(image, shape), label
+
+
+class Data:
+    """The training / validation split, the test set, the OoD set and the corrupted test sets."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        info = ftk.data.INFO[settings.dataset]
+        self.input_shape = tuple(info["shape"])
+        self.num_classes = int(info["num_classes"])
+        split = f"train[:{settings.train_examples}]" if settings.train_examples else "train"
+        images, labels = self._load(settings.dataset, split)
+        num_validation = int(round(settings.validation_fraction * len(labels)))
+        self.num_train = len(labels) - num_validation
+        self.num_validation = num_validation
+        if num_validation < 1 or self.num_train < settings.batch_size:
+            raise app.UsageError(
+                f"--train_examples={settings.train_examples}: {len(labels)} examples give "
+                f"{self.num_train} training and {num_validation} validation examples; need at "
+                f"least one batch (--batch_size={settings.batch_size}) and one validation example.")
+        self.steps_per_epoch = self.num_train // settings.batch_size
+        self._train = tf.data.Dataset.from_tensor_slices(
+            (images[:self.num_train], labels[:self.num_train]))
+        self._validation = tf.data.Dataset.from_tensor_slices(
+            (images[self.num_train:], labels[self.num_train:]))
+        split = f"test[:{settings.test_examples}]" if settings.test_examples else "test"
+        self.test_images, self.test_labels = self._load(settings.dataset, split)
+        self.ood_images = None
+        if settings.ood_dataset:
+            self.ood_images, _ = self._load(settings.ood_dataset, f"test[:{len(self.test_labels)}]")
+        self.corrupted, self.corrupted_labels = self._corrupt(settings)
+        logging.info("%s: %d training, %d validation, %d test examples (%d steps per epoch); "
+                     "OoD %s: %s examples; %d corrupted sets of %d examples", settings.dataset,
+                     self.num_train, self.num_validation, len(self.test_labels),
+                     self.steps_per_epoch, settings.ood_dataset,
+                     None if self.ood_images is None else len(self.ood_images),
+                     len(self.corrupted), len(self.corrupted_labels))
+
+    def _load(self, name, split):
+        try:
+            return ftk.data.load_numpy(name, split, data_dir=self.settings.data_dir)
+        except FileNotFoundError as error:
+            raise app.UsageError(f"--data_dir: {error}") from None
+
+    def _corrupt(self, settings):
+        """[(name, severity, images)] over a fixed random subset of the test set."""
+        if not settings.corruptions:
+            return [], self.test_labels[:0]
+        count = len(self.test_labels)
+        subset = np.arange(count)
+        if settings.corruption_examples and settings.corruption_examples < count:
+            rng = np.random.default_rng(CORRUPTION_SUBSET_SEED)
+            subset = np.sort(rng.choice(count, settings.corruption_examples, replace=False))
+        start = time.time()
+        sets = list(ftk.corruptions.suite(self.test_images[subset], SEVERITIES,
+                                          settings.corruptions, seed=settings.corruption_seed))
+        logging.info("corrupted test sets generated in %.1f s", time.time() - start)
+        return sets, self.test_labels[subset]
+
+    def train(self, seed):
+        """Training batches of float images in [0, 1], shuffled with ``seed`` every epoch."""
+        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
+        if self.settings.augment:
+            ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(self.settings.batch_size, drop_remainder=True)
+        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+
+    def validation(self):
+        ds = self._validation.batch(max(self.settings.batch_size, 500))
+        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------- training
+def member_seed(seed, member):
+    """Seed of member ``member`` of repetition ``seed`` (repetitions never share a member)."""
+    return 100 * seed + member
+
+
+def build_model(model_name, data):
+    _, registry_name, kwargs = MODELS[model_name]
+    return ftk.models.get(registry_name, input_shape=data.input_shape,
+                          num_classes=data.num_classes, **kwargs)
+
+
+def _optimizer(settings, learning_rate):
+    return keras.optimizers.SGD(learning_rate, momentum=0.9,
+                                weight_decay=settings.weight_decay or None)
+
+
+def compile_model(model, settings, learning_rate):
+    model.compile(
+        optimizer=_optimizer(settings, learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        steps_per_execution=settings.steps_per_execution,
+    )
+    return model
+
+
+def _cosine(settings, steps):
+    return keras.optimizers.schedules.CosineDecay(settings.learning_rate, decay_steps=max(steps, 1))
+
+
+def _dst_kwargs(settings):
+    return dict(update_every=settings.update_every, drop_fraction=settings.drop_fraction,
+                final_drop_fraction=0.005, grow="gradient")
+
+
+def _fit(model, data, seed, epochs, callbacks):
+    """Fits and returns the wall time in seconds."""
+    start = time.time()
+    model.fit(data.train(seed), epochs=epochs, validation_data=data.validation(),
+              callbacks=callbacks, verbose=FLAGS.keras_verbose, shuffle=False)
+    return time.time() - start
+
+
+def train_independent(settings, data, model_name, seed, ticket_dir, members, sparse, method):
+    """Dense / deep-ensemble / static-sparse members: independent runs, one ticket each.
+
+    Returns the ticket paths and the per-member wall times.
+    """
+    epochs = settings.epochs[model_name]
+    steps = epochs * data.steps_per_epoch
+    ftk.prepare_ticket_dir(ticket_dir, overwrite=True)
+    paths, times = [], []
+    for member in range(members):
+        mseed = member_seed(seed, member)
+        keras.utils.set_random_seed(mseed)
+        model = build_model(model_name, data)
+        callbacks = []
+        if sparse:
+            model = ftk.sparsify(model, settings.sparsity, distribution="erk", seed=mseed)
+            callbacks.append(ftk.StaticSparsity())
+        compile_model(model, settings, _cosine(settings, steps))
+        checkpoint = ftk.TicketCheckpoint(
+            ticket_dir, member, monitor="val_accuracy", method=method, overwrite=True,
+            metadata={"seed": mseed, "member": member, "model": model_name})
+        callbacks.append(checkpoint)
+        times.append(_fit(model, data, mseed, epochs, callbacks))
+        paths.append(checkpoint.path)
+        logging.info("  member %d (seed %d): best val accuracy %.4f, %.1f s", member, mseed,
+                     ftk.tickets.read_metadata(checkpoint.path)["monitor_value"], times[-1])
+    return paths, times
+
+
+def train_dst(settings, data, model_name, seed, ticket_dir):
+    """DST Ensemble: ``ftk.train_dst_ensemble`` (M independent RigL runs)."""
+    epochs = settings.epochs[model_name]
+    steps = epochs * data.steps_per_epoch
+    start = time.time()
+    paths = ftk.train_dst_ensemble(
+        lambda: build_model(model_name, data),
+        settings.num_members,
+        data.train(member_seed(seed, 0)),
+        validation_data=data.validation(),
+        epochs=epochs,
+        ticket_dir=ticket_dir,
+        sparsity=settings.sparsity,
+        distribution="erk",
+        compile_fn=lambda model: compile_model(model, settings, _cosine(settings, steps)),
+        seed=member_seed(seed, 0),
+        overwrite=True,
+        dst_kwargs=_dst_kwargs(settings),
+        fit_kwargs=dict(verbose=FLAGS.keras_verbose, shuffle=False),
+    )
+    return paths, [time.time() - start]
+
+
+def train_edst(settings, data, model_name, seed, ticket_dir):
+    """EDST Ensemble: one sparse run with ``ftk.FreeTickets``."""
+    exploration, refine = settings.edst_epochs[model_name]
+    mseed = member_seed(seed, 0)
+    keras.utils.set_random_seed(mseed)
+    model = ftk.sparsify(build_model(model_name, data), settings.sparsity, distribution="erk",
+                         seed=mseed)
+    compile_model(model, settings, float(settings.learning_rate))  # FreeTickets sets the rate
+    tickets = ftk.FreeTickets(
+        ticket_dir, num_tickets=settings.num_members, exploration_epochs=exploration,
+        refine_epochs=refine, explore_fraction=settings.explore_fraction,
+        monitor="val_accuracy", exploration_lr=float(settings.learning_rate),
+        refine_lr=settings.refine_lr, overwrite=True, seed=mseed, **_dst_kwargs(settings))
+    elapsed = _fit(model, data, mseed, tickets.total_epochs, [tickets])
+    return list(tickets.tickets), [elapsed]
+
+
+# ---------------------------------------------------------------------------------- costs
+def training_macs(settings, data, method, model_name, sparse_ref):
+    """Training MACs of one method's run (all members), following ``ft_keras.flops``."""
+    batch, spe = settings.batch_size, data.steps_per_epoch
+    steps = settings.epochs[model_name] * spe
+    members = 1 if method == "dense" else settings.num_members
+    if method in ("dense", "deep_ensemble"):
+        return ftk.flops.training_macs_deep_ensemble(sparse_ref, members, steps, batch)
+    if method == "dst_ensemble":
+        return members * ftk.flops.training_macs_dst(sparse_ref, steps, batch,
+                                                     settings.update_every, grow="gradient")
+    if method == "static_sparse_ensemble":
+        return members * 3 * ftk.flops.forward_macs(sparse_ref) * batch * steps
+    exploration, refine = settings.edst_epochs[model_name]
+    return ftk.flops.training_macs_edst(sparse_ref, exploration, refine, members, spe, batch,
+                                        settings.update_every, grow="gradient")
+
+
+def method_epochs(settings, method, model_name):
+    """Training epochs of a method's whole run (all members)."""
+    epochs = settings.epochs[model_name]
+    if method == "dense":
+        return epochs
+    if method == "edst":
+        exploration, refine = settings.edst_epochs[model_name]
+        return exploration + settings.num_members * refine
+    return settings.num_members * epochs
+
+
+# ------------------------------------------------------------------------------ evaluation
+class MemberOutputs:
+    """Softmax probabilities of one ticket on the test, OoD and corrupted sets (float32)."""
+
+    def __init__(self, path, data, batch_size=1000):
+        self.path = path
+        model, self.metadata = ftk.read_ticket(path)
+        self.model = model
+        spec = tf.TensorSpec((None,) + data.input_shape, tf.float32)
+        self._logits = tf.function(lambda x: model(x, training=False), input_signature=[spec],
+                                   reduce_retracing=True)
+        self._batch_size = batch_size
+        self.test = self._probs(data.test_images)
+        self.ood = None if data.ood_images is None else self._probs(data.ood_images)
+        self.corrupted = [self._probs(images) for _, _, images in data.corrupted]
+
+    def _probs(self, images):
+        out = []
+        for start in range(0, len(images), self._batch_size):
+            batch = images[start:start + self._batch_size].astype(np.float32) / 255.0
+            out.append(self._logits(tf.constant(batch)).numpy())
+        logits = np.concatenate(out).astype(np.float64)
+        return ftk.metrics.logits_to_probs(logits).astype(np.float32)
+
+
+def _mean_probs(arrays):
+    return np.mean(np.stack([a.astype(np.float64) for a in arrays]), axis=0)
+
+
+def _ensemble_metrics(labels, member_probs, probs):
+    out = {
+        "accuracy": ftk.metrics.accuracy(labels, probs),
+        "nll": ftk.metrics.nll(labels, probs),
+        "ece": ftk.metrics.ece(labels, probs, NUM_BINS),
+        "brier": ftk.metrics.brier(labels, probs),
+        "member_accuracy": [ftk.metrics.accuracy(labels, p) for p in member_probs],
+        "member_nll": [ftk.metrics.nll(labels, p) for p in member_probs],
+    }
+    out["member_accuracy_mean"] = float(np.mean(out["member_accuracy"]))
+    if len(member_probs) >= 2:
+        out["disagreement"] = ftk.metrics.disagreement(member_probs)
+        out["kl_diversity"] = ftk.metrics.kl_diversity(member_probs)
+    else:
+        out["disagreement"] = out["kl_diversity"] = None
+    return out
+
+
+def evaluate(members, data):
+    """All metrics of the ensemble of ``members`` (a list of `MemberOutputs`)."""
+    labels = data.test_labels
+    member_probs = np.stack([m.test.astype(np.float64) for m in members])
+    probs = member_probs.mean(axis=0)
+    metrics = _ensemble_metrics(labels, member_probs, probs)
+    reliability = ftk.metrics.reliability_diagram_data(labels, probs, NUM_BINS)
+    metrics["reliability"] = {
+        "counts": reliability["counts"].tolist(),
+        "accuracy": [None if np.isnan(v) else float(v) for v in reliability["accuracy"]],
+        "confidence": [None if np.isnan(v) else float(v) for v in reliability["confidence"]],
+    }
+    if data.ood_images is not None:
+        ood_probs = _mean_probs([m.ood for m in members])
+        metrics["ood_auroc_maxprob"] = ftk.metrics.ood_auroc(
+            ftk.metrics.max_prob_score(probs), ftk.metrics.max_prob_score(ood_probs))
+        metrics["ood_auroc_entropy"] = ftk.metrics.ood_auroc(
+            ftk.metrics.neg_entropy_score(probs), ftk.metrics.neg_entropy_score(ood_probs))
+    if data.corrupted:
+        rows = []
+        for index, (name, severity, _) in enumerate(data.corrupted):
+            corrupted = _mean_probs([m.corrupted[index] for m in members])
+            rows.append((name, severity, ftk.metrics.accuracy(data.corrupted_labels, corrupted),
+                         ftk.metrics.nll(data.corrupted_labels, corrupted),
+                         ftk.metrics.ece(data.corrupted_labels, corrupted, NUM_BINS)))
+        metrics["corrupt_accuracy"] = float(np.mean([r[2] for r in rows]))
+        metrics["corrupt_nll"] = float(np.mean([r[3] for r in rows]))
+        metrics["corrupt_ece"] = float(np.mean([r[4] for r in rows]))
+        metrics["corrupt_accuracy_by_severity"] = {
+            str(s): float(np.mean([r[2] for r in rows if r[1] == s])) for s in SEVERITIES}
+        metrics["corrupt_by_set"] = {f"{r[0]}_{r[1]}": {"accuracy": r[2], "nll": r[3],
+                                                         "ece": r[4]} for r in rows}
+    return metrics
+
+
+def cost_metrics(settings, data, method, model_name, members):
+    """Training / inference cost and active parameters of an ensemble of loaded tickets."""
+    reference_model = members[0].model
+    dense_forward = ftk.flops.forward_macs(reference_model, dense=True)
+    dense_training = ftk.flops.training_macs_dense(
+        reference_model, settings.epochs[model_name] * data.steps_per_epoch, settings.batch_size)
+    train = training_macs(settings, data, method, model_name, reference_model)
+    inference = ftk.flops.inference_macs_ensemble([m.model for m in members])
+    active = [int(m.metadata["num_active_params"]) for m in members]
+    dense_params = int(members[0].metadata["num_params"])
+    return {
+        "training_macs": int(train),
+        "training_macs_relative": ftk.flops.relative_cost(train, dense_training),
+        "dense_training_macs": int(dense_training),
+        "inference_macs": int(inference),
+        "inference_macs_relative": ftk.flops.relative_cost(inference, dense_forward),
+        "dense_inference_macs": int(dense_forward),
+        "active_params": int(sum(active)),
+        "active_params_per_member": active,
+        "dense_params": dense_params,
+        "active_params_relative": float(sum(active)) / dense_params,
+        "member_density": [m.metadata.get("density") for m in members],
+    }
+
+
+# -------------------------------------------------------------------------------- machine
+def machine_info():
+    """CPU, accelerators, library versions and the git commit."""
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", _REPO, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "ft_keras": ftk.__version__,
+        "git_commit": commit,
+    }
+
+
+class CpuMeter:
+    """Cores' worth of CPU that *other* processes used while the run went (from /proc)."""
+
+    def __init__(self):
+        self._start = self._read()
+        self._wall = time.time()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat", encoding="utf-8") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+            with open("/proc/self/stat", encoding="utf-8") as handle:
+                own_fields = handle.read().rsplit(")", 1)[1].split()
+            own = int(own_fields[11]) + int(own_fields[12])  # utime + stime
+            return busy, own
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def others(self):
+        """Mean number of cores busy with other processes since the start (None if unknown)."""
+        end = self._read()
+        wall = time.time() - self._wall
+        if self._start is None or end is None or wall <= 0:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = (end[0] - self._start[0]) - (end[1] - self._start[1])
+        return max(0.0, busy / ticks / wall)
+
+
+# ---------------------------------------------------------------------------------- running
+class Runner:
+    """Trains and evaluates every (model, seed, method); collects per-seed records."""
+
+    def __init__(self, settings, data, work_dir, on_progress=None):
+        self.settings = settings
+        self.data = data
+        self.work_dir = work_dir
+        self.on_progress = on_progress
+        self.records = []
+        self._epochs_total = sum(
+            method_epochs(settings, m, model) for model in settings.models
+            for m in self._trained_methods()) * len(settings.seeds)
+        self._epochs_done = 0
+        self._start = time.time()
+
+    def _trained_methods(self):
+        methods = list(self.settings.methods)
+        if "dense" in methods and "deep_ensemble" in methods:
+            methods.remove("dense")  # member 0 of the deep ensemble
+        return methods
+
+    def run(self):
+        for model_name in self.settings.models:
+            for seed in self.settings.seeds:
+                self._run_group(model_name, seed)
+                if self.on_progress:
+                    self.on_progress(self.records)
+        return self.records
+
+    def _log_progress(self, label):
+        elapsed = time.time() - self._start
+        done = self._epochs_done / max(self._epochs_total, 1)
+        eta = elapsed / done - elapsed if done > 0 else float("nan")
+        logging.info("%s done; %.0f s elapsed, %.0f%% of the planned epochs, ~%.0f s left "
+                     "(epoch-count estimate)", label, elapsed, 100 * done, eta)
+
+    def _train(self, model_name, seed, method):
+        """Trains one method; returns (ticket paths, wall times)."""
+        s, data = self.settings, self.data
+        folder = os.path.join(self.work_dir, model_name, f"seed_{seed}", method, "tickets")
+        logging.info("[%s, seed %d] training %s (%d epochs)", model_name, seed, LABELS[method],
+                     method_epochs(s, method, model_name))
+        if method == "dst_ensemble":
+            result = train_dst(s, data, model_name, seed, folder)
+        elif method == "edst":
+            result = train_edst(s, data, model_name, seed, folder)
+        else:
+            members = 1 if method == "dense" else s.num_members
+            result = train_independent(s, data, model_name, seed, folder, members,
+                                       sparse=method == "static_sparse_ensemble", method=method)
+        self._epochs_done += method_epochs(s, method, model_name)
+        self._log_progress(f"[{model_name}, seed {seed}] {method} ({sum(result[1]):.1f} s)")
+        return result
+
+    def _run_group(self, model_name, seed):
+        trained = {}
+        for method in self._trained_methods():
+            trained[method] = self._train(model_name, seed, method)
+        if "dense" in self.settings.methods and "dense" not in trained:
+            paths, times = trained["deep_ensemble"]
+            trained["dense"] = (paths[:1], times[:1])
+        outputs = {}
+        for method in self.settings.methods:
+            paths, times = trained[method]
+            if len(paths) != (1 if method == "dense" else self.settings.num_members):
+                raise RuntimeError(f"{method}: expected tickets, got {paths}.")
+            members = []
+            for path in paths:
+                if path not in outputs:
+                    outputs[path] = MemberOutputs(path, self.data)
+                members.append(outputs[path])
+            record = {"model": model_name, "seed": seed, "method": method,
+                      "num_members": len(members),
+                      "member_seeds": [m.metadata.get("seed") for m in members],
+                      "best_val_accuracy": [m.metadata.get("monitor_value") for m in members],
+                      "ticket_epochs": [m.metadata.get("epoch") for m in members],
+                      "train_epochs": method_epochs(self.settings, method, model_name),
+                      "wall_time_s": float(sum(times)),
+                      "member_wall_time_s": [float(t) for t in times]}
+            record.update(evaluate(members, self.data))
+            record.update(cost_metrics(self.settings, self.data, method, model_name, members))
+            self.records.append(record)
+            logging.info("[%s, seed %d] %s: accuracy %.4f, NLL %.4f, ECE %.4f, training %.2fx, "
+                         "inference %.2fx", model_name, seed, method, record["accuracy"],
+                         record["nll"], record["ece"], record["training_macs_relative"],
+                         record["inference_macs_relative"])
+        del outputs
+        keras.backend.clear_session()
+        gc.collect()
+
+
+# ---------------------------------------------------------------------------- aggregation
+COLUMNS = (
+    # key, header, format, scale
+    ("accuracy", "Acc. (%)", "{:.2f}", 100.0),
+    ("nll", "NLL", "{:.4f}", 1.0),
+    ("ece", "ECE", "{:.4f}", 1.0),
+    ("brier", "Brier", "{:.4f}", 1.0),
+    ("disagreement", "Disagr.", "{:.4f}", 1.0),
+    ("ood_auroc_maxprob", "OoD AUROC (max-p)", "{:.4f}", 1.0),
+    ("ood_auroc_entropy", "OoD AUROC (entropy)", "{:.4f}", 1.0),
+    ("corrupt_accuracy", "Corr. acc. (%)", "{:.2f}", 100.0),
+    ("corrupt_nll", "Corr. NLL", "{:.4f}", 1.0),
+    ("training_macs_relative", "Train FLOPs (x dense)", "{:.3f}", 1.0),
+    ("inference_macs_relative", "Infer. FLOPs (x dense)", "{:.3f}", 1.0),
+    ("active_params", "Active params", "{:,.0f}", 1.0),
+    ("wall_time_s", "Train time (s)", "{:.0f}", 1.0),
+)
+
+
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    array = np.asarray(values, np.float64)
+    std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(array.mean()), "std": std, "n": len(array)}
+
+
+def aggregate(records, settings):
+    """{model: {method: {key: {mean, std, n}}}} over seeds."""
+    keys = [c[0] for c in COLUMNS] + ["member_accuracy_mean", "kl_diversity", "corrupt_ece",
+                                      "active_params_relative"]
+    out = {}
+    for model in settings.models:
+        out[model] = {}
+        for method in settings.methods:
+            rows = [r for r in records if r["model"] == model and r["method"] == method]
+            if not rows:
+                continue
+            out[model][method] = {k: _stats([r.get(k) for r in rows]) for k in keys}
+            out[model][method]["corrupt_accuracy_by_severity"] = {
+                s: _stats([r["corrupt_accuracy_by_severity"][s] for r in rows
+                           if "corrupt_accuracy_by_severity" in r]) for s in map(str, SEVERITIES)}
+    return out
+
+
+def _cell(stat, fmt, scale):
+    if stat is None:
+        return "-"
+    text = fmt.format(stat["mean"] * scale)
+    if stat["n"] > 1:
+        text += " ± " + fmt.format(stat["std"] * scale)
+    return text
+
+
+# --------------------------------------------------------------------------------- markdown
+def _settings_lines(report):
+    s = report["settings"]
+    lines = []
+    for model in s["models"]:
+        exploration, refine = s["edst_epochs"][model]
+        lines.append(
+            f"- {MODELS[model][0]}: {s['epochs'][model]} epochs per dense / DST / static run "
+            f"(cosine learning rate from {s['learning_rate']}); EDST {exploration} exploration "
+            f"epochs at {s['learning_rate']} + {s['num_members']} x {refine} refinement epochs "
+            f"(learning rate {s['refine_lr'][0]} then {s['refine_lr'][1]}) = "
+            f"{exploration + s['num_members'] * refine} epochs.")
+    data = report["data"]
+    lines += [
+        f"- Data: {s['dataset']}, {data['train_examples']:,d} training and "
+        f"{data['validation_examples']:,d} validation examples (the last "
+        f"{s['validation_fraction']:.0%} of the training split selects every ticket), "
+        f"{data['test_examples']:,d} test examples; OoD set: "
+        + (f"{s['ood_dataset']} test ({data['ood_examples']:,d} images)"
+           if s["ood_dataset"] else "none") + ".",
+        f"- M = {s['num_members']} members, sparsity S = {s['sparsity']} (ERK), DST: RigL "
+        f"gradient growth, magnitude pruning every {s['update_every']} steps, drop fraction "
+        f"{s['drop_fraction']} cosine-annealed to 0.005; EDST global exploration q = "
+        f"{s['explore_fraction']}. SGD momentum 0.9, batch {s['batch_size']}, weight decay "
+        f"{s['weight_decay']}, steps_per_execution {s['steps_per_execution']}"
+        + (", flip + crop augmentation" if s["augment"] else "") + ".",
+        f"- Seeds {s['seeds']}: mean ± sample standard deviation over seeds; member m of seed s "
+        "uses seed 100 s + m. The dense single model is member 0 of the deep ensemble of the same "
+        "seed (trained once).",
+        f"- Corruptions: {len(s['corruptions'])} types ({', '.join(s['corruptions']) or 'none'})"
+        f" x severities 1-5 of `ft_keras.corruptions` (this project's own, not CIFAR-10-C) on a "
+        f"fixed subset of {data['corrupted_examples']:,d} test images; corruption seed "
+        f"{s['corruption_seed']}.",
+    ]
+    return lines
+
+
+def markdown_region(report):
+    """The generated part of the markdown file (between the markers)."""
+    s, machine, timing = report["settings"], report["machine"], report["timing"]
+    mode = "quick (smoke) mode" if s["quick"] else "full mode"
+    others = timing.get("other_processes_cores")
+    lines = [
+        MARK_BEGIN,
+        "<!-- Generated by bench/reproduce.py; edits between these markers are overwritten. -->",
+        "",
+        f"Configuration `{s['config']}`, {mode}. Command: `{report['command']}`",
+        "",
+        f"Run on {report['date_utc']} (UTC), {machine['cpus_usable']} usable CPU cores"
+        + (f" ({machine['cpu_model']})" if machine["cpu_model"] else "")
+        + (f", GPUs {machine['gpus']}" if machine["gpus"] else ", no GPU")
+        + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
+        f"{machine['ft_keras']}, commit `{(machine['git_commit'] or 'unknown')[:12]}`. Total wall "
+        f"time {timing['total_s'] / 60:.1f} min (training {timing['training_s'] / 60:.1f} min)"
+        + (f"; other processes kept {others:.2f} cores busy on average, so wall times are upper "
+           "bounds" if others is not None and others > 0.1 else "") + ".",
+        "",
+        "Settings:",
+        "",
+    ] + _settings_lines(report) + [
+        "",
+        "Ensembles average the members' softmax probabilities. FLOPs are theoretical "
+        "multiply-accumulates of the sparse arithmetic (`ft_keras.flops`), relative to ONE dense "
+        "model (training: one dense run of the same number of epochs; inference: one dense "
+        "forward pass). Active parameters are summed over the members (biases included). "
+        "Training time is the wall time of all of a method's fits (validation and ticket "
+        "writing included); the masked layers run dense kernels, so sparse methods are not "
+        "faster in wall time.",
+    ]
+    for model, methods in report["summary"].items():
+        lines += ["", f"### {MODELS[model][0]}", "",
+                  "| Method | " + " | ".join(c[1] for c in COLUMNS) + " |",
+                  "|---|" + "---|" * len(COLUMNS)]
+        for method, stats in methods.items():
+            lines.append(f"| {LABELS[method]} | " + " | ".join(
+                _cell(stats.get(key), fmt, scale) for key, _, fmt, scale in COLUMNS) + " |")
+        lines += ["", "| Method | mean member acc. (%) | KL diversity | Corr. ECE | "
+                  + " | ".join(f"Corr. acc. sev. {v} (%)" for v in SEVERITIES) + " |",
+                  "|---|---|---|---|" + "---|" * len(SEVERITIES)]
+        for method, stats in methods.items():
+            severity = stats["corrupt_accuracy_by_severity"]
+            lines.append(
+                f"| {LABELS[method]} | {_cell(stats['member_accuracy_mean'], '{:.2f}', 100.0)} | "
+                f"{_cell(stats['kl_diversity'], '{:.4f}', 1.0)} | "
+                f"{_cell(stats['corrupt_ece'], '{:.4f}', 1.0)} | "
+                + " | ".join(_cell(severity[str(v)], "{:.2f}", 100.0) for v in SEVERITIES)
+                + " |")
+    if report.get("plots"):
+        lines += ["", "Plots:", ""]
+        for path in report["plots"]:
+            name = os.path.basename(path)
+            lines.append(f"![{name}]({name})")
+    lines += ["", f"Raw per-seed numbers: `{report['output_name']}.json`.", "", MARK_END]
+    return "\n".join(lines)
+
+
+DEFAULT_DISCUSSION = """
+## Discussion
+
+(Not written yet: compare the numbers above with the paper's claims, SPEC.md section 8.)
+"""
+
+
+def write_markdown(path, report):
+    """Writes the generated region into ``path``, keeping any text outside the markers."""
+    region = markdown_region(report)
+    title = ("# Reproduction: FreeTickets on " + report["settings"]["dataset"]
+             + (" (quick mode)" if report["settings"]["quick"] else ""))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: region, text, count=1)
+        else:
+            text = text.rstrip("\n") + "\n\n" + region + "\n"
+    else:
+        text = f"{title}\n\n{region}\n{DEFAULT_DISCUSSION}"
+    _atomic_write(path, text)
+
+
+def _atomic_write(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text if text.endswith("\n") else text + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ plots
+COLORS = {"dense": "black", "deep_ensemble": "tab:blue", "dst_ensemble": "tab:orange",
+          "edst": "tab:red", "static_sparse_ensemble": "tab:green"}
+
+
+def _pyplot():
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        logging.warning("matplotlib is not installed: no plots.")
+        return None
+    return pyplot
+
+
+def _save(fig, plt, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_flops(plt, report, path):
+    """Test accuracy (mean ± std over seeds) against training FLOPs, one panel per model."""
+    from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+
+    models = list(report["summary"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method, stats in report["summary"][model].items():
+            x, y = stats["training_macs_relative"], stats["accuracy"]
+            ax.errorbar(x["mean"], 100 * y["mean"], yerr=100 * y["std"], fmt="o", capsize=3,
+                        color=COLORS[method], label=LABELS[method])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set(xlabel="training FLOPs (x one dense run)", ylabel="test accuracy (%)",
+               title=MODELS[model][0])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _pooled_reliability(records, model, method):
+    rows = [r["reliability"] for r in records if r["model"] == model and r["method"] == method]
+    counts = np.sum([r["counts"] for r in rows], axis=0).astype(np.float64)
+
+    def pooled(key):
+        values = np.array([[np.nan if v is None else v for v in r[key]] for r in rows])
+        weights = np.array([r["counts"] for r in rows], np.float64)
+        with np.errstate(invalid="ignore"):
+            return np.nansum(values * weights, axis=0) / counts
+
+    return counts, pooled("accuracy"), pooled("confidence")
+
+
+def best_ensemble(summary_model):
+    """The ensemble method with the lowest mean test NLL."""
+    candidates = [m for m in summary_model if m in ENSEMBLE_METHODS]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda m: summary_model[m]["nll"]["mean"])
+
+
+def plot_reliability(plt, report, path):
+    """Reliability diagram (test set, seeds pooled): dense vs the ensemble with the best NLL."""
+    models = [m for m in report["summary"] if "dense" in report["summary"][m]]
+    if not models:
+        return None
+    fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 5.5), squeeze=False,
+                             sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    edges = np.linspace(0, 1, NUM_BINS + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    for column, model in enumerate(models):
+        ax, ax_count = axes[0][column], axes[1][column]
+        summary = report["summary"][model]
+        methods = ["dense"] + [m for m in [best_ensemble(summary)] if m]
+        ax.plot([0, 1], [0, 1], "k:", linewidth=1, label="perfect calibration")
+        for offset, method in zip((-width / 4, width / 4), methods):
+            counts, accuracy, confidence = _pooled_reliability(report["records"], model, method)
+            filled = counts > 0
+            ax.plot(confidence[filled], accuracy[filled], "o-", markersize=4,
+                    color=COLORS[method],
+                    label=f"{LABELS[method]} (ECE {summary[method]['ece']['mean']:.4f})")
+            ax_count.bar(centres + offset, counts / counts.sum(), width=width / 2,
+                         color=COLORS[method])
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin",
+               title=f"{MODELS[model][0]}, seeds pooled")
+        ax.legend(fontsize=8, loc="upper left")
+        ax_count.set(xlabel="confidence (max probability), 15 bins", ylabel="fraction")
+    return _save(fig, plt, path)
+
+
+def plot_corruption(plt, report, path):
+    models = [m for m in report["summary"]
+              if any(s["corrupt_accuracy"] for s in report["summary"][m].values())]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method, stats in report["summary"][model].items():
+            xs = [0] + list(SEVERITIES)
+            ys = [stats["accuracy"]["mean"]] + [
+                stats["corrupt_accuracy_by_severity"][str(s)]["mean"] for s in SEVERITIES]
+            ax.plot(xs, [100 * y for y in ys], "o-", color=COLORS[method], label=LABELS[method],
+                    markersize=4)
+        ax.set(xlabel="corruption severity (0: clean test set)", ylabel="accuracy (%)",
+               title=f"{MODELS[model][0]}: mean over corruption types")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def write_plots(report, output_dir):
+    plt = _pyplot()
+    if plt is None:
+        return []
+    base = os.path.join(output_dir, report["output_name"])
+    paths = [plot_accuracy_vs_flops(plt, report, base + "_accuracy_vs_training_flops.png"),
+             plot_reliability(plt, report, base + "_reliability.png"),
+             plot_corruption(plt, report, base + "_corruption_severity.png")]
+    return [p for p in paths if p]
+
+
+# -------------------------------------------------------------------------------------- main
+def _output_dir():
+    if FLAGS.output_dir:
+        return FLAGS.output_dir
+    if FLAGS.quick:
+        return os.path.join(tempfile.gettempdir(), "ft_keras_reproduce_quick")
+    return os.path.join(_REPO, "docs")
+
+
+def _add_shared_data():
+    """Adds ../shared/data (beside the repository) to ft_keras.data's search path."""
+    if FLAGS.data_dir is None and os.path.isdir(SHARED_DATA):
+        current = os.environ.get(ftk.data.DATA_DIR_ENV, "")
+        paths = [p for p in current.split(os.pathsep) if p]
+        if SHARED_DATA not in paths:
+            os.environ[ftk.data.DATA_DIR_ENV] = os.pathsep.join(paths + [SHARED_DATA])
+
+
+def _write_json(path, value):
+    _atomic_write(path, json.dumps(value, indent=1, sort_keys=False))
+
+
+def build_report(settings, data, records, command, start, meter, machine, output_name,
+                 complete, training_s, plots=()):
+    return {
+        "output_name": output_name,
+        "complete": complete,
+        "command": command,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "timing": {"total_s": time.time() - start, "training_s": training_s,
+                   "other_processes_cores": meter.others()},
+        "settings": settings.as_dict(),
+        "data": {"train_examples": data.num_train, "validation_examples": data.num_validation,
+                 "steps_per_epoch": data.steps_per_epoch,
+                 "test_examples": int(len(data.test_labels)),
+                 "ood_examples": None if data.ood_images is None else int(len(data.ood_images)),
+                 "corrupted_examples": int(len(data.corrupted_labels)),
+                 "corrupted_sets": len(data.corrupted)},
+        "summary": aggregate(records, settings),
+        "records": records,
+        "plots": [os.path.basename(p) for p in plots],
+        "notes": [
+            "Costs are multiply-accumulates (FLOPs = 2 x MACs); ratios are the same in FLOPs.",
+            "The dense single model is member 0 of the deep ensemble of the same seed.",
+            "Ensemble prediction: mean of member softmax probabilities.",
+        ],
+    }
+
+
+class _OwnInfoOnly(std_logging.Filter):
+    """Lets through this script's INFO lines and everyone's warnings (TensorFlow's SavedModel
+    writer and the callbacks log a lot at INFO)."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or record.pathname == os.path.abspath(
+            __file__) or os.path.basename(record.pathname) == os.path.basename(__file__)
+
+
+def render_only(json_path):
+    """Re-writes the markdown and the plots of a finished run from its JSON."""
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise _usage("render_only", f"cannot read {json_path!r}: {error}") from None
+    if not report.get("complete"):
+        raise _usage("render_only", f"{json_path!r} is from an unfinished run.")
+    output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(json_path))
+    os.makedirs(output_dir, exist_ok=True)
+    plots = write_plots(report, output_dir) if FLAGS.plots else []
+    report["plots"] = [os.path.basename(p) for p in plots]
+    md_path = os.path.join(output_dir, report["output_name"] + ".md")
+    write_markdown(md_path, report)
+    logging.info("re-rendered %s and %d plots from %s", md_path, len(plots), json_path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.render_only:
+        render_only(FLAGS.render_only)
+        return
+    start = time.time()
+    meter = CpuMeter()
+    tf.get_logger().setLevel("ERROR")
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    _add_shared_data()
+    settings = resolve_settings()
+    output_dir = _output_dir()
+    output_name = FLAGS.output_name or CONFIGS[FLAGS.config]["output_name"]
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", output_name):
+        raise _usage("output_name", f"{output_name!r} must be a plain file name stem.")
+    os.makedirs(output_dir, exist_ok=True)
+    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="ft_keras_reproduce_")
+    os.makedirs(work_dir, exist_ok=True)
+    command = shlex.join([os.path.relpath(sys.argv[0], _REPO)
+                          if os.path.isabs(sys.argv[0]) else sys.argv[0]] + sys.argv[1:])
+    command = "python " + command
+    machine = machine_info()
+    logging.info("settings: %s", json.dumps(settings.as_dict()))
+    logging.info("outputs: %s/%s.{json,md}; tickets under %s", output_dir, output_name, work_dir)
+    data = Data(settings)
+    json_path = os.path.join(output_dir, output_name + ".json")
+
+    def checkpoint(records):
+        report = build_report(settings, data, records, command, start, meter, machine,
+                              output_name, complete=False, training_s=None)
+        _write_json(json_path, report)
+
+    runner = Runner(settings, data, work_dir, on_progress=checkpoint)
+    try:
+        records = runner.run()
+    finally:
+        if not FLAGS.keep_tickets and not FLAGS.work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    training_s = sum(r["wall_time_s"] for r in records
+                     if not (r["method"] == "dense" and "deep_ensemble" in settings.methods))
+    report = build_report(settings, data, records, command, start, meter, machine, output_name,
+                          complete=True, training_s=training_s)
+    plots = write_plots(report, output_dir) if FLAGS.plots else []
+    report["plots"] = [os.path.basename(p) for p in plots]
+    report["timing"]["total_s"] = time.time() - start
+    _write_json(json_path, report)
+    md_path = os.path.join(output_dir, output_name + ".md")
+    write_markdown(md_path, report)
+    logging.info("done in %.1f min: %s, %s and %d plots", report["timing"]["total_s"] / 60,
+                 json_path, md_path, len(plots))
+    for model, methods in report["summary"].items():
+        for method, stats in methods.items():
+            logging.info("%-14s %-24s accuracy %s  NLL %s  ECE %s  training %s x dense", model,
+                         method, _cell(stats["accuracy"], "{:.4f}", 1.0),
+                         _cell(stats["nll"], "{:.4f}", 1.0), _cell(stats["ece"], "{:.4f}", 1.0),
+                         _cell(stats["training_macs_relative"], "{:.3f}", 1.0))
+
+
+if __name__ == "__main__":
+    app.run(main)
