@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast demo bench clean
+.PHONY: venv data test test-fast demo bench reproduce clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: venv data
 
 bench: venv data
 	$(PY) bench/step_overhead.py
+
+# The reproduction benchmark (~1 hour on 2 CPU cores; QUICK=1 for a ~5-minute smoke run).
+reproduce: venv data
+	$(PY) bench/reproduce.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
