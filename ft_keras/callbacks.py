@@ -286,6 +286,7 @@ class DynamicSparsity(keras.callbacks.Callback):
         self._resolved_end_step = None
         self._writer = None
         self._last_seen_step = 0
+        self._static_shapes = True
 
     # ------------------------------------------------------------------ set-up
     def set_model(self, model):
@@ -371,6 +372,8 @@ class DynamicSparsity(keras.callbacks.Callback):
         distribute.check_steps_per_execution(model)
         self._resolved_end_step = None
         self._sanitize()
+        # Under XLA the update needs static shapes; otherwise it works on compacted positions.
+        self._static_shapes = bool(getattr(model, "jit_compile", False))
         self._hook = _OptimizerHook(self, self._optimizer, self._kernels)
         self._hook.install()
         # fit() made its train function before calling us; make one that sees the hook.
@@ -467,33 +470,51 @@ class DynamicSparsity(keras.callbacks.Callback):
             v = kernel.grad_v.value
             v.assign(kind[2] * v + (1.0 - kind[2]) * tf.square(g))
 
-    def _grow_scores(self, kernel, gradient, step):
+    def _grow_scores(self, kernel, gradient, step, signed=False):
+        """Growth scores; with ``signed`` the caller ranks by magnitude and the abs is skipped."""
+        absolute = (lambda x: x) if signed else tf.abs
         if self.grow == "gradient":
-            return tf.abs(tf.cast(gradient, tf.float32))
+            return absolute(tf.cast(gradient, tf.float32))
         if self.grow == "random":
             seed = topology.rng_seed(self.seed, step, kernel.index)
             return topology.random_scores(tuple(kernel.kernel.shape), seed)
         m = tf.convert_to_tensor(kernel.grad_m.value)
         if self._momentum[0] == "adam":
             v = tf.convert_to_tensor(kernel.grad_v.value)
-            return tf.abs(m) / (tf.sqrt(v) + self._momentum[3])
-        return tf.abs(m)
+            return absolute(m) / (tf.sqrt(v) + self._momentum[3])
+        return absolute(m)
 
     def _update_layer(self, kernel, variable, mask, gradient, step, fraction):
         """Prune and grow one layer; reset weights and optimizer state where the mask changed."""
         weights = tf.convert_to_tensor(variable)
-        scores = self._grow_scores(kernel, gradient, step)
-        new_mask, keep = topology.update_mask(mask, weights, scores, fraction, kernel.num_active)
-        variable.assign(topology.zero_off_mask(keep, weights))
-        for slot in kernel.slots:
-            value = tf.convert_to_tensor(slot.value)
-            slot.value.assign(topology.zero_off_mask(keep, value))
+        scores = self._grow_scores(kernel, gradient, step, signed=not self._static_shapes)
+        if self._static_shapes:  # XLA: whole-kernel passes with static shapes
+            new_mask, keep = topology.update_mask(
+                mask, weights, scores, fraction, kernel.num_active)
+            variable.assign(topology.zero_off_mask(keep, weights))
+            for slot in kernel.slots:
+                value = tf.convert_to_tensor(slot.value)
+                slot.value.assign(topology.zero_off_mask(keep, value))
+            flipped = topology.changed_positions(mask, new_mask)
+        else:
+            new_mask, _, dropped, grown = topology.update_mask_sparse(
+                mask, weights, scores, fraction, kernel.num_active)
+            # Off-mask weights and optimizer state are zero already, so only the dropped
+            # positions (some of them regrown) need a reset: a scatter of num_to_drop zeros.
+            positions = tf.transpose(
+                tf.unravel_index(dropped, tf.shape(weights, out_type=tf.int64)))
+            _scatter_zeros(variable, positions)
+            for slot in kernel.slots:
+                _scatter_zeros(slot, positions)
+            regrown = tf.reduce_sum(tf.cast(
+                tf.gather(tf.reshape(mask, [-1]), grown), tf.int32))
+            flipped = 2 * (tf.size(grown, out_type=tf.int32) - regrown)
         kernel.mask.value.assign(new_mask)
         kernel.stats.assign(
             tf.stack(
                 [
                     tf.cast(step, tf.float32),
-                    tf.cast(topology.changed_positions(mask, new_mask), tf.float32),
+                    tf.cast(flipped, tf.float32),
                     tf.cast(topology.count_active(new_mask), tf.float32),
                     tf.cast(fraction, tf.float32),
                 ]
@@ -530,6 +551,20 @@ class DynamicSparsity(keras.callbacks.Callback):
                 for name, values in record["layers"].items():
                     tf.summary.scalar(f"sparsity/{name}/density", values["density"])
                     tf.summary.scalar(f"sparsity/{name}/mask_churn", values["mask_churn"])
+
+
+def _scatter_zeros(variable, positions):
+    """Writes zeros at ``positions`` (int64, (n, rank)) of a Keras or TF variable, in place.
+
+    Through the resource handle, which under a ``tf.distribute`` update context is the current
+    replica's copy (as for the fused optimizer kernels above).
+    """
+    backing = variable.value if isinstance(variable, keras.Variable) else variable
+    return tf.raw_ops.ResourceScatterNdUpdate(
+        ref=backing.handle,
+        indices=positions,
+        updates=tf.zeros(tf.shape(positions)[:1], backing.dtype),
+    )
 
 
 def _read(variable):

@@ -91,26 +91,23 @@ def _select_digit(histogram, rank):
     return digit, above
 
 
-def select_largest(scores, candidates, num_selected):
-    """Exactly ``num_selected`` of the ``candidates`` with the largest scores, as a bool vector.
-
-    An exact top-k by radix selection: scores (>= 0; negative ones count as 0) are compared by
-    their float32 bit patterns, which order like the numbers; two or three histogram passes over
-    the digits of the patterns find the ``num_selected``-th largest one, everything above it is
-    taken, and ties at it are broken towards the lower index. A dozen or so elementwise passes
-    and no sort, so it costs a fraction of ``tf.math.top_k`` with a large k (the mask update of a
-    1M-weight kernel takes milliseconds), with static shapes only (XLA-compilable) and
-    deterministic results.
-
-    Args:
-        scores: float vector.
-        candidates: bool vector of the same length; only these can be selected.
-        num_selected: int scalar (tensor or Python) in ``[0, count of candidates]``.
-    """
+def _keys(scores):
+    """Non-negative int32 sort keys: float32 bit patterns order like the (clamped >= 0) numbers."""
     keys = tf.bitcast(tf.cast(scores, tf.float32) + 0.0, tf.int32)  # + 0.0 turns -0.0 into +0.0
-    keys = tf.maximum(keys, 0)
-    size = scores.shape[0]
-    widths = _NARROW_DIGITS if size is not None and size < _NARROW_BELOW else _WIDE_DIGITS
+    return tf.maximum(keys, 0)
+
+
+def _magnitude_keys(values):
+    """int32 sort keys of ``|values|`` in one pass: the float32 bit pattern without its sign."""
+    return tf.bitwise.bitwise_and(tf.bitcast(tf.cast(values, tf.float32), tf.int32), 0x7FFFFFFF)
+
+
+def _widths(size):
+    return _NARROW_DIGITS if size is not None and size < _NARROW_BELOW else _WIDE_DIGITS
+
+
+def _select_keys(keys, candidates, num_selected, widths):
+    """`select_largest` on int32 keys >= 0 with the given radix digit widths."""
     remaining = tf.cast(num_selected, tf.int32)
     wanted = remaining
     threshold = tf.constant(0, tf.int32)
@@ -133,6 +130,45 @@ def select_largest(scores, candidates, num_selected):
         lambda: tf.logical_and(ties, tf.cumsum(tf.cast(ties, tf.int32)) <= remaining),
     )
     return tf.logical_and(tf.logical_or(greater, chosen_ties), wanted > 0)
+
+
+def select_largest(scores, candidates, num_selected):
+    """Exactly ``num_selected`` of the ``candidates`` with the largest scores, as a bool vector.
+
+    An exact top-k by radix selection: scores (>= 0; negative ones count as 0) are compared by
+    their float32 bit patterns, which order like the numbers; two or three histogram passes over
+    the digits of the patterns find the ``num_selected``-th largest one, everything above it is
+    taken, and ties at it are broken towards the lower index. A dozen or so elementwise passes
+    and no sort, so it costs a fraction of ``tf.math.top_k`` with a large k (the mask update of a
+    1M-weight kernel takes milliseconds), with static shapes only (XLA-compilable) and
+    deterministic results.
+
+    Args:
+        scores: float vector.
+        candidates: bool vector of the same length; only these can be selected.
+        num_selected: int scalar (tensor or Python) in ``[0, count of candidates]``.
+    """
+    return _select_keys(_keys(scores), candidates, num_selected, _widths(scores.shape[0]))
+
+
+def largest_indices(scores, candidates, num_selected):
+    """The positions `select_largest` selects by ``|scores|``, as an ascending int64 vector.
+
+    Ranks by magnitude (for scores >= 0, exactly `select_largest`'s choice), with fewer passes
+    over a long vector: one 2**16-bin histogram of the keys' leading
+    16 bits over all candidates finds the bin of the ``num_selected``-th largest score; only the
+    candidates in that bin or above (about ``num_selected`` plus one bin's worth) are gathered,
+    and the exact selection runs on them. Dynamic shapes: not for XLA (use `select_largest`).
+    """
+    keys = _magnitude_keys(scores)
+    leading = tf.bitwise.right_shift(keys, 31 - _WIDE_DIGITS[0])
+    digit, _ = _select_digit(_histogram(leading, candidates, 1 << _WIDE_DIGITS[0]),
+                             tf.cast(num_selected, tf.int32))
+    near = tf.reshape(tf.where(tf.logical_and(candidates, leading >= digit)), [-1])
+    sub_keys = tf.gather(keys, near)
+    chosen = _select_keys(sub_keys, tf.ones_like(sub_keys, tf.bool), num_selected,
+                          _NARROW_DIGITS)
+    return tf.boolean_mask(near, chosen)
 
 
 def random_mask(shape, num_active, seed):
@@ -210,6 +246,34 @@ def update_mask(mask, weights, grow_scores, drop_fraction, num_active):
     keep = prune_by_magnitude(mask, weights, k, num_active)
     new_mask = grow_by_score(keep, grow_scores, k, num_active)
     return new_mask, keep
+
+
+def update_mask_sparse(mask, weights, grow_scores, drop_fraction, num_active):
+    """`update_mask` that also returns the changed positions, computed on compacted vectors.
+
+    The prune step gathers the ``num_active`` active weights and selects among them only; the
+    grow step finds the candidates near the cut with one histogram pass (`largest_indices`).
+    ``grow_scores`` are ranked by magnitude, so a raw gradient can be passed as it is; for
+    scores >= 0 the result equals `update_mask`'s (same ties rule). Dynamic shapes: not for XLA.
+
+    Returns:
+        ``(new_mask, keep, dropped, grown)``: the new mask and the kept positions (bool, the
+        shape of ``mask``), and the flat int64 positions that were dropped and grown (each
+        ``num_to_drop`` long, ascending; a position can be in both).
+    """
+    k = num_to_drop(drop_fraction, num_active)
+    flat_mask = tf.reshape(mask, [-1])
+    active = tf.reshape(tf.where(flat_mask), [-1])
+    keys = _magnitude_keys(tf.gather(tf.reshape(weights, [-1]), active))
+    kept = _select_keys(keys, tf.ones_like(active, tf.bool), num_active - k, _widths(num_active))
+    dropped = tf.boolean_mask(active, tf.logical_not(kept))
+    flat_keep = tf.tensor_scatter_nd_update(
+        flat_mask, dropped[:, None], tf.zeros_like(dropped, tf.bool))
+    grown = largest_indices(tf.reshape(grow_scores, [-1]), tf.logical_not(flat_keep), k)
+    new_mask = tf.tensor_scatter_nd_update(
+        flat_keep, grown[:, None], tf.ones_like(grown, tf.bool))
+    shape = tf.shape(mask)
+    return tf.reshape(new_mask, shape), tf.reshape(flat_keep, shape), dropped, grown
 
 
 def zero_off_mask(mask, values):

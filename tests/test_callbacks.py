@@ -192,6 +192,41 @@ def test_xla_train_step(fashion_mnist_small):
         assert not after[name][1][~after[name][0]].any()
 
 
+class _ForceStaticShapes(keras.callbacks.Callback):
+    """Makes a sparsity callback take its XLA (static-shape) update path without XLA."""
+
+    def __init__(self, sparsity_callback):
+        super().__init__()
+        self.sparsity_callback = sparsity_callback
+
+    def on_train_begin(self, logs=None):
+        self.sparsity_callback._static_shapes = True  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
+def test_compacted_update_equals_static_shape_update(fashion_mnist_small, grow):
+    """The default (compacted, scatter-reset) update path and the XLA one train identically."""
+    (x, y), _ = fashion_mnist_small
+    states = []
+    for force_static in (False, True):
+        model = _compile(_sparse_lenet(0.8), keras.optimizers.Adam(1e-3))
+        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=4)
+        extra = [_ForceStaticShapes(callback)] if force_static else []
+        model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[callback] + extra)
+        assert callback._static_shapes is force_static  # pylint: disable=protected-access
+        assert [u["step"] for u in callback.updates] == [6, 15]  # last seen per epoch
+        states.append((masked_state(model), [np.array(v) for v in model.optimizer.variables],
+                       callback.updates))
+    (first, slots_a, updates_a), (second, slots_b, updates_b) = states
+    for name in first:
+        np.testing.assert_array_equal(first[name][0], second[name][0])
+        np.testing.assert_array_equal(first[name][1], second[name][1])
+    for a, b in zip(slots_a, slots_b):
+        np.testing.assert_array_equal(a, b)
+    assert updates_a == updates_b  # same per-layer churn and density records
+
+
 def _events(log_dir):
     tags = {}
     for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents*"), recursive=True):

@@ -532,6 +532,74 @@ def test_select_largest_signed_zero_and_xla():
         )
 
 
+# ------------------------------------------------------------------- compacted (non-XLA) path
+@pytest.mark.parametrize("trial", range(10))
+def test_largest_indices_matches_select_largest(trial):
+    rng = np.random.default_rng(100 + trial)
+    n = int(rng.integers(1, 4000)) if trial < 7 else topology._NARROW_BELOW + 77  # pylint: disable=protected-access
+    kind = trial % 3
+    if kind == 0:
+        scores = rng.normal(size=n).astype(np.float32)  # signed: ranked by magnitude
+    elif kind == 1:
+        scores = rng.integers(-3, 4, n).astype(np.float32) * 0.5  # heavy ties, +-0
+    else:
+        scores = (10.0 ** rng.uniform(-30, 30, n) * rng.choice([-1, 1], n)).astype(np.float32)
+    candidates = rng.random(n) < rng.uniform(0.05, 1.0)
+    candidates[0] = True
+    for m in {0, 1, int(candidates.sum()), int(rng.integers(0, candidates.sum() + 1))}:
+        got = topology.largest_indices(tf.constant(scores), tf.constant(candidates), m).numpy()
+        want = np.flatnonzero(_reference_select(np.abs(scores), candidates, m))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_largest_indices_negative_zero_ranks_as_zero():
+    scores = tf.constant([-0.0, 2.0, 0.0, -3.0, -0.0])
+    got = topology.largest_indices(scores, tf.constant([True] * 5), 4).numpy()
+    np.testing.assert_array_equal(got, [0, 1, 2, 3])  # |-3|, 2, then the lower-index zeros
+
+
+def test_update_mask_sparse_hand_with_regrowth():
+    mask = _bool([1, 1, 1, 0, 0, 0], (2, 3))
+    weights = tf.constant([[0.1, -2.0, 0.3], [9.0, 9.0, 9.0]])
+    scores = tf.constant([[-10.0, 0.0, 1.0], [4.0, -2.0, 3.0]])  # ranked by |score|
+    new_mask, keep, dropped, grown = topology.update_mask_sparse(mask, weights, scores, 0.5, 3)
+    assert _flat_true(keep) == [1]
+    assert _flat_true(new_mask) == [0, 1, 3]
+    assert list(_np(dropped)) == [0, 2] and list(_np(grown)) == [0, 3]
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (3, 3, 2, 3), (25,), (1024, 130)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 1.0])
+def test_update_mask_sparse_equals_update_mask(shape, p):
+    rng = np.random.default_rng(math.prod(shape) + int(p * 10))
+    size = math.prod(shape)
+    for density in (0.05, 0.5, 1.0):
+        n = max(1, int(round(density * size)))
+        mask = random_mask(shape, n, rng_seed(3, -1, int(p * 10)))
+        weights = rng.normal(size=shape).astype(np.float32)
+        weights[rng.random(shape) < 0.2] = 0.0  # ties at zero, as right after growth
+        gradient = rng.normal(size=shape).astype(np.float32)
+        gradient[rng.random(shape) < 0.3] = 0.0
+        want_mask, want_keep = update_mask(mask, tf.constant(weights),
+                                           tf.constant(np.abs(gradient)), p, n)
+        new_mask, keep, dropped, grown = topology.update_mask_sparse(
+            mask, tf.constant(weights), tf.constant(gradient), tf.constant(p, tf.float64), n)
+        np.testing.assert_array_equal(_np(new_mask), _np(want_mask))
+        np.testing.assert_array_equal(_np(keep), _np(want_keep))
+        old, new, kept = (_np(x).reshape(-1) for x in (mask, new_mask, keep))
+        np.testing.assert_array_equal(_np(dropped), np.flatnonzero(old & ~kept))
+        np.testing.assert_array_equal(_np(grown), np.flatnonzero(new & ~kept))
+        assert len(_np(dropped)) == len(_np(grown)) == num_to_drop_py(p, n)
+
+
+def test_update_mask_sparse_zero_active():
+    mask = tf.zeros((2, 3), tf.bool)
+    new_mask, keep, dropped, grown = topology.update_mask_sparse(
+        mask, tf.ones((2, 3)), tf.ones((2, 3)), 0.5, 0)
+    assert not _np(new_mask).any() and not _np(keep).any()
+    assert _np(dropped).size == 0 and _np(grown).size == 0
+
+
 if __name__ == "__main__":  # bazel test / python tests/test_topology.py
     import sys
 
