@@ -37,7 +37,9 @@ test-fast: venv data
 demo: venv data
 	$(PY) examples/demo.py
 
+# Section 3 (tfmot baseline) needs the `bench` extra; without it the table says "not measured".
 bench: venv data
+	$(PY) -m pip install -e '.[bench]' || echo "note: could not install ft_keras[bench]"
 	$(PY) bench/step_overhead.py
 
 # The reproduction benchmark (~1 hour on 2 CPU cores; QUICK=1 for a ~5-minute smoke run).

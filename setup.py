@@ -36,6 +36,12 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "matplotlib>=3.7,<4"],
         "examples": ["matplotlib>=3.7,<4"],
+        # bench/tfmot_baseline.py (section 3 of bench/step_overhead.py): Keras 2 and tfmot, run in
+        # a subprocess with TF_USE_LEGACY_KERAS=1; ft_keras itself never imports them. Each
+        # tf_keras release pins its TensorFlow minor version, so pip picks the one matching the
+        # installed TensorFlow (tf_keras 2.21 for TensorFlow 2.21). tfmot 0.8 declares
+        # absl-py~=1.2, which pip resolves inside ft_keras's absl-py range.
+        "bench": ["tf_keras>=2.16,<2.23", "tensorflow-model-optimization>=0.8.1,<0.9"],
     },
     license="Apache-2.0",
 )

@@ -1,0 +1,389 @@
+"""Helpers shared by the benchmark scripts: summaries, ratios, merged table rows, memory
+accounting, the markdown of the tfmot and peak-memory sections, and a CPU-contention meter.
+
+No TensorFlow, Keras or absl import, so that the scripts' launchers stay light and
+``tests/test_bench_tables.py`` can check the logic in milliseconds. Nothing here times a model.
+"""
+
+import os
+import statistics
+import time
+
+# What the comparison table says when tf_keras / tensorflow-model-optimization are missing.
+NOT_INSTALLED = "not measured: pip install ft_keras[bench]"
+# Target of the peak-memory comparison: peak RSS of sparse training / dense training.
+MEMORY_TARGET_RATIO = 1.3
+MIB = float(1 << 20)
+
+
+# ------------------------------------------------------------------------- CPU contention
+class CpuMeter:
+    """CPU time used by *other* processes while a block runs (from /proc/stat minus our own).
+
+    The benchmarks share the machine; this tells how much of it was taken by others. Our own
+    time includes finished child processes that we waited for (``os.times``).
+    """
+
+    def __init__(self):
+        self._start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat", encoding="utf-8") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system irq softirq steal
+        ours = sum(os.times()[:4])
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), ours
+
+    def others_cores(self):
+        """Average number of cores kept busy by other processes since construction."""
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        busy = end[1] - self._start[1]
+        ours = end[2] - self._start[2]
+        return max(0.0, (busy - ours) / (end[0] - self._start[0]))
+
+
+# ------------------------------------------------------------------------------ statistics
+def summary(values):
+    """``{"min", "median"}`` of the non-None values (both None when there are none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"min": None, "median": None}
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+def ratio(numerator, denominator):
+    """``numerator / denominator``, or None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def parse_bool(text, flag):
+    """A flag's true/false word as a bool; ValueError naming the flag otherwise."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"--{flag} takes true/false values; got {text!r}.")
+
+
+def parse_positive_ints(values, flag):
+    """A list flag of positive integers; ValueError naming the flag otherwise."""
+    out = []
+    for value in values:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"--{flag} takes positive integers; got {value!r}.") from None
+        if number <= 0:
+            raise ValueError(f"--{flag} takes positive integers; got {value!r}.")
+        out.append(number)
+    return out
+
+
+def multiples_in(first, last, every):
+    """How many multiples of ``every`` lie in ``[first, last]`` (integers; 0 if last < first)."""
+    if every <= 0:
+        raise ValueError(f"every must be positive; got {every}.")
+    if last < first:
+        return 0
+    return last // every - (first - 1) // every
+
+
+# ------------------------------------------------------------------ ft_keras vs tfmot table
+def comparison_rows(step_time, tfmot):
+    """Rows of the side-by-side table: ft_keras (DST, dense) and tfmot (pruned, tf_keras dense).
+
+    Args:
+        step_time: ``step_overhead.py``'s ``step_time`` rows (keys ``model``, ``jit_compile``,
+            ``steps_per_execution``, ``ms_per_step`` with ``dense`` / ``dst`` summaries).
+        tfmot: ``tfmot_baseline.py``'s report (``status`` "ok" and ``rows`` with ``model``,
+            ``steps_per_execution``, ``ms_per_step`` with ``dense`` / ``pruned`` summaries), or
+            None / a report with another status (not installed, failed).
+
+    Returns:
+        One dict per (model, steps_per_execution), for XLA off only (tfmot runs without XLA), in
+        the order of ``step_time`` followed by tfmot-only settings. Every ms and ratio is the min
+        over rounds (``*_median`` from the medians); missing measurements are None and ``note``
+        says why the tfmot cells are empty.
+    """
+    tfmot = tfmot or {"status": "not_run"}
+    ok = tfmot.get("status") == "ok"
+    theirs = {}
+    if ok:
+        for row in tfmot.get("rows", []):
+            theirs[(row["model"], int(row["steps_per_execution"]))] = row
+    ours = {}
+    for row in step_time or []:
+        if row.get("jit_compile"):
+            continue
+        ours[(row["model"], int(row["steps_per_execution"]))] = row
+    keys = list(ours) + [k for k in theirs if k not in ours]
+    if ok:
+        note = None
+    elif tfmot.get("status") == "not_installed":
+        note = NOT_INSTALLED
+    else:
+        note = "not measured: " + str(tfmot.get("reason") or tfmot.get("status"))
+    rows = []
+    for model, spe in keys:
+        our = ours.get((model, spe), {}).get("ms_per_step", {})
+        their = theirs.get((model, spe), {})
+        their_ms = their.get("ms_per_step", {})
+        dense = our.get("dense", {})
+        dst = our.get("dst", {})
+        tfk_dense = their_ms.get("dense", {})
+        pruned = their_ms.get("pruned", {})
+        rows.append({
+            "model": model,
+            "jit_compile": False,
+            "steps_per_execution": spe,
+            "ftk_dense_ms": dense.get("min"),
+            "ftk_dst_ms": dst.get("min"),
+            "ftk_ratio": ratio(dst.get("min"), dense.get("min")),
+            "ftk_ratio_median": ratio(dst.get("median"), dense.get("median")),
+            "tf_keras_dense_ms": tfk_dense.get("min"),
+            "tfmot_pruned_ms": pruned.get("min"),
+            "tfmot_ratio": ratio(pruned.get("min"), tfk_dense.get("min")),
+            "tfmot_ratio_median": ratio(pruned.get("median"), tfk_dense.get("median")),
+            "tfmot_mask_updates": their.get("mask_updates_per_timed_round"),
+            # Across processes (measured at different times): a rough comparison only.
+            "ftk_dst_over_tfmot_pruned": ratio(dst.get("min"), pruned.get("min")),
+            "note": note if not ok else (None if their else "not measured in this run"),
+        })
+    return rows
+
+
+def _f(value, digits=2):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def comparison_markdown(rows, labels, update_every):
+    """Markdown lines of the ONE table that puts ft_keras and tfmot side by side.
+
+    ``labels`` maps model keys to display names (unknown keys are shown as they are).
+    """
+    lines = [
+        "| model | XLA | steps_per_execution | ft_keras dense ms/step | ft_keras DST ms/step "
+        "| **ft_keras DST / dense** | tf_keras dense ms/step | tfmot pruned ms/step "
+        "| **tfmot pruned / tf_keras dense** | updates (tfmot) | ft_keras DST / tfmot pruned |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = (f"| {labels.get(r['model'], r['model'])} | off | {r['steps_per_execution']} "
+                f"| {_f(r['ftk_dense_ms'])} | {_f(r['ftk_dst_ms'])} | {_f(r['ftk_ratio'], 3)} ")
+        if r["tfmot_pruned_ms"] is None:
+            lines.append(head + f"| {r['note'] or 'n/a'} | | | | |")
+            continue
+        updates = r["tfmot_mask_updates"]
+        lines.append(
+            head
+            + f"| {_f(r['tf_keras_dense_ms'])} | {_f(r['tfmot_pruned_ms'])} "
+            f"| {_f(r['tfmot_ratio'], 3)} | {'n/a' if updates is None else updates} "
+            f"| {_f(r['ftk_dst_over_tfmot_pruned'], 3)} |"
+        )
+    del update_every  # in the caption, not the table
+    return lines
+
+
+# -------------------------------------------------------------------------- peak memory
+def _sum_bytes(report):
+    return sum((report.get("variables_bytes") or {}).values()) if report else None
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def memory_accounting(dense, child, variant, float_bytes=4, adam_like=False):
+    """Expected vs measured extra bytes of one sparse variant over the dense child.
+
+    Args:
+        dense, child: the two children's reports (``masked_layers`` with ``size``,
+            ``variables_bytes``, ``peak_before_training``, ``training_peak``, and, where
+            measured, ``mask_draw_alone`` / ``update_alone`` with ``increment``).
+        variant: "static", "dst" (grow="gradient"), "dst_random" or "dst_momentum".
+        float_bytes: bytes per kernel element (4 for float32).
+        adam_like: the optimizer is Adam-like (grow="momentum" keeps two buffers then).
+
+    Returns:
+        Rows ``(phase, component, expected bytes, measured bytes)``; None where a number is not
+        defined. The *total* row of each phase compares the expectation with the measured
+        difference of the two processes: persistent = variables (exact), before training =
+        peak RSS up to the end of model building (``sparsify`` included), training = peak RSS
+        during ``fit``. Transient parts of one phase are taken as not overlapping (the largest
+        one counts), which is what a step that handles one layer at a time needs.
+    """
+    known = ("static", "dst", "dst_random", "dst_momentum")
+    if variant not in known:
+        raise ValueError(f"variant={variant!r}; choose from {known}.")
+    sizes = [int(layer["size"]) for layer in child.get("masked_layers", [])]
+    if not sizes:
+        raise ValueError(f"the {variant} child reports no masked layer.")
+    total, largest = sum(sizes), max(sizes)
+    rows = []
+
+    persistent = [("kernel_mask: 1 byte (bool) per kernel position of the masked layers",
+                   total)]
+    if variant == "dst_momentum":
+        persistent.append(("ftk_grad_m: dense-gradient momentum, one float per position",
+                           float_bytes * total))
+        if adam_like:
+            persistent.append(("ftk_grad_v: second moment (Adam-like optimizers)",
+                               float_bytes * total))
+    for name, size in persistent:
+        rows.append(("persistent", name, size, None))
+    persistent_total = sum(size for _, size in persistent)
+    rows.append(("persistent", "total (model + optimizer variables)", persistent_total,
+                 _diff(_sum_bytes(child), _sum_bytes(dense))))
+
+    model_bytes = (child.get("variables_bytes") or {}).get("model")
+    draw = (child.get("mask_draw_alone") or {}).get("increment")
+    rows.append(("before training", "sparsify: the sparse copy of the model (the dense model is "
+                 "alive until sparsify returns)", model_bytes, None))
+    rows.append(("before training", "sparsify: drawing the largest layer's initial mask "
+                 "(random_mask, measured alone)", draw, None))
+    rows.append(("before training", "total (peak RSS up to the compiled model)",
+                 None if model_bytes is None or draw is None else model_bytes + draw,
+                 _diff(child.get("peak_before_training"), dense.get("peak_before_training"))))
+
+    transients = [
+        ("on_train_begin: kernel and momentum re-zeroed off-mask, eagerly (largest layer: "
+         "2 reads + 2 tf.where)", 2 * float_bytes * largest),
+        ("masked gradient tf.where(mask, g, 0) of the largest layer, every step",
+         float_bytes * largest),
+    ]
+    if variant != "static":
+        update = (child.get("update_alone") or {}).get("increment")
+        transients.append(("mask update of the largest layer (scores, radix selection, resets; "
+                           "measured alone)", update))
+    for name, size in persistent:
+        rows.append(("training", name, size, None))
+    for name, size in transients:
+        rows.append(("training", name, size, None))
+    known_transients = [size for _, size in transients if size is not None]
+    rows.append(("training", "total (persistent + the largest transient)",
+                 persistent_total + max(known_transients) if known_transients else None,
+                 _diff(child.get("training_peak"), dense.get("training_peak"))))
+    return rows
+
+
+def memory_rows(children, target=MEMORY_TARGET_RATIO):
+    """Per-variant rows of the peak-memory table, with ratios to the dense child.
+
+    ``children`` maps variant -> the child's report (``rss_after_build``,
+    ``peak_before_training``, ``training_peak``, ``lifetime_peak``; bytes). A child that
+    failed has ``error`` and no numbers.
+    """
+    dense = children.get("dense") or {}
+    rows = []
+    for variant, child in children.items():
+        if child.get("error"):
+            rows.append({"variant": variant, "error": child["error"]})
+            continue
+        base = child.get("rss_after_build")
+        peak = child.get("training_peak")
+        increment = None if base is None or peak is None else peak - base
+        dense_increment = None
+        if dense.get("rss_after_build") is not None and dense.get("training_peak") is not None:
+            dense_increment = dense["training_peak"] - dense["rss_after_build"]
+        lifetime_ratio = ratio(child.get("lifetime_peak"), dense.get("lifetime_peak"))
+        rows.append({
+            "variant": variant,
+            "rss_after_import": child.get("rss_after_import"),
+            "rss_after_build": base,
+            "peak_before_training": child.get("peak_before_training"),
+            "training_peak": peak,
+            "lifetime_peak": child.get("lifetime_peak"),
+            "training_increment": increment,
+            "peak_ratio": lifetime_ratio,
+            "training_peak_ratio": ratio(peak, dense.get("training_peak")),
+            "increment_ratio": ratio(increment, dense_increment),
+            "meets_target": None if lifetime_ratio is None else lifetime_ratio <= target,
+            "extra_over_dense": (
+                None if child.get("lifetime_peak") is None or dense.get("lifetime_peak") is None
+                else child["lifetime_peak"] - dense["lifetime_peak"]),
+        })
+    return rows
+
+
+def _mib(value, digits=1):
+    return "n/a" if value is None else f"{value / MIB:.{digits}f}"
+
+
+def memory_markdown(rows_by_allocator, target=MEMORY_TARGET_RATIO):
+    """Markdown lines of ONE peak-memory table: a line per (allocator, variant).
+
+    ``rows_by_allocator`` maps an allocator name to `memory_rows` output.
+    """
+    lines = [
+        "| allocator | variant | RSS after import MiB | RSS after build MiB "
+        "| peak before training MiB | training peak MiB | training increment MiB "
+        "| **peak / dense** | training peak / dense | increment / dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for allocator, rows in rows_by_allocator.items():
+        for r in rows:
+            if r.get("error"):
+                lines.append(f"| {allocator} | {r['variant']} | failed: {r['error']} "
+                             "| | | | | | | |")
+                continue
+            mark = "" if r["meets_target"] in (None, True) else " ✗"
+            lines.append(
+                f"| {allocator} | {r['variant']} | {_mib(r['rss_after_import'])} "
+                f"| {_mib(r['rss_after_build'])} | {_mib(r['peak_before_training'])} "
+                f"| {_mib(r['training_peak'])} | {_mib(r['training_increment'])} "
+                f"| {_f(r['peak_ratio'], 3)}{mark} | {_f(r['training_peak_ratio'], 3)} "
+                f"| {_f(r['increment_ratio'], 3)} |"
+            )
+    del target
+    return lines
+
+
+def alone_markdown(children):
+    """Lines of the table of the two big selections measured alone (eager/graph vs XLA).
+
+    ``children`` maps variant -> child report (one allocator); variants without the
+    measurements are skipped.
+    """
+    lines = [
+        "| variant | largest layer (positions) "
+        "| initial mask draw, as sparsify does it (eager) MiB | same, XLA-compiled MiB "
+        "| mask update, as in training (graph) MiB | same, XLA-compiled MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant, child in children.items():
+        draw = child.get("mask_draw_alone")
+        if child.get("error") or not draw:
+            continue
+
+        def cell(key):
+            entry = child.get(key)
+            return "" if entry is None else _mib(entry.get("increment"))
+
+        lines.append(
+            f"| {variant} | {draw['layer']} ({draw['size']:,}) | {cell('mask_draw_alone')} "
+            f"| {cell('mask_draw_alone_xla')} | {cell('update_alone')} "
+            f"| {cell('update_alone_xla')} |")
+    return lines
+
+
+def accounting_markdown(rows, variant):
+    """Lines of one variant's accounting table (rows from `memory_accounting`)."""
+    lines = [
+        f"| {variant}: phase | component | expected MiB | measured MiB (vs dense) |",
+        "|---|---|---:|---:|",
+    ]
+    for phase, name, expected, measured in rows:
+        bold = name.startswith("total")
+        name = f"**{name}**" if bold else name
+        lines.append(f"| {phase} | {name} | {_mib(expected, 1)} "
+                     f"| {_mib(measured, 1) if measured is not None else ''} |")
+    return lines

@@ -1,0 +1,180 @@
+"""The pure logic of the benchmark reports (bench/bench_tables.py): merged rows, ratios, memory
+accounting and markdown. Nothing here runs or times a benchmark."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).absolute().parent.parent / "bench" / "bench_tables.py"
+_SPEC = importlib.util.spec_from_file_location("bench_tables_under_test", _PATH)
+bt = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bt)
+
+MIB = 1 << 20
+
+
+def _ms(dense, other, other_key):
+    return {"dense": {"min": dense, "median": dense + 1.0},
+            other_key: {"min": other, "median": other + 2.0}}
+
+
+def _ours(model, xla, spe, dense, dst):
+    return {"model": model, "jit_compile": xla, "steps_per_execution": spe,
+            "ms_per_step": _ms(dense, dst, "dst")}
+
+
+def _theirs(model, spe, dense, pruned, updates=2):
+    return {"model": model, "steps_per_execution": spe, "mask_updates_per_timed_round": updates,
+            "ms_per_step": _ms(dense, pruned, "pruned")}
+
+
+def test_summary_and_ratio():
+    assert bt.summary([3.0, None, 1.0, 2.0]) == {"min": 1.0, "median": 2.0}
+    assert bt.summary([None]) == {"min": None, "median": None}
+    assert bt.ratio(3.0, 2.0) == 1.5
+    assert bt.ratio(None, 2.0) is None and bt.ratio(1.0, 0) is None
+
+
+def test_flag_parsers_name_the_flag():
+    assert bt.parse_bool(" On ", "xla") is True and bt.parse_bool("0", "xla") is False
+    with pytest.raises(ValueError, match="--xla"):
+        bt.parse_bool("maybe", "xla")
+    assert bt.parse_positive_ints(["1", " 32"], "spe") == [1, 32]
+    for bad in (["0"], ["x"], ["-3"]):
+        with pytest.raises(ValueError, match="--spe"):
+            bt.parse_positive_ints(bad, "spe")
+
+
+@pytest.mark.parametrize("first, last, every, expected", [
+    (101, 300, 100, 2), (33, 232, 100, 2), (1, 99, 100, 0), (100, 100, 100, 1),
+    (5, 4, 100, 0), (1, 10, 1, 10),
+])
+def test_multiples_in(first, last, every, expected):
+    assert bt.multiples_in(first, last, every) == expected
+
+
+def test_multiples_in_rejects_bad_period():
+    with pytest.raises(ValueError):
+        bt.multiples_in(1, 10, 0)
+
+
+def test_comparison_rows_merge_by_model_and_spe():
+    ours = [_ours("mlp", False, 1, 10.0, 10.5), _ours("mlp", True, 1, 8.0, 9.0),
+            _ours("mlp", False, 32, 8.0, 8.2)]
+    theirs = {"status": "ok", "rows": [_theirs("mlp", 32, 7.0, 8.4), _theirs("mlp", 1, 9.0, 11.0),
+                                       _theirs("lenet5", 1, 6.0, 6.3)]}
+    rows = bt.comparison_rows(ours, theirs)
+    # XLA rows are left out; ours come first in their order, tfmot-only settings after.
+    assert [(r["model"], r["steps_per_execution"]) for r in rows] == [
+        ("mlp", 1), ("mlp", 32), ("lenet5", 1)]
+    first = rows[0]
+    assert first["ftk_ratio"] == pytest.approx(1.05)
+    assert first["ftk_ratio_median"] == pytest.approx(12.5 / 11.0)
+    assert first["tfmot_ratio"] == pytest.approx(11.0 / 9.0)
+    assert first["ftk_dst_over_tfmot_pruned"] == pytest.approx(10.5 / 11.0)
+    assert first["tfmot_mask_updates"] == 2 and first["note"] is None
+    assert rows[1]["tfmot_ratio"] == pytest.approx(1.2)
+    assert rows[2]["ftk_ratio"] is None and rows[2]["tfmot_ratio"] == pytest.approx(1.05)
+
+
+def test_comparison_rows_without_tfmot_say_how_to_install():
+    ours = [_ours("mlp", False, 1, 10.0, 10.5)]
+    for report in (None, {"status": "not_installed"}):
+        rows = bt.comparison_rows(ours, report)
+        assert len(rows) == 1
+        assert rows[0]["tfmot_ratio"] is None
+    assert rows[0]["note"] == bt.NOT_INSTALLED
+    text = "\n".join(bt.comparison_markdown(rows, {"mlp": "MLP"}, 100))
+    assert bt.NOT_INSTALLED in text and "| MLP | off | 1 |" in text
+    failed = bt.comparison_rows(ours, {"status": "failed", "reason": "exit code 1"})
+    assert failed[0]["note"] == "not measured: exit code 1"
+
+
+def test_comparison_markdown_has_one_line_per_row():
+    rows = bt.comparison_rows([_ours("mlp", False, 1, 10.0, 10.5)],
+                              {"status": "ok", "rows": [_theirs("mlp", 1, 9.0, 11.0)]})
+    lines = bt.comparison_markdown(rows, {}, 100)
+    assert len(lines) == 2 + len(rows)
+    assert "1.050" in lines[-1] and "1.222" in lines[-1]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def _child(build, before, peak, sizes=(), variables=(80, 80), **extra):
+    child = {"rss_after_import": 500 * MIB, "rss_after_build": build * MIB,
+             "peak_before_training": before * MIB, "training_peak": peak * MIB,
+             "lifetime_peak": max(before, peak) * MIB,
+             "variables_bytes": {"model": variables[0] * MIB, "optimizer": variables[1] * MIB},
+             "masked_layers": [{"size": s} for s in sizes]}
+    child.update(extra)
+    return child
+
+
+def test_memory_rows_ratios_to_dense():
+    children = {
+        "dense": _child(800, 800, 1000),
+        "dst": _child(900, 1400, 1200),
+        "static": {"error": "exit code 1: boom"},
+    }
+    rows = {r["variant"]: r for r in bt.memory_rows(children)}
+    assert rows["dense"]["peak_ratio"] == 1.0
+    assert rows["dst"]["peak_ratio"] == pytest.approx(1.4)
+    assert rows["dst"]["training_peak_ratio"] == pytest.approx(1.2)
+    assert rows["dst"]["increment_ratio"] == pytest.approx(300 / 200)
+    assert rows["dst"]["meets_target"] is False
+    assert rows["dst"]["extra_over_dense"] == 400 * MIB
+    assert rows["static"] == {"variant": "static", "error": "exit code 1: boom"}
+    text = "\n".join(bt.memory_markdown({"default": list(rows.values())}))
+    assert "1.400 ✗" in text and "failed: exit code 1" in text
+
+
+def test_memory_accounting_static_and_dst():
+    sizes = (4 * MIB, 16 * MIB)
+    dense = _child(800, 800, 1000)
+    static = _child(900, 1300, 1100, sizes=sizes, variables=(100, 80),
+                    mask_draw_alone={"increment": 400 * MIB})
+    rows = bt.memory_accounting(dense, static, "static")
+    by = {(phase, name.split(":")[0]): (exp, meas) for phase, name, exp, meas in rows}
+    assert by[("persistent", "kernel_mask")] == (20 * MIB, None)
+    assert by[("persistent", "total (model + optimizer variables)")] == (20 * MIB, 20 * MIB)
+    assert by[("before training", "total (peak RSS up to the compiled model)")] == (
+        500 * MIB, 500 * MIB)
+    # training: persistent + the largest transient (re-zeroing: 2 x 4 B x the largest layer)
+    assert by[("training", "total (persistent + the largest transient)")] == (
+        20 * MIB + 128 * MIB, 100 * MIB)
+    dst = dict(static, update_alone={"increment": 300 * MIB})
+    names = [name for _, name, _, _ in bt.memory_accounting(dense, dst, "dst")]
+    assert any(name.startswith("mask update") for name in names)
+    total = bt.memory_accounting(dense, dst, "dst")[-1]
+    assert total[2] == 20 * MIB + 300 * MIB
+    lines = bt.accounting_markdown(rows, "static")
+    assert len(lines) == 2 + len(rows) and "**total" in "\n".join(lines)
+
+
+def test_memory_accounting_momentum_buffers_and_errors():
+    dense = _child(800, 800, 1000)
+    child = _child(900, 1300, 1100, sizes=(MIB,))
+    rows = bt.memory_accounting(dense, child, "dst_momentum", adam_like=True)
+    persistent_total = [r for r in rows if r[0] == "persistent" and r[1].startswith("total")][0]
+    assert persistent_total[2] == MIB + 8 * MIB  # mask + ftk_grad_m + ftk_grad_v
+    with pytest.raises(ValueError, match="variant"):
+        bt.memory_accounting(dense, child, "dense")
+    with pytest.raises(ValueError, match="no masked layer"):
+        bt.memory_accounting(dense, _child(900, 900, 900), "static")
+
+
+def test_alone_markdown_skips_children_without_measurements():
+    children = {
+        "dense": _child(800, 800, 1000),
+        "dst": _child(900, 1300, 1100, sizes=(16,), mask_draw_alone={
+            "layer": "fc2", "size": 16_777_216, "increment": 400 * MIB},
+            update_alone={"increment": 300 * MIB}, update_alone_xla=None),
+    }
+    lines = bt.alone_markdown(children)
+    assert len(lines) == 3
+    assert "fc2 (16,777,216)" in lines[-1] and "400.0" in lines[-1] and "300.0" in lines[-1]
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_bench_tables.py
+    sys.exit(pytest.main([__file__, "-q"]))
