@@ -1,6 +1,7 @@
 """Step-time overhead of dynamic sparse training (`ft_keras.DynamicSparsity`) vs dense training.
 
-Measures, on real Fashion-MNIST at batch 128, in ONE process:
+Measures, on real Fashion-MNIST at batch 128 (sections 1 and 2 in this process, 3 and 4 in
+subprocesses):
 
 1. Training throughput (ms per optimizer step) of three variants of the same architecture,
    trained side by side in alternating rounds (dense, static, DST, dense, static, DST, ...):
@@ -27,15 +28,31 @@ Measures, on real Fashion-MNIST at batch 128, in ONE process:
 2. Wall time of one mask update (``ftk.topology.update_mask``: magnitude prune + gradient grow)
    on a 1024x1024 kernel at density 0.1, in ``tf.function`` with and without XLA.
 
+3. The tfmot baseline (``bench/tfmot_baseline.py``, run as a subprocess with
+   ``TF_USE_LEGACY_KERAS=1``: this process never imports tf_keras or tfmot): tfmot's
+   ``prune_low_magnitude`` (``ConstantSparsity(0.9, begin_step=0, frequency=100)``) against its
+   tf_keras dense twin, same models, data and protocol, XLA off, side by side in alternating rounds
+   in that one process. Its rows are merged with section 1's XLA-off rows into ONE table
+   (ft_keras DST / ft_keras dense next to tfmot pruned / tf_keras dense). Without tf_keras /
+   tensorflow-model-optimization the table says "not measured: pip install ft_keras[bench]".
+
+4. Peak memory (``bench/peak_memory.py``, one fresh subprocess per variant): max RSS of training
+   ``mlp(hidden=(4096, 4096))`` dense vs static mask vs DST (RigL, update_every=100) for
+   ``--memory_steps`` steps, under TensorFlow's default CPU allocator and the system allocator,
+   with the ratio sparse / dense (target <= 1.3) and an accounting of the extra bytes.
+
 Results go to ``--output_json`` (raw times, machine info) and ``--output_md`` (tables).
 
 How to run (from the repository root):
 
-    python bench/step_overhead.py            # the full default run (~9 minutes on 2 CPU cores)
+    python bench/step_overhead.py            # the full default run (~14 minutes on 2 CPU cores)
     make bench                               # the same, in the project's virtualenv
-    python bench/step_overhead.py --quick    # ~1-minute smoke run (fewer steps, rounds, settings)
+    pip install -e '.[bench]'                # tf_keras + tensorflow-model-optimization (section 3)
+    python bench/step_overhead.py --quick --output_json=/tmp/b.json --output_md=/tmp/b.md
+                                             # ~4-minute smoke run of every section
     python bench/step_overhead.py --models=mlp --xla=false --spe=32 --rounds=7
     python bench/step_overhead.py --skip_xla_cnn   # leave out LeNet-5 with XLA (slow on CPU)
+    python bench/step_overhead.py --notfmot --nomemory   # sections 1 and 2 only (~8 minutes)
 """
 
 import datetime
@@ -47,6 +64,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,6 +83,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ft_keras as ftk  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _BENCH)
+import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 
 MODELS = {
     "mlp": ("MLP 784-1024-1024-10", lambda: ftk.models.mlp(hidden=(1024, 1024))),
@@ -93,14 +114,27 @@ flags.DEFINE_integer("update_reps", 20, "Timed repetitions of the mask-update mi
 flags.DEFINE_integer("update_size", 1024, "The micro-benchmark's kernel is update_size^2.")
 flags.DEFINE_float("update_density", 0.1, "Density of the micro-benchmark's mask.")
 flags.DEFINE_bool(
+    "tfmot", True,
+    "Run the tfmot baseline (bench/tfmot_baseline.py) for the XLA-off settings; needs tf_keras "
+    "and tensorflow-model-optimization (pip install ft_keras[bench]).")
+flags.DEFINE_bool("memory", True, "Run the peak-memory benchmark (bench/peak_memory.py).")
+flags.DEFINE_integer("memory_steps", 150, "Training steps of each peak-memory process.")
+flags.DEFINE_integer("memory_update_every", 100, "DynamicSparsity update_every of the memory run.")
+flags.DEFINE_list("memory_variants", ["dense", "static", "dst"],
+                  "Variants of the memory run (see bench/peak_memory.py --variants).")
+flags.DEFINE_list("memory_allocators", ["default", "system"],
+                  "Allocators of the memory run (see bench/peak_memory.py --allocators).")
+flags.DEFINE_list("memory_hidden", ["4096", "4096"], "Hidden widths of the memory run's MLP.")
+flags.DEFINE_bool(
     "quick", False,
-    "Smoke run (~1 minute): steps=100, rounds=2, warmup_steps=32, xla=false, update_reps=5, "
-    "unless those flags are given explicitly.")
+    "Smoke run (~4 minutes): steps=100, rounds=2, warmup_steps=32, xla=false, update_reps=5, "
+    "memory_steps=20, memory_update_every=10, unless those flags are given explicitly.")
 flags.DEFINE_string("output_json", "docs/benchmarks.json", "Where to write the raw results.")
 flags.DEFINE_string("output_md", "docs/benchmarks.md", "Where to write the markdown report.")
 flags.DEFINE_integer("seed", 0, "Seed for weights and masks.")
 
-QUICK = {"steps": 100, "rounds": 2, "warmup_steps": 32, "xla": ["false"], "update_reps": 5}
+QUICK = {"steps": 100, "rounds": 2, "warmup_steps": 32, "xla": ["false"], "update_reps": 5,
+         "memory_steps": 20, "memory_update_every": 10}
 TARGET_RATIO = 1.05
 # Cores' worth of CPU used by other processes above which a row is flagged as disturbed.
 CONTENTION_WARNING = 0.2
@@ -190,36 +224,6 @@ def _machine_info():
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
     }
-
-
-class _CpuMeter:
-    """CPU time used by *other* processes while a block runs (from /proc/stat minus our own).
-
-    The benchmark shares the machine; this tells how much of it was taken by others.
-    """
-
-    def __init__(self):
-        self._start = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat", encoding="utf-8") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system irq softirq steal
-        ours = sum(os.times()[:4])
-        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), ours
-
-    def others_cores(self):
-        """Average number of cores kept busy by other processes since construction."""
-        end = self._read()
-        if self._start is None or end is None or end[0] <= self._start[0]:
-            return None
-        busy = end[1] - self._start[1]
-        ours = end[2] - self._start[2]
-        return max(0.0, (busy - ours) / (end[0] - self._start[0]))
 
 
 def _load_data(num_examples):
@@ -425,7 +429,7 @@ def _bench_setting(model_name, xla, spe, x_all, y_all):
         warmup[variant] = _timed_fit(models[variant], variant, x_warm, y_warm, spe)
         logging.info("%s: warm-up %-6s %.1f s", label, variant, time.perf_counter() - t0)
 
-    meter = _CpuMeter()
+    meter = bench_tables.CpuMeter()
     rounds = {v: [] for v in VARIANTS}
     for r in range(FLAGS.rounds):
         for variant in VARIANTS:  # alternate: dense, static, dst, dense, static, dst, ...
@@ -568,6 +572,101 @@ def _relate_update_to_mlp(updates, settings_results, mlp_positions):
             str(spe): (entry["est_ms_per_mlp_update"] / (100.0 * ms))
             for spe, ms in sorted(dense.items())
         }
+
+
+# ------------------------------------------------------------- subprocess benchmarks (3, 4)
+def _script(name):
+    return os.path.join(_BENCH, name)
+
+
+def _tail(text, lines=5):
+    return "\n".join((text or "").strip().splitlines()[-lines:])
+
+
+def _run_tfmot(settings, x_all, y_all):
+    """Section 3: bench/tfmot_baseline.py in a TF_USE_LEGACY_KERAS=1 subprocess; its report."""
+    if not FLAGS.tfmot:
+        return {"status": "skipped", "reason": "not measured: --notfmot"}
+    ours = [(m, spe) for m, xla, spe in settings if not xla]
+    if not ours:
+        return {"status": "skipped", "reason": "not measured: no XLA-off setting in this run"}
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    missing = [name for name in ("tf_keras", "tensorflow_model_optimization")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        logging.warning("tfmot baseline not measured: %s not installed (pip install "
+                        "ft_keras[bench]).", ", ".join(missing))
+        return {"status": "not_installed", "missing": missing,
+                "reason": bench_tables.NOT_INSTALLED}
+    models = list(dict.fromkeys(m for m, _ in ours))
+    spes = list(dict.fromkeys(spe for _, spe in ours))
+    needed = max(FLAGS.steps + max(spes), FLAGS.warmup_steps) * FLAGS.batch_size
+    with tempfile.TemporaryDirectory(prefix="ftk_bench_") as tmp:
+        data = os.path.join(tmp, "data.npz")
+        # The same examples as ours, back to uint8 (exact: x = u / 255 in float32).
+        np.savez(data, x=np.rint(x_all[:needed] * 255.0).astype(np.uint8), y=y_all[:needed])
+        out = os.path.join(tmp, "tfmot.json")
+        command = [
+            sys.executable, _script("tfmot_baseline.py"),
+            f"--models={','.join(models)}", f"--spe={','.join(str(s) for s in spes)}",
+            f"--steps={FLAGS.steps}", f"--rounds={FLAGS.rounds}",
+            f"--warmup_steps={FLAGS.warmup_steps}", f"--batch_size={FLAGS.batch_size}",
+            f"--sparsity={FLAGS.sparsity}", f"--frequency={FLAGS.update_every}",
+            f"--seed={FLAGS.seed}", f"--data={data}", f"--output_json={out}",
+        ]
+        logging.info("tfmot baseline: %s", shlex.join(command))
+        env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        for line in (proc.stderr or "").splitlines():
+            if "tfmot_baseline.py" in line and "] tfmot " in line:
+                logging.info("  %s", line.split("] ", 1)[-1])
+        if proc.returncode != 0 or not os.path.exists(out):
+            logging.error("tfmot baseline failed (exit %d):\n%s", proc.returncode,
+                          _tail(proc.stderr))
+            return {"status": "failed",
+                    "reason": f"failed (exit code {proc.returncode}; see the log)",
+                    "stderr_tail": _tail(proc.stderr, 20)}
+        with open(out, encoding="utf-8") as f:
+            report = json.load(f)
+    report["wall_s"] = time.perf_counter() - t0
+    logging.info("tfmot baseline done in %.0f s", report["wall_s"])
+    return report
+
+
+def _run_memory():
+    """Section 4: bench/peak_memory.py (one child process per variant and allocator)."""
+    if not FLAGS.memory:
+        return {"status": "skipped", "reason": "not measured: --nomemory"}
+    with tempfile.TemporaryDirectory(prefix="ftk_bench_") as tmp:
+        out = os.path.join(tmp, "memory.json")
+        command = [
+            sys.executable, _script("peak_memory.py"),
+            f"--steps={FLAGS.memory_steps}", f"--update_every={FLAGS.memory_update_every}",
+            f"--variants={','.join(FLAGS.memory_variants)}",
+            f"--allocators={','.join(FLAGS.memory_allocators)}",
+            f"--hidden={','.join(FLAGS.memory_hidden)}",
+            f"--sparsity={FLAGS.sparsity}", f"--drop_fraction={FLAGS.drop_fraction}",
+            f"--batch_size={FLAGS.batch_size}", f"--seed={FLAGS.seed}", f"--output_json={out}",
+        ]
+        logging.info("peak memory: %s", shlex.join(command))
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        for line in (proc.stderr or "").splitlines():
+            if "peak_memory.py" in line and "] memory " in line:
+                logging.info("  %s", line.split("] ", 1)[-1])
+        if not os.path.exists(out):
+            logging.error("peak memory failed (exit %d):\n%s", proc.returncode,
+                          _tail(proc.stderr))
+            return {"status": "failed",
+                    "reason": f"failed (exit code {proc.returncode}; see the log)",
+                    "stderr_tail": _tail(proc.stderr, 20)}
+        with open(out, encoding="utf-8") as f:
+            report = json.load(f)
+    report["status"] = "ok" if proc.returncode == 0 else "partly failed"
+    report["wall_s"] = time.perf_counter() - t0
+    logging.info("peak memory done in %.0f s", report["wall_s"])
+    return report
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -739,6 +838,8 @@ def _markdown(report):
     if report["mask_update"] and "mlp_masked_positions" in report["mask_update"][0]:
         lines += ["", f"MLP masked kernel positions (fc1 + fc2; ERK keeps the logits layer "
                   f"dense): {report['mask_update'][0]['mlp_masked_positions']:,}."]
+    lines += _tfmot_section(report)
+    lines += _memory_section(report)
     lines += [
         "",
         "## How to read this",
@@ -760,6 +861,141 @@ def _markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def _tfmot_section(report):
+    cfg = report["config"]
+    tfmot = report["tfmot"]
+    versions = tfmot.get("versions") or {}
+    tcfg = tfmot.get("config") or {}
+    lines = [
+        "",
+        "## 3. Against tfmot: prune_low_magnitude on tf_keras",
+        "",
+        "`tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=ConstantSparsity("
+        f"{cfg['sparsity']}, begin_step=0, frequency={cfg['update_every']}))` with the "
+        "`UpdatePruningStep()` callback, against the same tf_keras model without pruning "
+        "(*tf_keras dense*), run by `bench/tfmot_baseline.py` in a separate process with "
+        "`TF_USE_LEGACY_KERAS=1` (this process never imports tf_keras or tfmot)"
+        + (f": TensorFlow {versions.get('tensorflow')}, tf_keras {versions.get('tf_keras')}, "
+           f"tensorflow-model-optimization {versions.get('tensorflow_model_optimization')}"
+           if versions else "")
+        + ". Same architectures, data slice, batch, optimizer, loss and protocol as section 1, "
+        "XLA off: the two variants alternate in that one process, "
+        f"{tcfg.get('rounds', cfg['rounds'])} rounds after a warm-up fit each, "
+        f"{tcfg.get('steps', cfg['steps'])} timed steps per round after the first execution, "
+        "min over rounds. tfmot prunes the kernel of every Dense and Conv2D layer (the logits "
+        f"layer too) to a uniform {cfg['sparsity']:.0%}, where ft_keras uses ERK at "
+        f"{cfg['sparsity']:.0%} overall (which leaves the MLP's small logits layer dense); "
+        "both store sparse kernels dense. tfmot multiplies every kernel by its mask in every "
+        "step and recomputes the masks by magnitude every "
+        f"{cfg['update_every']} steps of its own step counter (incremented inside the train "
+        "step, so it counts steps at any steps_per_execution): *updates (tfmot)* = mask updates "
+        "in each timed window. Each ratio compares two models of one process; the last column "
+        "compares the two processes (Keras 3 vs Keras 2 runtimes, measured at different times) "
+        "and is indicative only.",
+        "",
+    ]
+    labels = {k: v[0] for k, v in MODELS.items()}
+    lines += bench_tables.comparison_markdown(report["comparison"], labels, cfg["update_every"])
+    rows = [r for r in report["comparison"]
+            if r["ftk_ratio"] is not None and r["tfmot_ratio"] is not None]
+    if rows:
+        lines += [
+            "",
+            "Overhead over each framework's own dense model: ft_keras DST "
+            + ", ".join(f"{100 * (r['ftk_ratio'] - 1):+.1f}%" for r in rows)
+            + "; tfmot " + ", ".join(f"{100 * (r['tfmot_ratio'] - 1):+.1f}%" for r in rows)
+            + " (rows in table order).",
+        ]
+    busy = [r for r in tfmot.get("rows", [])
+            if (r.get("other_processes_cores") or 0.0) > CONTENTION_WARNING]
+    if busy:
+        lines += ["", "**Warning:** other processes used the CPU during the tfmot rows "
+                  + ", ".join(f"{r['model']} spe={r['steps_per_execution']} "
+                              f"({r['other_processes_cores']:.2f} cores)" for r in busy) + "."]
+    return lines
+
+
+def _memory_section(report):
+    memory = report["peak_memory"]
+    lines = ["", "## 4. Peak memory: dense vs static mask vs DST", ""]
+    if memory.get("status") not in ("ok", "partly failed"):
+        return lines + [memory.get("reason", "not measured"), ""]
+    cfg = memory["config"]
+    target = cfg["target_ratio"]
+    lines += [
+        f"{cfg['model']}, batch {cfg['batch_size']}, SGD(0.01, momentum=0.9), {cfg['steps']} "
+        f"steps over {cfg['examples']} Fashion-MNIST examples, each variant in a fresh process "
+        f"(`bench/peak_memory.py`): **dense** (plain), **static** (`sparsify` {cfg['sparsity']} "
+        "ERK + `StaticSparsity`), **dst** (`DynamicSparsity(update_every="
+        f"{cfg['update_every']}, drop_fraction={cfg['drop_fraction']}, grow=\"gradient\")`, "
+        f"end_step far beyond the run: updates at every multiple of {cfg['update_every']}). RSS "
+        "from `/proc/self/status`: after importing TensorFlow, Keras and ft_keras; after "
+        "building (and sparsifying) and compiling the model and making the data (*build*); "
+        "the high-water mark up to then (*peak before training*, which includes `sparsify`); "
+        "then the mark is reset and *training peak* is its value after `fit`. *peak / dense* "
+        f"= the whole process's peak over the dense process's (target <= {target}; ✗ above "
+        "it). *increment* = training peak - RSS after build.",
+        "",
+        "Two allocators, because TensorFlow's CPU allocator decides what RSS means: **default** "
+        "(what users get; with oneDNN on, as in the stock x86 wheels, large tensors come from a "
+        "pool that never gives memory back, so RSS is the pool's high-water mark and a freed "
+        "block is reused later) and **system** (`TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`: freed "
+        "tensors go back to the OS, so RSS follows the live tensors and the accounting below "
+        "can be checked against it). Peaks move by tens of MiB from run to run (the executor's "
+        "thread interleaving decides which temporaries coexist).",
+        "",
+    ]
+    lines += bench_tables.memory_markdown(memory["rows"], target)
+    children = memory.get("children", {})
+    acc_allocator = "system" if memory["accounting"].get("system") else "default"
+    accounting = memory["accounting"].get(acc_allocator) or {}
+    if accounting:
+        lines += [
+            "",
+            f"### Where the extra bytes go ({acc_allocator} allocator)",
+            "",
+            "Expected from the masked kernels' shapes and from the two big selections measured "
+            "alone (next table), vs the measured difference between the sparse and the dense "
+            "process. *persistent* is exact (variables); the transient rows are the sizes of "
+            "the temporaries that ft_keras's code creates for the largest masked layer. The "
+            "training difference can come out below the expectation: a masked kernel's "
+            "optimizer update runs TensorFlow's fused SGD kernel in place, where the dense "
+            "model's Keras SGD makes kernel-sized temporaries, so part of the sparse "
+            "temporaries fits under the dense step's own peak.",
+            "",
+        ]
+        for variant, rows in accounting.items():
+            lines += bench_tables.accounting_markdown(rows, variant) + [""]
+        lines += [
+            "The two big selections alone (high-water increment of one call on the largest "
+            "layer, after training): drawing an initial mask (`ftk.topology.random_mask`, which "
+            "`sparsify` runs eagerly per layer) and one mask update as the callback runs it in "
+            "the train step (|g| scores, `update_mask`, weight and momentum resets); each also "
+            "XLA-compiled for comparison.",
+            "",
+        ]
+        lines += bench_tables.alone_markdown(children.get(acc_allocator, {}))
+    lines += [
+        "",
+        "How to reduce the extra memory: the only persistent cost is the bool mask (1 byte per "
+        "kernel position, a quarter of the float32 kernel); the rest is transient and scales "
+        "with the **largest** masked layer, not with the model. grow=\"gradient\" keeps no "
+        "gradient buffer (the update reads the step's own gradient), and neither does "
+        "grow=\"random\" (it draws uniform scores with `stateless_uniform` instead, no smaller "
+        "than |g|); grow=\"momentum\" adds a persistent float32 buffer per masked kernel (two "
+        "for Adam-like optimizers). `StaticSparsity` has no update temporaries. The initial-mask "
+        "draw in `sparsify` is a one-off peak: sparsify once, save the sparse model, and train "
+        "it in a fresh process that loads it (loading draws no mask; it builds the layers and "
+        "reads the weights like a dense model does), so the training process never reaches "
+        "that peak. Under the default allocator a peak "
+        "is kept by the pool for the rest of the process, so the before-training peak also "
+        "raises the memory the training process holds. In ft_keras itself, XLA-compiling the "
+        "selections (last table) would shrink both transients.",
+        "",
+    ]
+    return lines
+
+
 def _path(path):
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
@@ -779,7 +1015,7 @@ def main(argv):
     logging.info("%s", command)
     logging.info("settings: %s", settings)
     started = time.perf_counter()
-    meter = _CpuMeter()
+    meter = bench_tables.CpuMeter()
     machine = _machine_info()
 
     max_spe = max(s[2] for s in settings) if settings else 1
@@ -795,6 +1031,8 @@ def main(argv):
 
     updates = _bench_mask_update()
     _relate_update_to_mlp(updates, step_time, _mlp_masked_positions())
+    tfmot = _run_tfmot(settings, x_all, y_all)
+    memory = _run_memory()
 
     report = {
         "command": command,
@@ -823,6 +1061,9 @@ def main(argv):
         },
         "step_time": step_time,
         "mask_update": updates,
+        "tfmot": tfmot,
+        "comparison": bench_tables.comparison_rows(step_time, tfmot),
+        "peak_memory": memory,
         "total_wall_s": time.perf_counter() - started,
         "other_processes_cores": meter.others_cores(),
     }
