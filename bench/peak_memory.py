@@ -17,18 +17,18 @@ ft_keras, VmRSS after building (and sparsifying) and compiling the model and the
 dense model and its sparse copy at once); then the high-water mark is reset (``echo 5 >
 /proc/self/clear_refs``) and VmHWM after ``fit`` is the *training peak*. Without the reset (old
 kernels) the training peak is the whole process's ``getrusage(RUSAGE_SELF).ru_maxrss``. The
-DST children then also measure one mask update of their largest layer alone (same TensorFlow ops
-as the callback's update: ``|g|`` scores, ``ftk.topology.update_mask``, weight and momentum resets)
-as a high-water increment over the RSS before it, and the initial mask draw of that layer as
-``sparsify`` does it (both also XLA-compiled, for comparison); these run under the system
-allocator only, where RSS follows the live tensors.
+DST children then also measure one mask update of their largest layer alone (the callback's own
+per-layer update, in a ``tf.function``) as a high-water increment over the RSS before it, and
+all sparse children the initial mask draw of that layer as ``sparsify`` does it (both also
+XLA-compiled, for comparison); these run under the system allocator only, where RSS follows the
+live tensors.
 
 The parent compares each variant with ``dense`` (peak ratio; target <= 1.3) and accounts for the
-extra bytes from the masked kernels' shapes (`bench_tables.expected_extra_bytes`).
+extra bytes from the masked kernels' shapes (`bench_tables.memory_accounting`).
 
 How to run (from the repository root); bench/step_overhead.py runs it and merges the table:
 
-    python bench/peak_memory.py --output_json=/tmp/memory.json      # ~3 minutes on 2 CPU cores
+    python bench/peak_memory.py --output_json=/tmp/memory.json      # ~4 minutes on 2 CPU cores
     python bench/peak_memory.py --quick --output_json=-               # smoke run (20 steps)
     python bench/peak_memory.py --variants=dense,static,dst,dst_random,dst_momentum
 """
@@ -229,8 +229,8 @@ def _child(variant, hidden):
     if masked and all(os.environ.get(k) == v for k, v in ALLOCATORS["system"].items()):
         t0 = time.perf_counter()
         if variant in GROW:
-            out["update_alone"] = _update_alone(tf, ftk, model, masked, variant, xla=False)
-            out["update_alone_xla"] = _update_alone(tf, ftk, model, masked, variant, xla=True)
+            out["update_alone"] = _update_alone(tf, callbacks[0], xla=False)
+            out["update_alone_xla"] = _update_alone(tf, callbacks[0], xla=True)
         out["mask_draw_alone"] = _mask_draw_alone(tf, ftk, masked, xla=False)
         out["mask_draw_alone_xla"] = _mask_draw_alone(tf, ftk, masked, xla=True)
         out["alone_wall_s"] = time.perf_counter() - t0
@@ -273,46 +273,45 @@ def _mask_draw_alone(tf, ftk, masked, xla):
     return {"layer": layer.name, "size": layer.kernel_size_total, "increment": increment}
 
 
-def _update_alone(tf, ftk, model, masked, variant, xla):
+def _update_alone(tf, callback, xla):
     """High-water increment of one mask update of the largest masked layer, run alone.
 
-    The same ops as the callback's update of a layer (ft_keras/callbacks.py): the grow scores
-    (|g|, also for ``dst_momentum``, whose |buffer| has the same size; uniform random numbers for
-    ``dst_random``), the prune-and-grow selection, and the resets of the weights and the momentum
-    off the kept positions. A random normal tensor stands in for the gradient; the mask, kernel
-    and momentum variables are the trained model's (the function assigns back the values they
-    hold). ``xla=True`` compiles the same function with XLA, to show what that would save.
+    Runs the callback's own per-layer update (``DynamicSparsity._update_layer``, a private
+    method: this measurement follows whatever ft_keras does now) in a ``tf.function`` after
+    training, with a random normal tensor standing in for the step's gradient, at
+    ``--drop_fraction``. ``xla=False`` takes the path that training without XLA takes;
+    ``xla=True`` the static-shape path that ``jit_compile=True`` training takes, XLA-compiled.
+    Returns None values (and the error) if the private API moved.
     """
-    layer = max(masked, key=lambda l: l.kernel_size_total)
-    kernel, mask = layer.masked_kernel, layer.kernel_mask
-    index = model.optimizer._get_variable_index(kernel)  # pylint: disable=protected-access
-    slot = model.optimizer.momentums[index]
-    gradient = tf.random.normal(tuple(kernel.shape), seed=FLAGS.seed)
-    num_active = layer.num_active
+    kernels = getattr(callback, "_kernels", None) or []
+    if not kernels or not hasattr(callback, "_update_layer"):
+        return {"increment": None, "error": "DynamicSparsity internals not found"}
+    kernel = max(kernels, key=lambda k: k.size)
+    variable = kernel.kernel
+    gradient = tf.random.normal(tuple(variable.shape), seed=FLAGS.seed)
+    saved = getattr(callback, "_static_shapes", None)
 
     @tf.function(jit_compile=xla)
     def update(g):
-        weights = tf.convert_to_tensor(kernel.value)
-        current = tf.convert_to_tensor(mask.value)
-        if variant == "dst_random":
-            scores = ftk.topology.random_scores(tuple(kernel.shape),
-                                                ftk.topology.rng_seed(FLAGS.seed, 1, 0))
-        else:
-            scores = tf.abs(g)
-        new_mask, keep = ftk.topology.update_mask(current, weights, scores, 0.0, num_active)
-        kernel.assign(ftk.topology.zero_off_mask(keep, weights))
-        value = tf.convert_to_tensor(slot.value)
-        slot.assign(ftk.topology.zero_off_mask(keep, value))
-        mask.assign(new_mask)
-        return ftk.topology.count_active(new_mask)
+        mask = tf.convert_to_tensor(kernel.mask.value)
+        step = tf.constant(DST_END_STEP - 1, tf.int64)
+        fraction = tf.constant(FLAGS.drop_fraction, tf.float64)
+        callback._update_layer(kernel, variable, mask, g, step, fraction)  # pylint: disable=W0212
+        return tf.reduce_sum(tf.cast(kernel.mask.value, tf.int32))
 
-    update.get_concrete_function(gradient)  # trace outside the measured window
-    active, increment = _alone(lambda: int(update(gradient)))
-    if active != num_active:
-        raise RuntimeError(f"update changed the active count: {active} != {num_active}")
-    # drop_fraction 0.0 keeps the mask (the same ops run; the selection's work does not depend on
-    # how many positions change), so the trained model is left as it was.
-    return {"layer": layer.name, "size": layer.kernel_size_total, "increment": increment}
+    try:
+        callback._static_shapes = bool(xla)  # pylint: disable=protected-access
+        update.get_concrete_function(gradient)  # trace outside the measured window
+        active, increment = _alone(lambda: int(update(gradient)))
+    except Exception as exc:  # pylint: disable=broad-except
+        logging.warning("update alone (xla=%s) failed: %s", xla, exc)
+        return {"layer": kernel.layer.name, "size": kernel.size, "increment": None,
+                "error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        callback._static_shapes = saved  # pylint: disable=protected-access
+    if active != kernel.num_active:
+        raise RuntimeError(f"update changed the active count: {active} != {kernel.num_active}")
+    return {"layer": kernel.layer.name, "size": kernel.size, "increment": increment}
 
 
 # ----------------------------------------------------------------------------------- parent

@@ -25,8 +25,9 @@ subprocesses):
    masking (static - dense), the per-step ``tf.cond`` of DST, and the extra time of the steps that
    hold a mask update (from per-execution timestamps).
 
-2. Wall time of one mask update (``ftk.topology.update_mask``: magnitude prune + gradient grow)
-   on a 1024x1024 kernel at density 0.1, in ``tf.function`` with and without XLA.
+2. Wall time of one mask update (magnitude prune + gradient grow) on a 1024x1024 kernel at
+   density 0.1, in ``tf.function`` with and without XLA: the function DynamicSparsity runs there
+   (``ftk.topology.update_mask_sparse`` without XLA where it exists, ``update_mask`` with XLA).
 
 3. The tfmot baseline (``bench/tfmot_baseline.py``, run as a subprocess with
    ``TF_USE_LEGACY_KERAS=1``: this process never imports tf_keras or tfmot): tfmot's
@@ -510,11 +511,22 @@ def _bench_mask_update():
     scores = tf.abs(tf.constant(rng.normal(size=shape).astype(np.float32)))
     fraction = FLAGS.drop_fraction
     results = []
-    def update(m, w, s):
+    # The function DynamicSparsity runs at each setting: without XLA the compacted
+    # `update_mask_sparse` where this ft_keras has it, with XLA the static-shape `update_mask`.
+    sparse_path = hasattr(ftk.topology, "update_mask_sparse")
+
+    def update_static(m, w, s):
         return ftk.topology.update_mask(m, w, s, fraction, num_active)
 
+    def update_sparse(m, w, s):
+        return ftk.topology.update_mask_sparse(m, w, s, fraction, num_active)[:2]
+
     for xla in (False, True):
-        fn = tf.function(update, jit_compile=xla)
+        if sparse_path and not xla:
+            function, name = update_sparse, "update_mask_sparse"
+        else:
+            function, name = update_static, "update_mask"
+        fn = tf.function(function, jit_compile=xla)
         t0 = time.perf_counter()
         new_mask, _ = fn(mask, weights, scores)
         first = time.perf_counter() - t0
@@ -532,6 +544,7 @@ def _bench_mask_update():
         ms = _summary([1e3 * t for t in times])
         entry = {
             "jit_compile": xla,
+            "function": f"ftk.topology.{name}",
             "shape": list(shape),
             "size": size,
             "num_active": num_active,
@@ -812,8 +825,10 @@ def _markdown(report):
         "",
         "## 2. One mask update, alone",
         "",
-        f"`ftk.topology.update_mask(mask, weights, scores, {cfg['drop_fraction']}, num_active)` "
-        "(magnitude prune + gradient grow: two exact top-k selections over the whole kernel) "
+        "The function `DynamicSparsity` runs for one layer's mask update at each setting "
+        "(column *function*: without XLA the compacted `update_mask_sparse` where ft_keras has "
+        "it, with XLA the static-shape `update_mask`; magnitude prune + gradient grow, "
+        f"drop fraction {cfg['drop_fraction']}) "
         f"in a `tf.function`, on a {cfg['update_size']}x{cfg['update_size']} kernel at "
         f"density {cfg['update_density']} with random normal weights and |normal| scores; min "
         f"(and median) over {cfg['update_reps']} calls after warm-up. *est. MLP update* scales "
@@ -823,15 +838,17 @@ def _markdown(report):
         "optimizer-state resets the callback does around the update; compare with the *update "
         "spike* above, measured inside training.",
         "",
-        "| jit_compile | ms per update (min) | median | ms per 1M weights | est. ms per MLP update "
-        f"| est. MLP update / {every} dense MLP steps |",
-        "|---|---:|---:|---:|---:|---|",
+        "| jit_compile | function | ms per update (min) | median | ms per 1M weights "
+        f"| est. ms per MLP update | est. MLP update / {every} dense MLP steps |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for u in report["mask_update"]:
         frac = u.get("mlp_update_fraction_of_100_dense_mlp_steps") or {}
         frac_text = ", ".join(f"spe={k}: {_pct(v)}" for k, v in frac.items()) or "n/a (no MLP row)"
         lines.append(
-            f"| {'on' if u['jit_compile'] else 'off'} | {_f(u['ms']['min'])} "
+            f"| {'on' if u['jit_compile'] else 'off'} "
+            f"| `{u.get('function', 'ftk.topology.update_mask').rsplit('.', 1)[-1]}` "
+            f"| {_f(u['ms']['min'])} "
             f"| {_f(u['ms']['median'])} | {_f(u['ms_per_1m_weights']['min'])} "
             f"| {_f(u.get('est_ms_per_mlp_update'))} | {frac_text} |"
         )
@@ -969,9 +986,9 @@ def _memory_section(report):
         lines += [
             "The two big selections alone (high-water increment of one call on the largest "
             "layer, after training): drawing an initial mask (`ftk.topology.random_mask`, which "
-            "`sparsify` runs eagerly per layer) and one mask update as the callback runs it in "
-            "the train step (|g| scores, `update_mask`, weight and momentum resets); each also "
-            "XLA-compiled for comparison.",
+            "`sparsify` runs eagerly per layer), and one mask update by the callback's own "
+            "per-layer update in a `tf.function` (the path that training without XLA takes; the "
+            "XLA column: the static-shape path that `jit_compile=True` training takes).",
             "",
         ]
         lines += bench_tables.alone_markdown(children.get(acc_allocator, {}))
@@ -989,11 +1006,31 @@ def _memory_section(report):
         "reads the weights like a dense model does), so the training process never reaches "
         "that peak. Under the default allocator a peak "
         "is kept by the pool for the rest of the process, so the before-training peak also "
-        "raises the memory the training process holds. In ft_keras itself, XLA-compiling the "
-        "selections (last table) would shrink both transients.",
+        "raises the memory the training process holds." + _xla_note(children),
         "",
     ]
     return lines
+
+
+def _xla_note(children):
+    """A sentence on what XLA-compiling the selections did to their transients, from the data."""
+    for by_variant in (children.get("system") or {}, children.get("default") or {}):
+        for child in by_variant.values():
+            parts = []
+            for what, key, plain, compiled in (
+                    ("the initial-mask draw", "mask_draw_alone", "eagerly (as sparsify runs it)",
+                     "XLA-compiled"),
+                    ("one mask update", "update_alone", "on the path of training without XLA",
+                     "on the static-shape path of jit_compile=True training")):
+                eager = (child.get(key) or {}).get("increment")
+                xla = (child.get(key + "_xla") or {}).get("increment")
+                if eager is None or xla is None:
+                    continue
+                parts.append(f"{what} takes {eager / 2**20:.0f} MiB {plain} and "
+                             f"{xla / 2**20:.0f} MiB {compiled}")
+            if parts:
+                return " Measured alone (last table), " + "; ".join(parts) + "."
+    return ""
 
 
 def _path(path):
