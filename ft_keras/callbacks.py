@@ -141,12 +141,16 @@ def _check_fraction(argument, value, low_open=True):
 class _OptimizerHook:
     """Replaces ``update_step`` of one optimizer instance while training runs."""
 
-    def __init__(self, callback, optimizer, kernels):
+    def __init__(self, callback, optimizer, kernels, trainable_keys):
         self.callback = callback
         self.optimizer = optimizer
         self.original = optimizer.update_step
         self.by_key = {optimizer._var_key(k.kernel): k for k in kernels}  # pylint: disable=W0212
         self.calls = 0  # Python calls = masked kernels x times the train step was traced
+        # Masked kernels the optimizer updates (trainable ones); the last of them in a step
+        # emits the step's conditional update of all of them.
+        self.expected = len(trainable_keys & set(self.by_key))
+        self.pending = {}  # (graph, device) -> [(kernel, variable, mask, gradient)] of this step
 
     def install(self):
         self.optimizer.update_step = self
@@ -195,11 +199,21 @@ class _OptimizerHook:
         self._apply(topology.zero_off_mask(mask, gradient), variable, learning_rate)
         if callback._never_updates:  # pylint: disable=protected-access
             return None
+        # One conditional per step (and replica) for all masked layers, emitted with the last
+        # one: per-layer conditionals cost a function call each at every step.
+        key = (id(tf.compat.v1.get_default_graph()), variable.device)
+        pending = self.pending.setdefault(key, [])
+        pending.append((kernel, variable, mask, gradient))
+        if len(pending) < self.expected:
+            return None
+        items = self.pending.pop(key)
         step = tf.cast(self.optimizer.iterations, tf.int64) + 1
 
         def update():
             fraction = callback._drop_fraction_at(step)  # pylint: disable=protected-access
-            callback._update_layer(kernel, variable, mask, gradient, step, fraction)  # pylint: disable=W0212
+            for kernel_, variable_, mask_, gradient_ in items:
+                callback._update_layer(  # pylint: disable=protected-access
+                    kernel_, variable_, mask_, gradient_, step, fraction)
             return tf.constant(True)
 
         # Only the predicate runs at ordinary steps; the schedule and the update run inside.
@@ -374,7 +388,8 @@ class DynamicSparsity(keras.callbacks.Callback):
         self._sanitize()
         # Under XLA the update needs static shapes; otherwise it works on compacted positions.
         self._static_shapes = bool(getattr(model, "jit_compile", False))
-        self._hook = _OptimizerHook(self, self._optimizer, self._kernels)
+        trainable = {self._optimizer._var_key(v) for v in model.trainable_variables}  # pylint: disable=W0212
+        self._hook = _OptimizerHook(self, self._optimizer, self._kernels, trainable)
         self._hook.install()
         # fit() made its train function before calling us; make one that sees the hook.
         model.make_train_function(force=True)
