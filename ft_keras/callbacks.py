@@ -451,12 +451,17 @@ class DynamicSparsity(keras.callbacks.Callback):
         return self._hook.calls // len(self._kernels)
 
     def _sanitize(self):
-        """Re-establishes the invariants before training: zeros off-mask in kernels and slots."""
+        """Re-establishes the invariants before training: zeros off-mask in kernels and slots.
+
+        Only variables that hold a nonzero off-mask (e.g. weights set by user code) are
+        rewritten: checking takes bool temporaries, rewriting a full-size copy of each.
+        """
         for kernel in self._kernels:
             mask = tf.convert_to_tensor(kernel.mask.value)
             for variable in [kernel.kernel] + kernel.slots:
                 value = tf.convert_to_tensor(variable.value)
-                variable.assign(topology.zero_off_mask(mask, value))
+                if bool(_nonzero_off_mask(mask, value)):
+                    variable.assign(topology.zero_off_mask(mask, value))
 
     # ------------------------------------------------------------ in the graph
     def _is_update_step(self, step):
@@ -566,6 +571,16 @@ class DynamicSparsity(keras.callbacks.Callback):
                 for name, values in record["layers"].items():
                     tf.summary.scalar(f"sparsity/{name}/density", values["density"])
                     tf.summary.scalar(f"sparsity/{name}/mask_churn", values["mask_churn"])
+
+
+_SAME_WIDTH_UINT = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
+
+
+@tf.function(autograph=False)
+def _nonzero_off_mask(mask, value):
+    """Whether any off-mask entry is not exactly +0.0 (bit patterns, so -0.0 counts)."""
+    bits = tf.bitcast(value, _SAME_WIDTH_UINT[value.dtype.size])
+    return tf.reduce_any(tf.logical_and(tf.logical_not(mask), tf.not_equal(bits, 0)))
 
 
 def _scatter_zeros(variable, positions):

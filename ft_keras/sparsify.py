@@ -21,6 +21,7 @@ import numbers
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ft_keras import distributions
 from ft_keras import layers as masked_layers
@@ -193,7 +194,7 @@ def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk
         if masked_layers.is_masked(new):
             weights = old.get_weights()
             new.set_weights(weights + [np.ones(_kernel_shape(new), bool)])
-            mask = topology.random_mask(
+            mask = _random_mask_in_graph(
                 shapes[new.name],
                 counts[new.name],
                 topology.rng_seed(seed, _INITIAL_MASK_STEP, masked_index),
@@ -203,6 +204,18 @@ def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk
         elif old.weights:
             new.set_weights(old.get_weights())
     return clone
+
+
+@tf.function(autograph=False, reduce_retracing=False)
+def _random_mask_graph(shape, num_active, seed):
+    return topology.random_mask(shape, num_active, seed)
+
+
+def _random_mask_in_graph(shape, num_active, seed):
+    """`topology.random_mask` as a graph: TF frees its full-size temporaries as soon as they
+    are used, where eager code keeps them all alive until it returns (for a 16.8M-position
+    kernel, ~200 MiB instead of ~450 MiB at the peak)."""
+    return _random_mask_graph(tuple(int(d) for d in shape), int(num_active), seed)
 
 
 def strip(model):

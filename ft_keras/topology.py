@@ -160,12 +160,20 @@ def largest_indices(scores, candidates, num_selected):
     candidates in that bin or above (about ``num_selected`` plus one bin's worth) are gathered,
     and the exact selection runs on them. Dynamic shapes: not for XLA (use `select_largest`).
     """
-    keys = _magnitude_keys(scores)
-    leading = tf.bitwise.right_shift(keys, 31 - _WIDE_DIGITS[0])
-    digit, _ = _select_digit(_histogram(leading, candidates, 1 << _WIDE_DIGITS[0]),
-                             tf.cast(num_selected, tf.int32))
-    near = tf.reshape(tf.where(tf.logical_and(candidates, leading >= digit)), [-1])
-    sub_keys = tf.gather(keys, near)
+    bins = 1 << _WIDE_DIGITS[0]
+    # One full-length int32 temporary at a time: the leading digits, with non-candidates moved
+    # to an overflow bin; the keys of the few positions near the cut are recomputed after.
+    digits = tf.where(
+        candidates,
+        tf.bitwise.right_shift(_magnitude_keys(scores), 31 - _WIDE_DIGITS[0]),
+        bins,
+    )
+    histogram = tf.raw_ops.DenseBincount(
+        input=digits, size=tf.constant(bins + 1, tf.int32), weights=tf.constant([], tf.int32),
+        binary_output=False)[:bins]
+    digit, _ = _select_digit(histogram, tf.cast(num_selected, tf.int32))
+    near = tf.reshape(tf.where(tf.logical_and(digits >= digit, digits < bins)), [-1])
+    sub_keys = _magnitude_keys(tf.gather(scores, near))
     chosen = _select_keys(sub_keys, tf.ones_like(sub_keys, tf.bool), num_selected,
                           _NARROW_DIGITS)
     return tf.boolean_mask(near, chosen)

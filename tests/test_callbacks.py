@@ -192,6 +192,27 @@ def test_xla_train_step(fashion_mnist_small):
         assert not after[name][1][~after[name][0]].any()
 
 
+@pytest.mark.parametrize("junk", [0.5, -0.0])
+def test_fit_starts_from_zeros_off_mask_after_user_writes(fashion_mnist_small, junk):
+    """Off-mask values written by user code (even -0.0) are reset to +0.0 before training."""
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    layer = ftk.masked_layers(model)[0]
+    mask = layer.kernel_mask.numpy()
+    layer.masked_kernel.assign(np.where(mask, layer.masked_kernel.numpy(), junk))
+    other = ftk.masked_layers(model)[1]
+    clean_before = other.masked_kernel.numpy()
+
+    class Check(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            kernel = layer.masked_kernel.numpy()
+            assert not np.signbit(kernel[~mask]).any() and not kernel[~mask].any()
+            np.testing.assert_array_equal(other.masked_kernel.numpy(), clean_before)
+
+    model.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0,
+              callbacks=[ftk.StaticSparsity(), Check()])
+
+
 class _ForceStaticShapes(keras.callbacks.Callback):
     """Makes a sparsity callback take its XLA (static-shape) update path without XLA."""
 
