@@ -941,7 +941,7 @@ def _cell(stat, fmt, scale):
     if stat is None:
         return "-"
     text = fmt.format(stat["mean"] * scale)
-    if stat["n"] > 1:
+    if stat["n"] > 1 and stat["std"] > 0:  # no "± 0" where every seed agrees exactly
         text += " ± " + fmt.format(stat["std"] * scale)
     return text
 
@@ -972,7 +972,8 @@ def _settings_lines(report):
         f"{s['explore_fraction']}. SGD momentum 0.9, batch {s['batch_size']}, weight decay "
         f"{s['weight_decay']}, steps_per_execution {s['steps_per_execution']}"
         + (", flip + crop augmentation" if s["augment"] else "") + ".",
-        f"- Seeds {s['seeds']}: mean ± sample standard deviation over seeds; member m of seed s "
+        f"- Seeds {s['seeds']}: mean ± sample standard deviation over seeds (no ± where all "
+        "seeds give the same number); member m of seed s "
         "uses seed 100 s + m. The dense single model is member 0 of the deep ensemble of the same "
         "seed (trained once).",
         f"- Corruptions: {len(s['corruptions'])} types ({', '.join(s['corruptions']) or 'none'})"
@@ -1110,6 +1111,7 @@ def plot_accuracy_vs_flops(plt, report, path):
             ax.errorbar(x["mean"], 100 * y["mean"], yerr=100 * y["std"], fmt="o", capsize=3,
                         color=COLORS[method], label=LABELS[method])
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.FixedLocator([0.1, 0.25, 0.5, 1, 2, 3, 5]))
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set(xlabel="training FLOPs (x one dense run)", ylabel="test accuracy (%)",
@@ -1132,16 +1134,17 @@ def _pooled_reliability(records, model, method):
     return counts, pooled("accuracy"), pooled("confidence")
 
 
-def best_ensemble(summary_model):
-    """The ensemble method with the lowest mean test NLL."""
-    candidates = [m for m in summary_model if m in ENSEMBLE_METHODS]
+def best_ensemble(summary_model, among=ENSEMBLE_METHODS):
+    """The method of ``among`` with the lowest mean test NLL (None if none was run)."""
+    candidates = [m for m in summary_model if m in among]
     if not candidates:
         return None
     return min(candidates, key=lambda m: summary_model[m]["nll"]["mean"])
 
 
 def plot_reliability(plt, report, path):
-    """Reliability diagram (test set, seeds pooled): dense vs the ensemble with the best NLL."""
+    """Reliability diagram (test set, seeds pooled): dense, the deep ensemble and the sparse
+    ensemble with the best NLL."""
     models = [m for m in report["summary"] if "dense" in report["summary"][m]]
     if not models:
         return None
@@ -1152,15 +1155,19 @@ def plot_reliability(plt, report, path):
     for column, model in enumerate(models):
         ax, ax_count = axes[0][column], axes[1][column]
         summary = report["summary"][model]
-        methods = ["dense"] + [m for m in [best_ensemble(summary)] if m]
+        methods = ["dense"] + [m for m in ["deep_ensemble", best_ensemble(summary,
+                                                                         SPARSE_METHODS)]
+                               if m in summary]
         ax.plot([0, 1], [0, 1], "k:", linewidth=1, label="perfect calibration")
-        for offset, method in zip((-width / 4, width / 4), methods):
+        bar = width / len(methods)
+        for index, method in enumerate(methods):
+            offset = (index - (len(methods) - 1) / 2) * bar
             counts, accuracy, confidence = _pooled_reliability(report["records"], model, method)
             filled = counts > 0
             ax.plot(confidence[filled], accuracy[filled], "o-", markersize=4,
                     color=COLORS[method],
                     label=f"{LABELS[method]} (ECE {summary[method]['ece']['mean']:.4f})")
-            ax_count.bar(centres + offset, counts / counts.sum(), width=width / 2,
+            ax_count.bar(centres + offset, counts / counts.sum(), width=bar,
                          color=COLORS[method])
         ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin",
                title=f"{MODELS[model][0]}, seeds pooled")
