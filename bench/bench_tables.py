@@ -6,7 +6,9 @@ No TensorFlow, Keras or absl import, so that the scripts' launchers stay light a
 """
 
 import os
+import platform
 import statistics
+import subprocess
 import time
 
 # What the comparison table says when tf_keras / tensorflow-model-optimization are missing.
@@ -14,6 +16,54 @@ NOT_INSTALLED = "not measured: pip install ft_keras[bench]"
 # Target of the peak-memory comparison: peak RSS of sparse training / dense training.
 MEMORY_TARGET_RATIO = 1.3
 MIB = float(1 << 20)
+
+
+# ------------------------------------------------------------------------------- flags, host
+def apply_quick(flag_values, quick):
+    """With ``--quick``, sets each flag in ``quick`` ({name: value}) not given on the command line."""
+    if not flag_values.quick:
+        return
+    for name, value in quick.items():
+        if not flag_values[name].present:
+            setattr(flag_values, name, value)
+
+
+def host_info(repo):
+    """CPU model, core counts, platform and the git commit of ``repo`` (marked if dirty)."""
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    commit = None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        if dirty:
+            commit += " (with uncommitted changes)"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }
 
 
 # ------------------------------------------------------------------------- CPU contention

@@ -113,14 +113,6 @@ def _ru_maxrss_bytes():
 
 
 # ------------------------------------------------------------------------------------ flags
-def _apply_quick():
-    if not FLAGS.quick:
-        return
-    for name, value in QUICK.items():
-        if not FLAGS[name].present:
-            setattr(FLAGS, name, value)
-
-
 def _check_flags():
     variants = [v.strip() for v in FLAGS.variants if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -408,7 +400,7 @@ def _write(report, path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _apply_quick()
+    bench_tables.apply_quick(FLAGS, QUICK)
     variants, hidden, allocators = _check_flags()
     if FLAGS.child:
         if not FLAGS.child_output:

@@ -60,7 +60,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -142,14 +141,6 @@ CONTENTION_WARNING = 0.2
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _apply_quick():
-    if not FLAGS.quick:
-        return
-    for name, value in QUICK.items():
-        if not FLAGS[name].present:
-            setattr(FLAGS, name, value)
-
-
 def _parse_bool(text):
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -183,45 +174,14 @@ def _settings():
 
 
 def _machine_info():
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    commit = None
-    try:
-        commit = subprocess.run(
-            ["git", "-C", _REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", _REPO, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        if dirty:
-            commit += " (with uncommitted changes)"
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "cpu_model": cpu_model,
+        **bench_tables.host_info(_REPO),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
         "ft_keras": ftk.__version__,
-        "git_commit": commit,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
     }
@@ -1040,7 +1000,7 @@ def _path(path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _apply_quick()
+    bench_tables.apply_quick(FLAGS, QUICK)
     settings = _settings()
     if FLAGS.steps <= 0 or FLAGS.rounds <= 0 or FLAGS.warmup_steps <= 0:
         raise app.UsageError("--steps, --rounds and --warmup_steps must be positive.")

@@ -81,14 +81,6 @@ QUICK = {"steps": 100, "rounds": 2, "warmup_steps": 32}
 
 
 # ---------------------------------------------------------------------------------- set-up
-def _apply_quick():
-    if not FLAGS.quick:
-        return
-    for name, value in QUICK.items():
-        if not FLAGS[name].present:
-            setattr(FLAGS, name, value)
-
-
 def _settings():
     models = [m.strip() for m in FLAGS.models if m.strip()]
     unknown = [m for m in models if m not in MODELS]
@@ -332,7 +324,7 @@ def _worker(settings):
 
 # ------------------------------------------------------------------------------------ main
 def main(argv):
-    _apply_quick()
+    bench_tables.apply_quick(FLAGS, QUICK)
     settings = _settings()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -2,6 +2,7 @@
 accounting and markdown. Nothing here runs or times a benchmark."""
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -174,6 +175,45 @@ def test_alone_markdown_skips_children_without_measurements():
     lines = bt.alone_markdown(children)
     assert len(lines) == 3
     assert "fc2 (16,777,216)" in lines[-1] and "400.0" in lines[-1] and "300.0" in lines[-1]
+
+
+class _Flag:
+    def __init__(self, value, present):
+        self.value, self.present = value, present
+
+
+class _Flags:
+    """The slice of absl's FlagValues that apply_quick uses."""
+
+    def __init__(self, quick, **flags):
+        object.__setattr__(self, "_flags", {"quick": _Flag(quick, True), **flags})
+
+    def __getitem__(self, name):
+        return self._flags[name]
+
+    def __getattr__(self, name):
+        return self._flags[name].value
+
+    def __setattr__(self, name, value):
+        self._flags[name].value = value
+
+
+def test_apply_quick_sets_only_flags_not_given():
+    values = _Flags(True, steps=_Flag(500, False), rounds=_Flag(7, True))
+    bt.apply_quick(values, {"steps": 20, "rounds": 2})
+    assert (values.steps, values.rounds) == (20, 7)
+    untouched = _Flags(False, steps=_Flag(500, False))
+    bt.apply_quick(untouched, {"steps": 20})
+    assert untouched.steps == 500
+
+
+def test_host_info_reads_this_checkout():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    info = bt.host_info(repo)
+    assert info["cpu_count"] >= 1 and 1 <= info["cpus_usable"] <= info["cpu_count"]
+    if os.path.isdir(os.path.join(repo, ".git")):
+        assert len(info["git_commit"].split()[0]) == 40
+    assert bt.host_info("/nonexistent-repo")["git_commit"] is None
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_bench_tables.py
