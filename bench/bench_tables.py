@@ -299,7 +299,7 @@ def memory_accounting(dense, child, variant, float_bytes=4, adam_like=False):
     rows.append(("before training", "sparsify: the sparse copy of the model (the dense model is "
                  "alive until sparsify returns)", model_bytes, None))
     rows.append(("before training", "sparsify: drawing the largest layer's initial mask "
-                 "(random_mask, measured alone)", draw, None))
+                 "(random_mask called eagerly, measured alone; sparsify runs it as a graph)", draw, None))
     rows.append(("before training", "total (peak RSS up to the compiled model)",
                  None if model_bytes is None or draw is None else model_bytes + draw,
                  _diff(child.get("peak_before_training"), dense.get("peak_before_training"))))
@@ -405,7 +405,7 @@ def alone_markdown(children):
     """
     lines = [
         "| variant | largest layer (positions) "
-        "| initial mask draw, as sparsify does it (eager) MiB | same, XLA-compiled MiB "
+        "| initial mask draw, random_mask called eagerly MiB | same, XLA-compiled MiB "
         "| mask update, as in training (graph) MiB | same, XLA-compiled MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
