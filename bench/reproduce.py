@@ -55,11 +55,9 @@ import gc
 import json
 import logging as std_logging
 import os
-import platform
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +76,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ft_keras as ftk  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.abspath(os.path.join(_REPO, "..", "shared", "data"))
@@ -734,69 +735,14 @@ def cost_metrics(settings, data, method, model_name, members):
 # -------------------------------------------------------------------------------- machine
 def machine_info():
     """CPU, accelerators, library versions and the git commit."""
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    commit = None
-    try:
-        commit = subprocess.run(["git", "-C", _REPO, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
+        **bench_tables.host_info(_REPO),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,
         "ft_keras": ftk.__version__,
-        "git_commit": commit,
     }
-
-
-class CpuMeter:
-    """Cores' worth of CPU that *other* processes used while the run went (from /proc)."""
-
-    def __init__(self):
-        self._start = self._read()
-        self._wall = time.time()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat", encoding="utf-8") as handle:
-                fields = [int(v) for v in handle.readline().split()[1:]]
-            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
-            with open("/proc/self/stat", encoding="utf-8") as handle:
-                own_fields = handle.read().rsplit(")", 1)[1].split()
-            own = int(own_fields[11]) + int(own_fields[12])  # utime + stime
-            return busy, own
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def others(self):
-        """Mean number of cores busy with other processes since the start (None if unknown)."""
-        end = self._read()
-        wall = time.time() - self._wall
-        if self._start is None or end is None or wall <= 0:
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = (end[0] - self._start[0]) - (end[1] - self._start[1])
-        return max(0.0, busy / ticks / wall)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -1238,7 +1184,7 @@ def build_report(settings, data, records, command, start, meter, machine, output
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "timing": {"total_s": time.time() - start, "training_s": training_s,
-                   "other_processes_cores": meter.others()},
+                   "other_processes_cores": meter.others_cores()},
         "settings": settings.as_dict(),
         "data": {"train_examples": data.num_train, "validation_examples": data.num_validation,
                  "steps_per_epoch": data.steps_per_epoch,
@@ -1291,7 +1237,7 @@ def main(argv):
         render_only(FLAGS.render_only)
         return
     start = time.time()
-    meter = CpuMeter()
+    meter = bench_tables.CpuMeter()
     tf.get_logger().setLevel("ERROR")
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     _add_shared_data()
