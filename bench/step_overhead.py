@@ -693,6 +693,9 @@ def _markdown(report):
         + f" Run time: {report['total_wall_s'] / 60:.1f} min.",
         "",
     ]
+    if not m["gpus"]:
+        lines += ["**GPU: not measured** (no GPU was visible to this run; the same command on a "
+                  "GPU machine adds GPU rows).", ""]
     busy = [r for r in report["step_time"]
             if (r.get("other_processes_cores") or 0.0) > CONTENTION_WARNING]
     if busy:
