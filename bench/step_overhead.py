@@ -589,23 +589,37 @@ def _run_tfmot(settings, x_all, y_all):
             f"--sparsity={FLAGS.sparsity}", f"--frequency={FLAGS.update_every}",
             f"--seed={FLAGS.seed}", f"--data={data}", f"--output_json={out}",
         ]
-        logging.info("tfmot baseline: %s", shlex.join(command))
-        env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
-        t0 = time.perf_counter()
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        for line in (proc.stderr or "").splitlines():
-            if "tfmot_baseline.py" in line and "] tfmot " in line:
-                logging.info("  %s", line.split("] ", 1)[-1])
-        if proc.returncode != 0 or not os.path.exists(out):
-            logging.error("tfmot baseline failed (exit %d):\n%s", proc.returncode,
-                          _tail(proc.stderr))
-            return {"status": "failed",
-                    "reason": f"failed (exit code {proc.returncode}; see the log)",
-                    "stderr_tail": _tail(proc.stderr, 20)}
-        with open(out, encoding="utf-8") as f:
-            report = json.load(f)
-    report["wall_s"] = time.perf_counter() - t0
+        report = _run_child("tfmot baseline", command, out, ("tfmot_baseline.py", "] tfmot "),
+                            env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
+    if report.get("status") == "failed":
+        return report
     logging.info("tfmot baseline done in %.0f s", report["wall_s"])
+    return report
+
+
+def _run_child(what, command, out, marker, env=None, partial_ok=False):
+    """Runs a benchmark script that writes its JSON report to ``out``; returns the report.
+
+    Echoes the child's log lines that contain both parts of ``marker``. A child that writes no
+    report, or (unless ``partial_ok``) exits non-zero, gives ``{"status": "failed", ...}``; with
+    ``partial_ok`` a report from a non-zero exit is kept as "partly failed".
+    """
+    logging.info("%s: %s", what, shlex.join(command))
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    for line in (proc.stderr or "").splitlines():
+        if marker[0] in line and marker[1] in line:
+            logging.info("  %s", line.split("] ", 1)[-1])
+    if not os.path.exists(out) or (proc.returncode != 0 and not partial_ok):
+        logging.error("%s failed (exit %d):\n%s", what, proc.returncode, _tail(proc.stderr))
+        return {"status": "failed",
+                "reason": f"failed (exit code {proc.returncode}; see the log)",
+                "stderr_tail": _tail(proc.stderr, 20)}
+    with open(out, encoding="utf-8") as f:
+        report = json.load(f)
+    if partial_ok:
+        report["status"] = "ok" if proc.returncode == 0 else "partly failed"
+    report["wall_s"] = time.perf_counter() - t0
     return report
 
 
@@ -624,22 +638,10 @@ def _run_memory():
             f"--sparsity={FLAGS.sparsity}", f"--drop_fraction={FLAGS.drop_fraction}",
             f"--batch_size={FLAGS.batch_size}", f"--seed={FLAGS.seed}", f"--output_json={out}",
         ]
-        logging.info("peak memory: %s", shlex.join(command))
-        t0 = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
-        for line in (proc.stderr or "").splitlines():
-            if "peak_memory.py" in line and "] memory " in line:
-                logging.info("  %s", line.split("] ", 1)[-1])
-        if not os.path.exists(out):
-            logging.error("peak memory failed (exit %d):\n%s", proc.returncode,
-                          _tail(proc.stderr))
-            return {"status": "failed",
-                    "reason": f"failed (exit code {proc.returncode}; see the log)",
-                    "stderr_tail": _tail(proc.stderr, 20)}
-        with open(out, encoding="utf-8") as f:
-            report = json.load(f)
-    report["status"] = "ok" if proc.returncode == 0 else "partly failed"
-    report["wall_s"] = time.perf_counter() - t0
+        report = _run_child("peak memory", command, out, ("peak_memory.py", "] memory "),
+                            partial_ok=True)
+    if report.get("status") == "failed":
+        return report
     logging.info("peak memory done in %.0f s", report["wall_s"])
     return report
 
