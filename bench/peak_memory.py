@@ -248,18 +248,18 @@ def _mask_draw_alone(tf, ftk, masked, xla):
     """
     layer = max(masked, key=lambda l: l.kernel_size_total)
     shape = tuple(int(d) for d in layer.masked_kernel.shape)
-    seed = ftk.topology.rng_seed(FLAGS.seed + 1, -1, 0)
+    seed = ftk.masks.rng_seed(FLAGS.seed + 1, -1, 0)
     num_active = layer.num_active
     if xla:
-        draw = tf.function(lambda: ftk.topology.random_mask(shape, num_active, seed),
+        draw = tf.function(lambda: ftk.masks.random_mask(shape, num_active, seed),
                            jit_compile=True)
         draw()  # compile outside the measured window
     else:
-        ftk.topology.random_mask((8, 8), 4, seed)  # load the ops' kernels outside the window
+        ftk.masks.random_mask((8, 8), 4, seed)  # load the ops' kernels outside the window
 
         def draw():
-            return ftk.topology.random_mask(shape, num_active, seed)
-    result, increment = _alone(lambda: int(ftk.topology.count_active(draw())))
+            return ftk.masks.random_mask(shape, num_active, seed)
+    result, increment = _alone(lambda: int(ftk.masks.count_active(draw())))
     if result != num_active:
         raise RuntimeError(f"random_mask drew {result} positions, not {num_active}")
     return {"layer": layer.name, "size": layer.kernel_size_total, "increment": increment}

@@ -27,7 +27,7 @@ subprocesses):
 
 2. Wall time of one mask update (magnitude prune + gradient grow) on a 1024x1024 kernel at
    density 0.1, in ``tf.function`` with and without XLA: the function DynamicSparsity runs there
-   (``ftk.topology.update_mask_sparse`` without XLA where it exists, ``update_mask`` with XLA).
+   (``ftk.masks.update_mask_sparse`` without XLA where it exists, ``update_mask`` with XLA).
 
 3. The tfmot baseline (``bench/tfmot_baseline.py``, run as a subprocess with
    ``TF_USE_LEGACY_KERAS=1``: this process never imports tf_keras or tfmot): tfmot's
@@ -467,7 +467,7 @@ def _bench_mask_update():
     shape = (n, n)
     size = n * n
     num_active = int(round(FLAGS.update_density * size))
-    mask = ftk.topology.random_mask(shape, num_active, ftk.topology.rng_seed(FLAGS.seed, -1, 0))
+    mask = ftk.masks.random_mask(shape, num_active, ftk.masks.rng_seed(FLAGS.seed, -1, 0))
     rng = np.random.default_rng(FLAGS.seed)
     weights = tf.where(mask, tf.constant(rng.normal(size=shape).astype(np.float32)), 0.0)
     scores = tf.abs(tf.constant(rng.normal(size=shape).astype(np.float32)))
@@ -478,10 +478,10 @@ def _bench_mask_update():
     sparse_path = hasattr(ftk.topology, "update_mask_sparse")
 
     def update_static(m, w, s):
-        return ftk.topology.update_mask(m, w, s, fraction, num_active)
+        return ftk.masks.update_mask(m, w, s, fraction, num_active)
 
     def update_sparse(m, w, s):
-        return ftk.topology.update_mask_sparse(m, w, s, fraction, num_active)[:2]
+        return ftk.masks.update_mask_sparse(m, w, s, fraction, num_active)[:2]
 
     for xla in (False, True):
         if sparse_path and not xla:
@@ -492,7 +492,7 @@ def _bench_mask_update():
         t0 = time.perf_counter()
         new_mask, _ = fn(mask, weights, scores)
         first = time.perf_counter() - t0
-        active = int(ftk.topology.count_active(new_mask))
+        active = int(ftk.masks.count_active(new_mask))
         if active != num_active:
             raise RuntimeError(f"update_mask changed the active count: {active} != {num_active}")
         for _ in range(2):
@@ -506,7 +506,7 @@ def _bench_mask_update():
         ms = _summary([1e3 * t for t in times])
         entry = {
             "jit_compile": xla,
-            "function": f"ftk.topology.{name}",
+            "function": f"ftk.masks.{name}",
             "shape": list(shape),
             "size": size,
             "num_active": num_active,
@@ -814,7 +814,7 @@ def _markdown(report):
         frac_text = ", ".join(f"spe={k}: {_pct(v)}" for k, v in frac.items()) or "n/a (no MLP row)"
         lines.append(
             f"| {'on' if u['jit_compile'] else 'off'} "
-            f"| `{u.get('function', 'ftk.topology.update_mask').rsplit('.', 1)[-1]}` "
+            f"| `{u.get('function', 'ftk.masks.update_mask').rsplit('.', 1)[-1]}` "
             f"| {_f(u['ms']['min'])} "
             f"| {_f(u['ms']['median'])} | {_f(u['ms_per_1m_weights']['min'])} "
             f"| {_f(u.get('est_ms_per_mlp_update'))} | {frac_text} |"
@@ -952,7 +952,7 @@ def _memory_section(report):
             lines += bench_tables.accounting_markdown(rows, variant) + [""]
         lines += [
             "The two big selections alone (high-water increment of one call on the largest "
-            "layer, after training): drawing an initial mask (`ftk.topology.random_mask` called "
+            "layer, after training): drawing an initial mask (`ftk.masks.random_mask` called "
             "eagerly; `sparsify` runs it as a graph, which frees temporaries as it goes and so "
             "stays at or below this), and one mask update by the callback's own "
             "per-layer update in a `tf.function` (the path that training without XLA takes; the "

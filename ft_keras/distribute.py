@@ -13,7 +13,9 @@ Stock Keras 3 (checked up to 3.15) cannot run ``model.fit`` under
    of the same function computes).
 
 ``import ft_keras`` installs both fixes when the installed Keras is in the affected range
-(:data:`AFFECTED_KERAS_VERSIONS`) and has the two functions with the expected names. Each fixed
+(:data:`AFFECTED_KERAS_VERSIONS`) and has the two functions with the expected names (the code
+that touches Keras's trainer lives in ``ft_keras/_keras_compat.py``, which also says why the fix
+is installed at import time). Each fixed
 function behaves exactly like the original unless the strategy is a multi-worker
 ``MultiWorkerMirroredStrategy`` (the condition Keras itself uses for its multi-worker branch),
 so single-device and ``MirroredStrategy`` training are untouched. To turn the fixes off, set
@@ -38,43 +40,25 @@ Example (run the same script on every host, each with its own ``TF_CONFIG``)::
     ])
 """
 
-import os
 import tempfile
 
 from absl import logging
 import keras
 import tensorflow as tf
 
+from ft_keras import _checks
+from ft_keras import _keras_compat
+
 #: Keras versions ``[low, high)`` whose ``model.fit`` has the multi-worker bugs fixed here.
-AFFECTED_KERAS_VERSIONS = ((3, 0), (3, 16))
+AFFECTED_KERAS_VERSIONS = _keras_compat.MULTIWORKER_FIX_KERAS
 #: Set to ``0`` (or ``false`` / ``no`` / ``off``) to keep stock Keras under multi-worker strategies.
-ENV_VAR = "FT_KERAS_MULTIWORKER_FIX"
+ENV_VAR = _keras_compat.MULTIWORKER_FIX_ENV
 
-_state = {"originals": None, "logged": False}
-
-
-def _keras_version(text=None):
-    text = keras.version() if text is None else text
-    parts = []
-    for piece in str(text).split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    while len(parts) < 2:
-        parts.append(0)
-    return tuple(parts)
-
-
-def _env_allows():
-    value = os.environ.get(ENV_VAR, "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
-
-
-def is_multi_worker(strategy):
-    """True for a ``MultiWorkerMirroredStrategy`` that really spans several workers."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return False
-    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
-    return bool(in_multi_worker_mode()) if callable(in_multi_worker_mode) else False
+is_multi_worker = _keras_compat.is_multi_worker
+multiworker_fix_applies = _keras_compat.multiworker_fix_applies
+multiworker_fix_installed = _keras_compat.multiworker_fix_installed
+install_multiworker_fix = _keras_compat.install_multiworker_fix
+remove_multiworker_fix = _keras_compat.remove_multiworker_fix
 
 
 def is_chief(strategy=None):
@@ -98,10 +82,9 @@ def worker_log_dir(log_dir, strategy=None):
     ``keras.callbacks.CSVLogger``): pass them this instead of ``log_dir`` so that only the chief
     writes where users look.
     """
-    if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
-        raise ValueError(f"log_dir must be a non-empty path; got {log_dir!r}")
+    log_dir = _checks.check_path("log_dir", log_dir)
     if is_chief(strategy):
-        return os.fspath(log_dir)
+        return log_dir
     return tempfile.mkdtemp(prefix="ftk_worker_")
 
 
@@ -133,107 +116,3 @@ def check_steps_per_execution(model):
 def _is_default(strategy):
     """True for TF's default (no-op) strategy, which every model without a scope reports."""
     return "Default" in type(strategy).__name__
-
-
-# ------------------------------------------------------------------------------ the Keras fix
-def _trainer_module():
-    from keras.src.backend.tensorflow import trainer  # pylint: disable=import-outside-toplevel
-
-    return trainer
-
-
-def _log_once():
-    if not _state["logged"]:
-        _state["logged"] = True
-        logging.info(
-            "ft_keras: multi-worker fix for Keras %s model.fit is active (set %s=0 to disable)",
-            keras.version(), ENV_VAR,
-        )
-
-
-def _first_local(value, strategy):
-    if isinstance(value, tf.distribute.DistributedValues):
-        return strategy.experimental_local_results(value)[0]
-    return value
-
-
-def _make_symbolic_build(original):
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = getattr(self, "_distribute_strategy", None)
-        if iterator is None or strategy is None or not is_multi_worker(strategy):
-            return original(self, iterator=iterator, data_batch=data_batch)
-        _log_once()
-        for _, _, batches in iterator:
-            batch = next(batches)
-            data_batch = tf.nest.map_structure(lambda v: _first_local(v, strategy), batch)
-            break
-        return original(self, iterator=None, data_batch=data_batch)
-
-    _maybe_symbolic_build.ftk_original = original
-    return _maybe_symbolic_build
-
-
-def _make_reduce_per_replica(original):
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction == "auto" and not isinstance(strategy, tf.distribute.TPUStrategy):
-            reduction = "mean"
-        if reduction != "mean" or not is_multi_worker(strategy):
-            return original(values, strategy, reduction)
-        _log_once()
-        return tf.nest.map_structure(
-            lambda v: strategy.reduce("MEAN", v, axis=None), values
-        )
-
-    reduce_per_replica.ftk_original = original
-    return reduce_per_replica
-
-
-def multiworker_fix_applies(version=None):
-    """True if the Keras ``version`` (default: installed) is one the fix is meant for."""
-    low, high = AFFECTED_KERAS_VERSIONS
-    return low <= _keras_version(version) < high
-
-
-def multiworker_fix_installed():
-    """True while the fixed functions are in place."""
-    return _state["originals"] is not None
-
-
-def install_multiworker_fix(force=False):
-    """Installs the fix (``import ft_keras`` does this); returns True if it is in place.
-
-    Does nothing (returns False) when the Keras version is outside
-    :data:`AFFECTED_KERAS_VERSIONS` or lacks the patched functions, or when the environment
-    variable ``FT_KERAS_MULTIWORKER_FIX`` is ``0``, unless ``force`` is set (then only the
-    presence of the functions is required).
-    """
-    if _state["originals"] is not None:
-        return True
-    if not force and (not _env_allows() or not multiworker_fix_applies()):
-        return False
-    try:
-        trainer = _trainer_module()
-        cls = trainer.TensorFlowTrainer
-        build = cls.__dict__["_maybe_symbolic_build"]
-        reduce_fn = trainer.reduce_per_replica
-    except (ImportError, AttributeError, KeyError) as error:
-        logging.warning("ft_keras: multi-worker fix not installed: Keras %s has no %s",
-                        keras.version(), error)
-        return False
-    cls._maybe_symbolic_build = _make_symbolic_build(build)
-    trainer.reduce_per_replica = _make_reduce_per_replica(reduce_fn)
-    _state["originals"] = (build, reduce_fn)
-    return True
-
-
-def remove_multiworker_fix():
-    """Puts Keras's own functions back; returns True if the fix was installed."""
-    originals = _state["originals"]
-    if originals is None:
-        return False
-    build, reduce_fn = originals
-    trainer = _trainer_module()
-    trainer.TensorFlowTrainer._maybe_symbolic_build = build
-    trainer.reduce_per_replica = reduce_fn
-    _state["originals"] = None
-    return True

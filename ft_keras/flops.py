@@ -72,7 +72,7 @@ import numpy as np
 
 from ft_keras import layers as masked_layers
 from ft_keras import schedules
-from ft_keras.callbacks import GROW_MODES
+from ft_keras.masks import GROW_MODES
 from ft_keras.sparsify import walk_layers
 
 FLOPS_PER_MAC = 2

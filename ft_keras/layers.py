@@ -23,7 +23,8 @@ Example:
 import keras
 import numpy as np
 
-from ft_keras import topology
+from ft_keras import _keras_compat
+from ft_keras import masks
 
 
 class MaskedKernelMixin:
@@ -43,11 +44,17 @@ class MaskedKernelMixin:
             dtype="bool",
         )
 
+    #: Name of the attribute that holds the kernel variable; None: Keras's Dense / Conv
+    #: convention (``_kernel`` behind the ``kernel`` property). Set it in a user's masked
+    #: layer whose kernel has another name (see `register_maskable`).
+    kernel_attribute = None
+
     @property
     def masked_kernel(self):
         """The kernel variable that the mask applies to."""
-        kernel = getattr(self, "_kernel", None)
-        return kernel if kernel is not None else self.kernel
+        if self.kernel_attribute is not None:
+            return getattr(self, self.kernel_attribute)
+        return _keras_compat.kernel_variable(self)
 
     @property
     def num_active(self):
@@ -62,7 +69,7 @@ class MaskedKernelMixin:
     def apply_mask(self):
         """Sets the off-mask kernel entries to exactly +0.0."""
         kernel = self.masked_kernel
-        kernel.assign(topology.zero_off_mask(self.kernel_mask.value, kernel.value))
+        kernel.assign(masks.zero_off_mask(self.kernel_mask.value, kernel.value))
 
     def set_mask(self, mask):
         """Replaces the mask (bool array of the kernel's shape) and zeroes the kernel off it."""
@@ -97,7 +104,7 @@ class MaskedKernelMixin:
 
     def _check_load_own_variables(self, store):
         # For parents with their own saving, the store seen here lacks the mask (see load).
-        own = self._trainable_variables + self._non_trainable_variables
+        own = _keras_compat.own_variables(self)
         expected = len(own) if self._parent_saves_every_variable() else len(own) - 1
         if len(store.keys()) != expected:
             found = len(store.keys()) + len(own) - expected
@@ -129,14 +136,13 @@ class _DropKey:
         return key != self._dropped and key in self._store
 
 
-def _masked(base, doc):
+def _masked(base, doc, package="ft_keras", kernel_attribute=None):
     """Creates and registers the masked subclass of a Keras layer class."""
-    cls = type(
-        f"Masked{base.__name__}",
-        (MaskedKernelMixin, base),
-        {"__doc__": doc, "__module__": __name__},
-    )
-    return keras.saving.register_keras_serializable(package="ft_keras")(cls)
+    attributes = {"__doc__": doc, "__module__": __name__}
+    if kernel_attribute is not None:
+        attributes["kernel_attribute"] = kernel_attribute
+    cls = type(f"Masked{base.__name__}", (MaskedKernelMixin, base), attributes)
+    return keras.saving.register_keras_serializable(package=package)(cls)
 
 
 MaskedDense = _masked(
@@ -156,8 +162,8 @@ MaskedDepthwiseConv2D = _masked(
     "`keras.layers.DepthwiseConv2D` with a boolean `kernel_mask` (see module doc).",
 )
 
-# Exact Keras class -> masked class. Subclasses of these are not converted (their `call` may
-# differ), and stay dense.
+# Exact layer class -> masked class: the registry `sparsify` reads. Subclasses of these are not
+# converted (their `call` may differ) and stay dense, unless registered themselves.
 MASKED_CLASSES = {
     keras.layers.Dense: MaskedDense,
     keras.layers.Conv1D: MaskedConv1D,
@@ -168,6 +174,70 @@ MASKED_CLASSES = {
 PLAIN_CLASSES = {masked: plain for plain, masked in MASKED_CLASSES.items()}
 
 
+def register_maskable(layer_class, masked_class=None, kernel_attribute="kernel"):
+    """Makes a user's kernel layer class maskable by `ft_keras.sparsify` and DST.
+
+    The contract a maskable layer meets (tested in tests/test_layers.py):
+
+    1. ``build`` creates the kernel as one trainable variable, reachable as the attribute
+       ``kernel_attribute`` (default ``"kernel"``), with the shape the mask gets;
+    2. ``call`` uses that variable as stored, so that a zero entry contributes nothing (multiply,
+       matmul, convolution; not ``kernel + 1``); the gradient Keras computes for it is then the
+       dense gradient that RigL growth needs;
+    3. ``get_config`` / ``from_config`` rebuild the layer (``sparsify`` clones it that way);
+    4. the class is registered for Keras serialization if models holding it are saved.
+
+    Sparsity densities (ERK) read the kernel's shape: the last two axes are taken as
+    (fan-in, fan-out), as for Keras's own layers.
+
+    Example:
+
+    >>> @keras.saving.register_keras_serializable(package="my_project")
+    ... class Bilinear(keras.layers.Layer):       # y = x @ kernel (a 2D kernel named "kernel")
+    ...     ...
+    >>> MaskedBilinear = ftk.layers.register_maskable(Bilinear)
+    >>> sparse = ftk.sparsify(model_with_bilinear, sparsity=0.9)   # Bilinear layers masked
+
+    Args:
+        layer_class: a subclass of ``keras.layers.Layer``; only instances of exactly this class
+            are converted.
+        masked_class: the masked twin, a subclass of both `MaskedKernelMixin` (first) and
+            ``layer_class``; None creates ``Masked<ClassName>`` (registered for Keras
+            serialization under the package "ft_keras_user").
+        kernel_attribute: the name of the kernel variable's attribute (used when
+            ``masked_class`` is None).
+
+    Returns:
+        The masked class.
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise TypeError(
+            f"layer_class must be a subclass of keras.layers.Layer; got {layer_class!r}."
+        )
+    if issubclass(layer_class, MaskedKernelMixin):
+        raise ValueError(f"layer_class={layer_class.__name__} is already a masked layer class.")
+    if masked_class is None:
+        if not isinstance(kernel_attribute, str) or not kernel_attribute:
+            raise TypeError(
+                f"kernel_attribute must be an attribute name (str); got {kernel_attribute!r}."
+            )
+        masked_class = _masked(
+            layer_class,
+            f"`{layer_class.__name__}` with a boolean `kernel_mask` (see ft_keras.layers).",
+            package="ft_keras_user",
+            kernel_attribute=kernel_attribute,
+        )
+    elif not (isinstance(masked_class, type) and issubclass(masked_class, MaskedKernelMixin)
+              and issubclass(masked_class, layer_class)):
+        raise TypeError(
+            f"masked_class must subclass both MaskedKernelMixin and {layer_class.__name__}; "
+            f"got {masked_class!r}."
+        )
+    MASKED_CLASSES[layer_class] = masked_class
+    PLAIN_CLASSES[masked_class] = layer_class
+    return masked_class
+
+
 def is_masked(layer):
     """True if ``layer`` is one of ft_keras's masked layers."""
     return isinstance(layer, MaskedKernelMixin)
@@ -176,6 +246,14 @@ def is_masked(layer):
 def is_prunable(layer):
     """True if ``layer``'s exact class has a masked counterpart."""
     return type(layer) in MASKED_CLASSES
+
+
+def kernel_of(layer):
+    """The kernel variable of a masked or maskable layer."""
+    if is_masked(layer):
+        return layer.masked_kernel
+    attribute = MASKED_CLASSES[type(layer)].kernel_attribute
+    return getattr(layer, attribute) if attribute else _keras_compat.kernel_variable(layer)
 
 
 def has_kernel(layer):

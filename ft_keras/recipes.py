@@ -17,7 +17,8 @@ import numbers
 import keras
 from absl import logging
 
-from ft_keras import callbacks as callbacks_lib
+from ft_keras import free_tickets
+from ft_keras import training
 from ft_keras import sparsify as sparsify_lib
 from ft_keras import tickets
 
@@ -106,7 +107,7 @@ def train_dst_ensemble(
             dense, sparsity, distribution=distribution, keep_dense=keep_dense, seed=member_seed
         )
         compile_fn(model)
-        checkpoint = callbacks_lib.TicketCheckpoint(
+        checkpoint = free_tickets.TicketCheckpoint(
             ticket_dir,
             member,
             monitor=monitor,
@@ -121,7 +122,7 @@ def train_dst_ensemble(
             epochs=epochs,
             validation_data=validation_data,
             callbacks=[
-                callbacks_lib.DynamicSparsity(seed=member_seed, **dst_kwargs),
+                training.DynamicSparsity(seed=member_seed, **dst_kwargs),
                 checkpoint,
                 *callbacks,
             ],

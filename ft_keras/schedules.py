@@ -1,10 +1,18 @@
-"""Schedules of dynamic sparse training: pure functions of the optimizer step.
+"""Schedules of dynamic sparse training: when masks change, by how much, and the EDST plan.
 
-Each schedule is a function of the step that works both on Python numbers (for reports and
-tests) and on scalar tensors (inside the compiled train step). The step is the optimizer step
-*being taken*, counted from 1: the update that runs while ``optimizer.iterations`` goes from
-``t - 1`` to ``t`` belongs to step ``t``. So after the callback has seen ``t`` steps, every
-update with ``step <= t`` has happened.
+Two layers, both pure (no Keras objects):
+
+* functions of the step (`drop_fraction`, `is_update_step`, `update_steps`) that work on Python
+  numbers (reports, tests, FLOP counts) and on scalar tensors (inside the compiled train step),
+  with Python or tensor parameters;
+* serialisable schedule objects (`ConstantDrop`, `CosineDrop`, like tfmot's
+  ``PruningSchedule``): ``schedule(step) -> (is_update_step, drop_fraction)``, ``get_config`` /
+  ``from_config``, and `EDSTPlan`, the phase plan of an EDST run.
+
+The step is the optimizer step *being taken*, counted from 1: the update that runs while
+``optimizer.iterations`` goes from ``t - 1`` to ``t`` belongs to step ``t``. So after the
+callback has seen ``t`` steps, every update with ``step <= t`` has happened. See docs/method.md
+for the method these implement.
 
 Example:
 
@@ -12,20 +20,33 @@ Example:
 0.15
 >>> is_update_step(200, update_every=100, end_step=1000)
 True
+>>> schedule = CosineDrop(update_every=100, drop_fraction=0.3, end_step=1000)
+>>> schedule(500)
+(True, 0.15)
+>>> CosineDrop.from_config(schedule.get_config()) == schedule
+True
 """
 
+import abc
 import math
 
 import tensorflow as tf
+
+from ft_keras import _checks
 
 DECAYS = ("constant", "cosine")
 
 
 def check_decay(decay):
-    """Returns the normalised decay name or raises ValueError naming ``decay``."""
-    if not isinstance(decay, str) or decay.lower() not in DECAYS:
-        raise ValueError(f"decay={decay!r} is not supported; allowed values are {DECAYS}.")
-    return decay.lower()
+    """Returns the normalised decay name; TypeError / ValueError naming ``decay`` otherwise."""
+    return _checks.check_choice("decay", decay, DECAYS)
+
+
+def _float64(value):
+    """A float64 tensor of ``value`` (a Python float is converted without float32 rounding)."""
+    if tf.is_tensor(value):
+        return tf.cast(value, tf.float64)
+    return tf.constant(float(value), tf.float64)
 
 
 def drop_fraction(step, initial, decay="cosine", end_step=None, final=0.0):
@@ -37,19 +58,23 @@ def drop_fraction(step, initial, decay="cosine", end_step=None, final=0.0):
 
     Args:
         step: int or scalar tensor.
-        initial: p_0 in (0, 1].
+        initial: p_0 in (0, 1] (a float, or a scalar tensor when ``step`` is a tensor).
         decay: "constant" or "cosine".
-        end_step: the step where the cosine reaches ``final``; required for cosine.
+        end_step: the step where the cosine reaches ``final``; required for cosine (a positive
+            int, or a scalar tensor when ``step`` is a tensor).
         final: the cosine's floor.
     """
     decay = check_decay(decay)
     if decay == "constant":
-        return initial if not tf.is_tensor(step) else tf.constant(initial, tf.float64)
-    if end_step is None or end_step <= 0:
+        return initial if not tf.is_tensor(step) else _float64(initial)
+    if end_step is None or (not tf.is_tensor(end_step) and end_step <= 0):
         raise ValueError(f"end_step={end_step!r}: the cosine decay needs a positive end_step.")
     if tf.is_tensor(step):
-        t = tf.clip_by_value(tf.cast(step, tf.float64), 0.0, float(end_step))
-        cosine = 0.5 * (1.0 + tf.cos(math.pi * t / float(end_step)))
+        end = tf.maximum(tf.cast(end_step, tf.float64), 1.0)
+        t = tf.clip_by_value(tf.cast(step, tf.float64), 0.0, end)
+        cosine = 0.5 * (1.0 + tf.cos(math.pi * t / end))
+        initial = _float64(initial)
+        final = _float64(final)
         return final + (initial - final) * cosine
     t = min(max(float(step), 0.0), float(end_step))
     return final + (initial - final) * 0.5 * (1.0 + math.cos(math.pi * t / end_step))
@@ -57,12 +82,18 @@ def drop_fraction(step, initial, decay="cosine", end_step=None, final=0.0):
 
 def is_update_step(step, update_every, end_step=None, start_step=0):
     """True when a mask update happens at ``step``: a multiple of ``update_every`` in
-    ``(start_step, end_step)`` (``end_step`` None: no end)."""
+    ``(start_step, end_step)`` (``end_step`` None: no end).
+
+    With a tensor ``step`` the parameters may be tensors too (an ``end_step`` tensor < 0 means
+    no end), so a compiled train step can read them from variables.
+    """
     if tf.is_tensor(step):
         step = tf.cast(step, tf.int64)
-        ok = tf.logical_and(tf.equal(step % update_every, 0), step > start_step)
+        every = tf.cast(update_every, tf.int64)
+        ok = tf.logical_and(tf.equal(step % every, 0), step > tf.cast(start_step, tf.int64))
         if end_step is not None:
-            ok = tf.logical_and(ok, step < end_step)
+            end = tf.cast(end_step, tf.int64)
+            ok = tf.logical_and(ok, tf.logical_or(step < end, end < 0))
         return ok
     ok = step % update_every == 0 and step > start_step
     return ok and (end_step is None or step < end_step)
@@ -75,6 +106,174 @@ def update_steps(total_steps, update_every, end_step=None, start_step=0):
         for t in range(update_every, total_steps + 1, update_every)
         if is_update_step(t, update_every, end_step, start_step)
     ]
+
+
+# ------------------------------------------------------------------------- schedule objects
+class DropSchedule(abc.ABC):
+    """When the masks change and by how much: ``schedule(step) -> (is_update, drop_fraction)``.
+
+    The base of `ConstantDrop` and `CosineDrop`. A mask update happens at every multiple of
+    ``update_every`` in ``(start_step, end_step)``; ``end_step=None`` means "no end" (or, for
+    `ft_keras.DynamicSparsity`, "the end of the current fit", filled in with `with_end_step`).
+    Objects are immutable, compare equal by configuration, and serialise with
+    ``get_config()`` / ``from_config(config)`` (or `ft_keras.schedules.get`).
+
+    Args:
+        update_every: optimizer steps between mask updates (dT), an int >= 1.
+        drop_fraction: the (initial) drop fraction p_0 in (0, 1].
+        end_step: last step (exclusive) with updates, an int >= 1, or None.
+        start_step: no update at or before this step, an int >= 0.
+
+    Raises:
+        TypeError / ValueError: a bad argument; ``start_step >= end_step``; or an ``end_step``
+            that leaves no update step in ``(start_step, end_step)`` (the masks would never
+            change).
+    """
+
+    decay = None
+
+    def __init__(self, update_every=100, drop_fraction=0.3, end_step=None, start_step=0):
+        self.update_every = _checks.check_positive_int("update_every", update_every)
+        self.drop_fraction = _checks.check_fraction("drop_fraction", drop_fraction)
+        self.end_step = _checks.check_positive_int("end_step", end_step, allow_none=True)
+        self.start_step = _checks.check_int("start_step", start_step, minimum=0)
+        if self.end_step is not None:
+            if self.start_step >= self.end_step:
+                raise ValueError(
+                    f"start_step={start_step!r} must be smaller than end_step={end_step!r}: "
+                    "with start_step >= end_step the masks never change."
+                )
+            first = (self.start_step // self.update_every + 1) * self.update_every
+            if first >= self.end_step:
+                raise ValueError(
+                    f"end_step={end_step!r} leaves no mask update: the first multiple of "
+                    f"update_every={self.update_every} after start_step={self.start_step} is "
+                    f"{first}. Use a larger end_step or a smaller update_every."
+                )
+
+    def is_update_step(self, step):
+        """Whether a mask update happens at ``step`` (Python int or scalar tensor)."""
+        return is_update_step(step, self.update_every, self.end_step, self.start_step)
+
+    @abc.abstractmethod
+    def drop_fraction_at(self, step):
+        """p_t at ``step`` (float, or float64 tensor for a tensor ``step``)."""
+
+    def __call__(self, step):
+        return self.is_update_step(step), self.drop_fraction_at(step)
+
+    def update_steps(self, total_steps):
+        """The update steps in ``[1, total_steps]`` (a list of ints)."""
+        return update_steps(total_steps, self.update_every, self.end_step, self.start_step)
+
+    def with_end_step(self, end_step):
+        """A copy with ``end_step`` set (e.g. to the end of a fit)."""
+        config = self.get_config()
+        config["end_step"] = end_step
+        return type(self).from_config(config)
+
+    def get_config(self):
+        return {
+            "update_every": self.update_every,
+            "drop_fraction": self.drop_fraction,
+            "end_step": self.end_step,
+            "start_step": self.start_step,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ConstantDrop(DropSchedule):
+    """A constant drop fraction: p_t = ``drop_fraction`` at every update step.
+
+    >>> ConstantDrop(update_every=100, drop_fraction=0.5)(300)
+    (True, 0.5)
+    """
+
+    decay = "constant"
+
+    def drop_fraction_at(self, step):
+        return drop_fraction(step, self.drop_fraction, "constant")
+
+
+class CosineDrop(DropSchedule):
+    """Cosine decay of the drop fraction from ``drop_fraction`` to ``final_drop_fraction``.
+
+    p_t = final + (p_0 - final) / 2 * (1 + cos(pi * t / end_step)) (RigL with final = 0;
+    FreeTickets: 0.5 towards 0.005). ``end_step`` is needed to evaluate it; None leaves it to be
+    filled in (`with_end_step`).
+
+    >>> CosineDrop(update_every=100, drop_fraction=0.5, end_step=1000)(1000)
+    (False, 0.0)
+    """
+
+    decay = "cosine"
+
+    def __init__(self, update_every=100, drop_fraction=0.3, end_step=None, start_step=0,
+                 final_drop_fraction=0.0):
+        super().__init__(update_every, drop_fraction, end_step, start_step)
+        self.final_drop_fraction = _checks.check_fraction(
+            "final_drop_fraction", final_drop_fraction, low_open=False)
+        if self.final_drop_fraction > self.drop_fraction:
+            raise ValueError(
+                f"final_drop_fraction={final_drop_fraction!r} must not exceed "
+                f"drop_fraction={drop_fraction!r}."
+            )
+
+    def drop_fraction_at(self, step):
+        if self.end_step is None:
+            raise ValueError(
+                "end_step=None: the cosine decay needs an end step; build the schedule with "
+                "end_step=... or use with_end_step()."
+            )
+        return drop_fraction(step, self.drop_fraction, "cosine", self.end_step,
+                             self.final_drop_fraction)
+
+    def get_config(self):
+        return dict(super().get_config(), final_drop_fraction=self.final_drop_fraction)
+
+
+_SCHEDULES = {"ConstantDrop": ConstantDrop, "CosineDrop": CosineDrop}
+
+
+def make_drop_schedule(decay, update_every=100, drop_fraction=0.3, end_step=None, start_step=0,
+                       final_drop_fraction=0.0):
+    """The schedule object for a ``decay`` name ("constant" or "cosine")."""
+    decay = check_decay(decay)
+    if decay == "constant":
+        return ConstantDrop(update_every, drop_fraction, end_step, start_step)
+    return CosineDrop(update_every, drop_fraction, end_step, start_step, final_drop_fraction)
+
+
+def serialize(schedule):
+    """``{"class_name": ..., "config": ...}`` of a schedule object."""
+    if not isinstance(schedule, DropSchedule):
+        raise TypeError(f"schedule must be a DropSchedule; got {type(schedule).__name__}.")
+    return {"class_name": type(schedule).__name__, "config": schedule.get_config()}
+
+
+def get(identifier):
+    """A schedule from a schedule object (returned as is) or a `serialize` dict."""
+    if isinstance(identifier, DropSchedule):
+        return identifier
+    if isinstance(identifier, dict) and identifier.get("class_name") in _SCHEDULES:
+        return _SCHEDULES[identifier["class_name"]].from_config(dict(identifier["config"]))
+    raise ValueError(
+        f"identifier={identifier!r} is not a schedule: pass a DropSchedule or a dict "
+        f"{{'class_name': one of {sorted(_SCHEDULES)}, 'config': {{...}}}}."
+    )
 
 
 # ------------------------------------------------------------------------------ EDST phase plan
@@ -106,22 +305,15 @@ class Phase(tuple):
         )
 
 
-def _positive_int(argument, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        allowed = "an integer >= 0" if allow_zero else "a positive integer"
-        raise ValueError(f"{argument}={value!r} must be {allowed}.")
-    return value
-
-
 def edst_plan(exploration_epochs, refine_epochs, num_tickets):
-    """The EDST phases (SPEC.md section 5): exploration, then ``num_tickets`` refinement phases.
+    """The EDST phases (docs/method.md): exploration, then ``num_tickets`` refinement phases.
 
     >>> [tuple(p) for p in edst_plan(2, 3, 2)]
     [('exploration', 0, 0, 2), ('refinement', 1, 2, 5), ('refinement', 2, 5, 8)]
     """
-    _positive_int("num_tickets", num_tickets)
-    _positive_int("exploration_epochs", exploration_epochs, allow_zero=True)
-    _positive_int("refine_epochs", refine_epochs)
+    num_tickets = _checks.check_positive_int("num_tickets", num_tickets)
+    exploration_epochs = _checks.check_int("exploration_epochs", exploration_epochs, minimum=0)
+    refine_epochs = _checks.check_positive_int("refine_epochs", refine_epochs)
     phases = []
     if exploration_epochs:
         phases.append(Phase("exploration", 0, 0, exploration_epochs))
@@ -167,3 +359,83 @@ def edst_learning_rate(plan, epoch, exploration_lr=0.1, refine_lr=(0.01, 0.001),
         return float(exploration_lr)
     into = epoch - phase.start_epoch
     return float(refine_lr[0] if into < switch * phase.num_epochs else refine_lr[1])
+
+
+class EDSTPlan:
+    """The plan of an EDST run: its phases and learning rates (docs/method.md), serialisable.
+
+    >>> plan = EDSTPlan(exploration_epochs=2, refine_epochs=4, num_tickets=2)
+    >>> plan.total_epochs, plan.global_exploration_epochs
+    (10, [6])
+    >>> [plan.learning_rate(e) for e in (0, 2, 4, 6)]
+    [0.1, 0.01, 0.001, 0.01]
+
+    Args:
+        exploration_epochs: t_ex >= 0.
+        refine_epochs: t_re >= 1.
+        num_tickets: M >= 1.
+        exploration_lr: the constant learning rate of the exploration phase (> 0).
+        refine_lr: two learning rates (> 0) of each refinement phase: the first until
+            ``refine_lr_switch`` of the phase, the second after.
+        refine_lr_switch: fraction of a refinement phase in (0, 1] run at ``refine_lr[0]``.
+    """
+
+    def __init__(self, exploration_epochs, refine_epochs, num_tickets=3, exploration_lr=0.1,
+                 refine_lr=(0.01, 0.001), refine_lr_switch=0.5):
+        self.phases = edst_plan(exploration_epochs, refine_epochs, num_tickets)
+        self.exploration_epochs = int(exploration_epochs)
+        self.refine_epochs = int(refine_epochs)
+        self.num_tickets = int(num_tickets)
+        self.exploration_lr = _checks.check_real("exploration_lr", exploration_lr, low=0.0,
+                                                 low_open=True)
+        if not isinstance(refine_lr, (list, tuple)):
+            raise TypeError(f"refine_lr must be a pair (tuple or list) of learning rates; got "
+                            f"{refine_lr!r}.")
+        if len(refine_lr) != 2:
+            raise ValueError(f"refine_lr must be a pair of learning rates; got {refine_lr!r} "
+                             f"({len(refine_lr)} values).")
+        self.refine_lr = tuple(
+            _checks.check_real(f"refine_lr[{i}]", value, low=0.0, low_open=True)
+            for i, value in enumerate(refine_lr)
+        )
+        self.refine_lr_switch = _checks.check_fraction("refine_lr_switch", refine_lr_switch)
+
+    @property
+    def total_epochs(self):
+        return plan_epochs(self.phases)
+
+    @property
+    def global_exploration_epochs(self):
+        """Start epochs of refinement phases 2..M (where the global exploration happens)."""
+        return global_exploration_epochs(self.phases)
+
+    def phase_at(self, epoch):
+        return phase_at(self.phases, epoch)
+
+    def learning_rate(self, epoch):
+        return edst_learning_rate(self.phases, epoch, self.exploration_lr, self.refine_lr,
+                                  self.refine_lr_switch)
+
+    def get_config(self):
+        return {
+            "exploration_epochs": self.exploration_epochs,
+            "refine_epochs": self.refine_epochs,
+            "num_tickets": self.num_tickets,
+            "exploration_lr": self.exploration_lr,
+            "refine_lr": list(self.refine_lr),
+            "refine_lr_switch": self.refine_lr_switch,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash(tuple(sorted((k, str(v)) for k, v in self.get_config().items())))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"EDSTPlan({args})"

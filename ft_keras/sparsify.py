@@ -17,15 +17,16 @@ Example:
 """
 
 import dataclasses
-import numbers
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ft_keras import distributions
+from ft_keras import _checks
+from ft_keras import _keras_compat
+from ft_keras import densities as densities_lib
 from ft_keras import layers as masked_layers
-from ft_keras import topology
+from ft_keras import masks
 
 # Salt for the initial masks' RNG key (training-time draws use steps >= 1).
 _INITIAL_MASK_STEP = -1
@@ -37,18 +38,12 @@ def _check_model(model, argument="model"):
             f"{argument} must be a keras.Model (Sequential or Functional); got "
             f"{type(model).__name__}."
         )
-    if not _is_graph_model(model):
+    if not _keras_compat.is_graph_model(model):
         raise TypeError(
             f"{argument}={model.name!r} is a subclassed keras.Model; sparsify and strip need a "
             "Sequential or Functional model (build it with keras.Sequential or keras.Model(inputs, "
             "outputs))."
         )
-
-
-def _is_graph_model(model):
-    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional" or (
-        hasattr(model, "_operations") and hasattr(model, "_nodes_by_depth")
-    )
 
 
 def walk_layers(model):
@@ -74,37 +69,7 @@ def masked_layers_of(model):
 
 
 def _kernel_shape(layer):
-    kernel = getattr(layer, "_kernel", None)
-    if kernel is None:
-        kernel = layer.kernel
-    return tuple(int(d) for d in kernel.shape)
-
-
-def _check_sparsity(sparsity):
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise TypeError(
-            f"sparsity must be a real number in [0, 1); got {sparsity!r} "
-            f"({type(sparsity).__name__})."
-        )
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity={sparsity!r} is outside the allowed range [0, 1).")
-
-
-def _normalise_keep_dense(keep_dense):
-    if keep_dense is None:
-        return ()
-    if isinstance(keep_dense, str):
-        return (keep_dense,)
-    try:
-        names = tuple(keep_dense)
-    except TypeError:
-        raise TypeError(
-            f"keep_dense must be a layer name or an iterable of layer names; got {keep_dense!r}."
-        ) from None
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"keep_dense must hold layer names (str); got {name!r}.")
-    return names
+    return tuple(int(d) for d in masked_layers.kernel_of(layer).shape)
 
 
 def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk_power_scale=1.0):
@@ -131,10 +96,9 @@ def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk
             prunable layer, or a model with no prunable layer.
     """
     _check_model(model)
-    _check_sparsity(sparsity)
-    keep = _normalise_keep_dense(keep_dense)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int; got {seed!r}.")
+    sparsity = _checks.check_real("sparsity", sparsity, low=0.0, high=1.0, high_open=True)
+    keep = _checks.check_names("keep_dense", keep_dense)
+    seed = _checks.check_seed("seed", seed)
     if not model.built:
         raise ValueError(
             f"model={model.name!r} is not built; call it on data or give it an Input first."
@@ -162,14 +126,14 @@ def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk
             f"{names}."
         )
     shapes = {layer.name: _kernel_shape(layer) for layer in prunable}
-    densities = distributions.layer_densities(
+    layer_density = densities_lib.layer_densities(
         shapes,
         sparsity,
         distribution=distribution,
         keep_dense=keep,
         erk_power_scale=erk_power_scale,
     )
-    counts = distributions.active_counts(shapes, densities)
+    counts = densities_lib.active_counts(shapes, layer_density)
     to_mask = {
         name for name in names if counts[name] < int(np.prod(shapes[name]))
     }
@@ -197,7 +161,7 @@ def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk
             mask = _random_mask_in_graph(
                 shapes[new.name],
                 counts[new.name],
-                topology.rng_seed(seed, _INITIAL_MASK_STEP, masked_index),
+                masks.rng_seed(seed, _INITIAL_MASK_STEP, masked_index),
             )
             new.set_mask(mask)
             masked_index += 1
@@ -208,11 +172,11 @@ def sparsify(model, sparsity=0.9, distribution="erk", keep_dense=(), seed=0, erk
 
 @tf.function(autograph=False, reduce_retracing=False)
 def _random_mask_graph(shape, num_active, seed):
-    return topology.random_mask(shape, num_active, seed)
+    return masks.random_mask(shape, num_active, seed)
 
 
 def _random_mask_in_graph(shape, num_active, seed):
-    """`topology.random_mask` as a graph: TF frees its full-size temporaries as soon as they
+    """`masks.random_mask` as a graph: TF frees its full-size temporaries as soon as they
     are used, where eager code keeps them all alive until it returns (for a 16.8M-position
     kernel, ~200 MiB instead of ~450 MiB at the peak)."""
     return _random_mask_graph(tuple(int(d) for d in shape), int(num_active), seed)

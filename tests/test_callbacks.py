@@ -130,7 +130,7 @@ def test_prune_smallest_grow_largest_dense_gradient(fashion_mnist_small, optimiz
     (x, y), _ = fashion_mnist_small
     mask0, w0, grad, mask1, w1 = _one_update_run(optimizer_fn(), grow, x[:64], y[:64])
     n = int(mask0.sum())
-    k = ftk.topology.num_to_drop_py(0.5, n)
+    k = ftk.masks.num_to_drop_py(0.5, n)
     assert mask1.sum() == n
     keep = mask1 & (w1 != 0)  # survivors keep their weight; grown (and regrown) restart at 0
     np.testing.assert_array_equal(w1[keep], w0[keep])
@@ -279,7 +279,7 @@ def test_schedule_end_step_and_tensorboard(fashion_mnist_small, tmp_path):
         assert abs(record["drop_fraction"] - expected) < 1e-6
         for name, values in record["layers"].items():
             n = int(masks_at[10][name][0].sum())
-            k = ftk.topology.num_to_drop_py(record["drop_fraction"], n)
+            k = ftk.masks.num_to_drop_py(record["drop_fraction"], n)
             assert 0 < values["mask_churn"] <= k / n
             assert abs(values["density"] - masks_at[10][name][0].mean()) < 1e-12
     for step in range(11, 17):  # no update after end_step
@@ -354,23 +354,35 @@ def test_hook_is_removed_and_second_fit_continues(fashion_mnist_small):
 
 
 @pytest.mark.parametrize(
-    "kwargs,pattern",
+    "kwargs,error,pattern",
     [
-        (dict(update_every=0), "update_every"),
-        (dict(update_every=2.5), "update_every"),
-        (dict(drop_fraction=0.0), "drop_fraction"),
-        (dict(drop_fraction=1.5), "drop_fraction"),
-        (dict(decay="linear"), "decay"),
-        (dict(prune="random"), "prune"),
-        (dict(grow="largest"), "grow"),
-        (dict(end_step=0), "end_step"),
-        (dict(final_drop_fraction=0.6, drop_fraction=0.5), "final_drop_fraction"),
-        (dict(seed="a"), "seed"),
+        (dict(update_every=0), ValueError, "update_every"),
+        (dict(update_every=2.5), TypeError, "update_every"),
+        (dict(drop_fraction=0.0), ValueError, "drop_fraction"),
+        (dict(drop_fraction=1.5), ValueError, "drop_fraction"),
+        (dict(decay="linear"), ValueError, "decay"),
+        (dict(prune="random"), ValueError, "prune"),
+        (dict(grow="largest"), ValueError, "grow"),
+        (dict(end_step=0), ValueError, "end_step"),
+        (dict(final_drop_fraction=0.6, drop_fraction=0.5), ValueError, "final_drop_fraction"),
+        (dict(seed="a"), TypeError, "seed"),
+        (dict(seed=1.0), TypeError, "seed"),
+        (dict(start_step=6, end_step=4), ValueError, "start_step=6.*end_step=4"),
+        (dict(update_every=100, end_step=50), ValueError, "end_step=50 leaves no mask update"),
+        (dict(optimizer_state="sparse"), ValueError, "optimizer_state"),
     ],
 )
-def test_bad_arguments(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
+def test_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
         ftk.DynamicSparsity(**kwargs)
+
+
+def test_choices_are_case_insensitive_and_numpy_ints_accepted():
+    callback = ftk.DynamicSparsity(update_every=np.int64(10), grow="Gradient", decay="COSINE",
+                                   seed=np.int32(3))
+    assert (callback.update_every, callback.grow, callback.decay, callback.seed) == (
+        10, "gradient", "cosine", 3)
+    assert type(callback.update_every) is int and type(callback.seed) is int
 
 
 def test_model_that_was_not_sparsified(fashion_mnist_small):
@@ -475,7 +487,7 @@ def test_fused_sgd_path_matches_keras_sgd(fashion_mnist_small, monkeypatch, mome
         return masked_state(model), [v.numpy() for v in model.optimizer.variables]
 
     fused_state, fused_slots = run()
-    from ft_keras import callbacks as callbacks_lib  # pylint: disable=import-outside-toplevel
+    from ft_keras import training as callbacks_lib  # pylint: disable=import-outside-toplevel
 
     monkeypatch.setattr(callbacks_lib._OptimizerHook, "_apply",  # pylint: disable=W0212
                         lambda self, g, v, lr: self.original(g, v, lr))

@@ -141,11 +141,11 @@ def test_global_exploration_jumps(edst_run):
         regrown = int((after & (kernel == 0)).sum())  # grown (or regrown) weights restart at 0
         if step in jumps:
             # global exploration: ceil(0.8 n) dropped by magnitude, as many grown by gradient
-            assert regrown == ftk.topology.num_to_drop_py(0.8, n), step
+            assert regrown == ftk.masks.num_to_drop_py(0.8, n), step
             assert (before != after).any()
         elif step % 8 == 0 and step < total:
             p = schedules.drop_fraction(step, 0.5, "cosine", total, final=0.005)
-            assert regrown == ftk.topology.num_to_drop_py(p, n), step
+            assert regrown == ftk.masks.num_to_drop_py(p, n), step
         else:
             np.testing.assert_array_equal(before, after)
 

@@ -63,7 +63,7 @@ def test_dst_ensemble_members(fashion_mnist_small, tmp_path):
         for saved, recorded in zip(model.get_weights(), run["weights"][best]):
             np.testing.assert_array_equal(saved, recorded)
         shapes = {"fc1": (784, 32), "out": (32, 10)}
-        counts = ftk.distributions.active_counts(
+        counts = ftk.densities.active_counts(
             shapes, ftk.layer_densities(shapes, 0.8, "erk"))
         report = ftk.sparsity_report(model)
         assert {r.name: r.active for r in report.layers} == counts  # exact, after training

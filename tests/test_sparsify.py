@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ft_keras as ftk
-from ft_keras import distributions
+from ft_keras import densities as distributions
 from ft_keras import layers as ml
 from ft_keras.sparsify import walk_layers
 

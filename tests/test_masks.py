@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ft_keras import topology
-from ft_keras.topology import (
+from ft_keras import masks as topology
+from ft_keras.masks import (
     changed_positions,
     count_active,
     grow_by_score,

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ft_keras import distributions as dist
-from ft_keras.distributions import (
+from ft_keras import densities as dist
+from ft_keras.densities import (
     SUPPORTED_DISTRIBUTIONS,
     active_counts,
     layer_densities,

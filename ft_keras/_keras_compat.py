@@ -1,0 +1,394 @@
+"""Every use of private Keras API in ft_keras, in one place (private).
+
+ft_keras relies on a few Keras internals that no public API offers. They are all here, each
+behind a small function that names the internal, so that the day Keras changes one of them
+exactly one function breaks, and ``tests/test_keras_compat.py`` (one canary test per internal)
+says which. The supported range is :data:`SUPPORTED_KERAS` (``setup.py`` pins the same range).
+
+Internals used (Keras 3, TensorFlow backend):
+
+1. ``Optimizer.update_step(gradient, variable, learning_rate)`` is called once per trainable
+   variable, inside the compiled train step, with the gradient already all-reduced across
+   replicas (``TFOptimizer._backend_update_step``). ft_keras replaces the bound method on one
+   optimizer instance (`install_update_step` / `remove_update_step`): this is where the masked
+   update and the in-graph mask update run (see ``ft_keras/training.py``).
+2. ``Optimizer._var_key(variable)`` (a stable key of a variable, mirrored or not) and
+   ``Optimizer._get_variable_index(variable)`` (its position in the per-variable state lists).
+3. The attribute names of each Keras optimizer's per-weight state (`optimizer_slots`): there is
+   no public listing, so they are looked up by known optimizer class (:data:`SLOT_ATTRIBUTES`);
+   an unknown optimizer class is refused with a clear error (or registered by the user with
+   `register_optimizer_slots`).
+4. ``Optimizer._learning_rate`` (a float variable or a ``LearningRateSchedule``).
+5. ``Dense`` / ``Conv`` ``_kernel``: the kernel variable behind the public ``kernel`` property
+   (which may return a computed tensor under LoRA or quantization).
+6. ``Layer._trainable_variables`` / ``_non_trainable_variables``: a layer's own variables, in
+   the order ``save_own_variables`` writes them.
+7. Functional models' ``_nodes_by_depth`` and ``_operations`` and Sequential's ``_functional``:
+   the layer graph, walked by ``ft_keras.flops``.
+8. ``TensorFlowTrainer._maybe_symbolic_build`` and ``trainer.reduce_per_replica``: replaced by
+   the multi-worker fix (`install_multiworker_fix`, see below).
+9. ``strategy.extended._in_multi_worker_mode()`` (TensorFlow): whether a
+   ``MultiWorkerMirroredStrategy`` really spans several workers.
+10. ``model._compile_loss`` and ``model._compile_metrics``: identify one ``compile()`` call, so a
+    train function traced for it can be reused by a later ``fit`` (`compile_token`).
+11. The local variables of ``TensorFlowTrainer.fit`` (``validation_data``): read by
+    `fit_validation_data` from the ``on_train_begin`` call, so that a callback that needs
+    validation data can say so before the first epoch rather than after it.
+
+Why the multi-worker fix is installed at ``import ft_keras``: Keras 3.0-3.15's ``fit`` fails
+under ``MultiWorkerMirroredStrategy`` in two places that run *before* any callback is called
+(the symbolic build of the model from the first batch, at the start of ``fit``) or outside
+callbacks' reach (the reduction of every step's logs), so neither a callback nor a model
+method can install it in time. It is version-guarded (:data:`MULTIWORKER_FIX_KERAS`), acts
+only when the strategy spans several workers (single-device and ``MirroredStrategy`` training
+run Keras's own code), and ``FT_KERAS_MULTIWORKER_FIX=0`` turns it off. See
+``ft_keras/distribute.py`` for the user-facing side.
+"""
+
+import inspect
+import os
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+#: Keras versions ``[low, high)`` ft_keras supports (setup.py pins the same range).
+SUPPORTED_KERAS = ((3, 5), (3, 16))
+#: Keras versions ``[low, high)`` whose ``model.fit`` has the multi-worker bugs fixed here.
+MULTIWORKER_FIX_KERAS = ((3, 0), (3, 16))
+#: Set to ``0`` (or ``false`` / ``no`` / ``off``) to keep stock Keras under multi-worker strategies.
+MULTIWORKER_FIX_ENV = "FT_KERAS_MULTIWORKER_FIX"
+
+
+def keras_version(text=None):
+    """``(major, minor)`` of the installed Keras (or of ``text``)."""
+    text = keras.version() if text is None else text
+    parts = []
+    for piece in str(text).split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 2:
+        parts.append(0)
+    return tuple(parts)
+
+
+# ------------------------------------------------------------------------- 1-4: optimizers
+def base_optimizer(optimizer):
+    """Unwraps ``LossScaleOptimizer`` (and similar wrappers) to the optimizer that updates."""
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def install_update_step(optimizer, hook):
+    """Makes ``hook(gradient, variable, learning_rate)`` the instance's ``update_step``."""
+    optimizer.update_step = hook
+
+
+def remove_update_step(optimizer, hook):
+    """Undoes `install_update_step` (if ``hook`` is still the one installed)."""
+    if optimizer.__dict__.get("update_step") is hook:
+        del optimizer.__dict__["update_step"]
+
+
+def original_update_step(optimizer):
+    """The class's own ``update_step``, bound to ``optimizer`` (whatever is installed)."""
+    return type(optimizer).update_step.__get__(optimizer)
+
+
+def variable_key(optimizer, variable):
+    """The optimizer's stable key of ``variable`` (the same for a mirrored variable's copies)."""
+    return optimizer._var_key(variable)  # pylint: disable=protected-access
+
+
+def variable_index(optimizer, variable):
+    """The position of ``variable`` in the optimizer's per-variable state lists."""
+    return optimizer._get_variable_index(variable)  # pylint: disable=protected-access
+
+
+#: Per-weight state of each Keras optimizer: the attributes that hold one entry per trainable
+#: variable. Entries that are None or not kernel-shaped (e.g. Adafactor's factored second
+#: moments of a matrix) are not per-weight state and are skipped.
+SLOT_ATTRIBUTES = {
+    "SGD": ("momentums",),
+    "Adam": ("_momentums", "_velocities", "_velocity_hats"),
+    "AdamW": ("_momentums", "_velocities", "_velocity_hats"),
+    "Adamax": ("_m", "_u"),
+    "Adagrad": ("_accumulators",),
+    "Adadelta": ("_accumulated_grads", "_accumulated_delta_vars"),
+    "Adafactor": ("_r", "_c", "_v"),
+    "Ftrl": ("_accumulators", "_linears"),
+    "Lamb": ("_momentums", "_velocities"),
+    "Lion": ("_momentums",),
+    "Nadam": ("_momentums", "_velocities"),
+    "RMSprop": ("_velocities", "_momentums", "_average_gradients"),
+    "ScheduleFreeAdamW": ("_momentums", "_velocities"),
+}
+#: Per-variable state every Keras optimizer may add (``use_ema``, gradient accumulation).
+BASE_SLOT_ATTRIBUTES = ("_model_variables_moving_average", "_accumulated_gradients")
+#: Optimizers whose update is not elementwise in the gradient: a zero gradient does not keep a
+#: zero weight at zero, so masked optimizer state cannot keep the weights sparse.
+NOT_ELEMENTWISE = {"Muon": "its orthogonalised update mixes all entries of a kernel"}
+
+_registered_slots = {}
+
+
+def register_optimizer_slots(optimizer_class, attributes):
+    """Declares the per-weight state attributes of a user's optimizer class.
+
+    ``attributes`` name lists with one entry per trainable variable (like Keras's own
+    ``self._momentums``). The optimizer's update must be elementwise in the gradient (a zero
+    gradient with zero state leaves a zero weight at zero).
+    """
+    if not (isinstance(optimizer_class, type)
+            and issubclass(optimizer_class, keras.optimizers.Optimizer)):
+        raise TypeError(
+            f"optimizer_class must be a subclass of keras.optimizers.Optimizer; got "
+            f"{optimizer_class!r}."
+        )
+    if isinstance(attributes, str) or not all(isinstance(a, str) for a in attributes):
+        raise TypeError(f"attributes must be a sequence of attribute names; got {attributes!r}.")
+    _registered_slots[optimizer_class] = tuple(attributes)
+
+
+def _slot_attributes(optimizer):
+    for cls in type(optimizer).__mro__:
+        if cls in _registered_slots:
+            return _registered_slots[cls]
+        if cls.__module__.startswith("keras") and cls.__name__ in NOT_ELEMENTWISE:
+            raise ValueError(
+                f"optimizer {type(optimizer).__name__} is not supported with masked optimizer "
+                f"state: {NOT_ELEMENTWISE[cls.__name__]}. Use optimizer_state='dense' (weights "
+                "are re-masked after each update) or another optimizer."
+            )
+        if cls.__module__.startswith("keras") and cls.__name__ in SLOT_ATTRIBUTES:
+            return SLOT_ATTRIBUTES[cls.__name__]
+    raise ValueError(
+        f"optimizer {type(optimizer).__name__} is unknown to ft_keras, which needs to know its "
+        "per-weight state to keep it zero off-mask. Known: "
+        f"{sorted(SLOT_ATTRIBUTES)} and their subclasses. Declare yours with "
+        "ft_keras.training.register_optimizer_slots(YourOptimizer, ('_your_slots', ...)), or "
+        "train with optimizer_state='dense'."
+    )
+
+
+def optimizer_slots(optimizer, variable):
+    """The optimizer's per-weight state variables of ``variable`` (kernel-shaped ones only).
+
+    Raises:
+        ValueError: the optimizer class is unknown (see `register_optimizer_slots`) or its
+            update is not elementwise.
+    """
+    index = variable_index(optimizer, variable)
+    slots = []
+    for name in _slot_attributes(optimizer) + BASE_SLOT_ATTRIBUTES:
+        values = getattr(optimizer, name, None)
+        if not isinstance(values, (list, tuple)) or index >= len(values):
+            continue
+        item = values[index]
+        if (isinstance(item, keras.Variable) and item is not variable
+                and tuple(item.shape) == tuple(variable.shape)
+                and all(item is not s for s in slots)):
+            slots.append(item)
+    return slots
+
+
+def learning_rate_is_schedule(optimizer):
+    """True if the optimizer's learning rate is a ``LearningRateSchedule`` (not a float)."""
+    return isinstance(
+        optimizer._learning_rate,  # pylint: disable=protected-access
+        keras.optimizers.schedules.LearningRateSchedule,
+    )
+
+
+# --------------------------------------------------------------------------- 5-7: layers
+def kernel_variable(layer):
+    """The kernel *variable* of a Dense / Conv layer (``kernel`` may be a computed tensor)."""
+    kernel = getattr(layer, "_kernel", None)
+    return kernel if kernel is not None else layer.kernel
+
+
+def own_variables(layer):
+    """A layer's own variables in the order ``save_own_variables`` stores them."""
+    return list(layer._trainable_variables) + list(  # pylint: disable=protected-access
+        layer._non_trainable_variables)  # pylint: disable=protected-access
+
+
+def layer_graph(model):
+    """The Functional graph of a model (itself, or a Sequential's inner graph), or None for a
+    subclassed model. Raises ValueError for an unbuilt Sequential."""
+    if isinstance(model, keras.Sequential):
+        graph = getattr(model, "_functional", None)
+        if graph is None:
+            raise ValueError(
+                f"model {model.name!r} is not built; give it an Input or call it on data first."
+            )
+        return graph
+    if is_graph_model(model):
+        return model
+    return None
+
+
+def is_graph_model(model):
+    """True for Sequential and Functional models (the ones ``clone_model`` can rebuild)."""
+    return isinstance(model, keras.Sequential) or (
+        hasattr(model, "_nodes_by_depth") and hasattr(model, "_operations"))
+
+
+def nodes_by_depth(graph):
+    """``{depth: [node, ...]}`` of a Functional graph (node.operation, input/output tensors)."""
+    return graph._nodes_by_depth  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------ 8-9: multi-worker fix
+def is_multi_worker(strategy):
+    """True for a ``MultiWorkerMirroredStrategy`` that really spans several workers."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    in_multi_worker_mode = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return bool(in_multi_worker_mode()) if callable(in_multi_worker_mode) else False
+
+
+_fix_state = {"originals": None, "logged": False}
+
+
+def _trainer_module():
+    from keras.src.backend.tensorflow import trainer  # pylint: disable=import-outside-toplevel
+
+    return trainer
+
+
+def _log_fix_once():
+    if not _fix_state["logged"]:
+        _fix_state["logged"] = True
+        logging.info(
+            "ft_keras: multi-worker fix for Keras %s model.fit is active (set %s=0 to disable)",
+            keras.version(), MULTIWORKER_FIX_ENV,
+        )
+
+
+def _first_local(value, strategy):
+    if isinstance(value, tf.distribute.DistributedValues):
+        return strategy.experimental_local_results(value)[0]
+    return value
+
+
+def _make_symbolic_build(original):
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is None or strategy is None or not is_multi_worker(strategy):
+            return original(self, iterator=iterator, data_batch=data_batch)
+        _log_fix_once()
+        for _, _, batches in iterator:
+            batch = next(batches)
+            data_batch = tf.nest.map_structure(lambda v: _first_local(v, strategy), batch)
+            break
+        return original(self, iterator=None, data_batch=data_batch)
+
+    _maybe_symbolic_build.ftk_original = original
+    return _maybe_symbolic_build
+
+
+def _make_reduce_per_replica(original):
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction == "auto" and not isinstance(strategy, tf.distribute.TPUStrategy):
+            reduction = "mean"
+        if reduction != "mean" or not is_multi_worker(strategy):
+            return original(values, strategy, reduction)
+        _log_fix_once()
+        return tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+
+    reduce_per_replica.ftk_original = original
+    return reduce_per_replica
+
+
+def multiworker_fix_env_allows():
+    value = os.environ.get(MULTIWORKER_FIX_ENV, "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def multiworker_fix_applies(version=None):
+    """True if the Keras ``version`` (default: installed) is one the fix is meant for."""
+    low, high = MULTIWORKER_FIX_KERAS
+    return low <= keras_version(version) < high
+
+
+def multiworker_fix_installed():
+    """True while the fixed functions are in place."""
+    return _fix_state["originals"] is not None
+
+
+def install_multiworker_fix(force=False):
+    """Installs the fix; returns True if it is in place (see the module docstring)."""
+    if _fix_state["originals"] is not None:
+        return True
+    if not force and (not multiworker_fix_env_allows() or not multiworker_fix_applies()):
+        return False
+    try:
+        trainer = _trainer_module()
+        cls = trainer.TensorFlowTrainer
+        build = cls.__dict__["_maybe_symbolic_build"]
+        reduce_fn = trainer.reduce_per_replica
+    except (ImportError, AttributeError, KeyError) as error:
+        logging.warning("ft_keras: multi-worker fix not installed: Keras %s has no %s",
+                        keras.version(), error)
+        return False
+    cls._maybe_symbolic_build = _make_symbolic_build(build)  # pylint: disable=protected-access
+    trainer.reduce_per_replica = _make_reduce_per_replica(reduce_fn)
+    _fix_state["originals"] = (build, reduce_fn)
+    return True
+
+
+def remove_multiworker_fix():
+    """Puts Keras's own functions back; returns True if the fix was installed."""
+    originals = _fix_state["originals"]
+    if originals is None:
+        return False
+    build, reduce_fn = originals
+    trainer = _trainer_module()
+    trainer.TensorFlowTrainer._maybe_symbolic_build = build  # pylint: disable=protected-access
+    trainer.reduce_per_replica = reduce_fn
+    _fix_state["originals"] = None
+    return True
+
+
+# ------------------------------------------------------------------------ 10-11: trainer
+def compile_token(model):
+    """What identifies the model's current ``compile()``: its loss and metrics containers (which
+    every ``compile`` call creates anew) and optimizer, compared by identity, and the settings a
+    traced train function depends on."""
+    return (
+        getattr(model, "_compile_loss", None),
+        getattr(model, "_compile_metrics", None),
+        getattr(model, "optimizer", None),
+        int(getattr(model, "steps_per_execution", 1) or 1),
+        bool(getattr(model, "jit_compile", False)),
+        bool(getattr(model, "run_eagerly", False)),
+    )
+
+
+_MISSING = object()
+
+
+def fit_validation_data():
+    """``(found, validation_data)`` of the ``Model.fit`` call on the current stack.
+
+    Called from a callback's ``on_train_begin``: walks up the stack to Keras's
+    ``TensorFlowTrainer.fit`` frame and reads its local ``validation_data`` (which ``fit`` has
+    already filled from ``validation_split``). ``found`` is False when no such frame is found
+    (then the caller must find out later, e.g. from the first epoch's logs).
+    """
+    trainer = _trainer_module()
+    fit_code = getattr(inspect.unwrap(trainer.TensorFlowTrainer.fit), "__code__", None)
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code is fit_code:
+                value = frame.f_locals.get("validation_data", _MISSING)
+                if value is _MISSING:
+                    return False, None
+                return True, value
+            frame = frame.f_back
+        return False, None
+    finally:
+        del frame

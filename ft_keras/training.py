@@ -1,0 +1,808 @@
+"""Sparse training inside ``model.fit``: one base for fixed masks and for changing ones.
+
+`SparseTraining` is the shared base; `StaticSparsity` keeps the masks fixed and
+`DynamicSparsity` runs dynamic sparse training (SET / RigL / SNFS); `ft_keras.FreeTickets`
+(``ft_keras/free_tickets.py``) extends `DynamicSparsity` with EDST's phase plan. The method is
+described in docs/method.md.
+
+Where the work happens. At ``on_train_begin`` the callback installs a hook on the optimizer's
+``update_step`` (Keras 3 calls it once per variable, inside the compiled train step, with the
+gradient already all-reduced across replicas; see ``ft_keras/_keras_compat.py``). For every
+masked kernel the hook
+
+1. updates the kernel with the optimizer's own update, keeping it sparse in one of two
+   documented ways (``optimizer_state``):
+
+   * ``"masked"``: the gradient is masked (``tf.where(mask, g, 0)``) before the update, so the
+     weights *and* the optimizer's per-weight state (momentum, Adam moments, ...) stay exactly
+     zero off-mask, and the state of dropped and grown positions is reset to zero at every mask
+     update (RigL's behaviour);
+   * ``"dense"``: the update sees the dense gradient, so the optimizer state is dense and never
+     reset (a regrown weight starts moving at once with the momentum its position gathered),
+     and the weights are masked right after the update (the official FreeTickets code's
+     behaviour);
+
+2. at the steps where a mask update is due (`ft_keras.schedules`; the clock is
+   ``optimizer.iterations``), inside a ``tf.cond``, prunes the ``ceil(p_t * n)``
+   smallest-magnitude active weights of every masked layer and grows as many positions chosen
+   by the *dense* gradient of this step (RigL), by stateless random numbers (SET) or by a
+   dense-gradient momentum buffer (SNFS). Grown weights start at zero.
+
+So the update is exact at its step whatever ``steps_per_execution`` is, costs no extra backward
+pass and no extra all-reduce, runs identically on every replica, and follows
+``optimizer.iterations`` across ``BackupAndRestore`` resumes. The schedule's numbers (update
+period, end step, drop fractions, seed, EDST's global explorations) are read from variables,
+so a second ``fit`` with a sparsity callback of the same kind reuses the traced train function
+instead of tracing a new one. At ``on_train_end`` the hook is removed and the model's next
+plain ``fit`` gets Keras's own train function. Training a sparsified model *without* one of
+these callbacks trains its zeros too: use `StaticSparsity` for fixed-mask fine-tuning.
+
+Non-finite values stop training: a non-finite loss (checked after every execution of the train
+function) or non-finite weights (checked at the end of every epoch) raise ``FloatingPointError``
+naming the step, before anything is written from them.
+
+Example:
+
+>>> sparse = ftk.sparsify(model, sparsity=0.9)
+>>> sparse.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+...                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+>>> sparse.fit(x, y, epochs=3, callbacks=[ftk.DynamicSparsity(update_every=100)])
+"""
+
+import dataclasses
+import math
+import numbers
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ft_keras import _checks
+from ft_keras import _keras_compat
+from ft_keras import distribute
+from ft_keras import masks
+from ft_keras import schedules
+from ft_keras import sparsify as sparsify_lib
+
+#: How the optimizer's per-weight state relates to the mask (see the module docstring).
+OPTIMIZER_STATES = ("masked", "dense")
+#: Declare the per-weight state of an optimizer class ft_keras does not know.
+register_optimizer_slots = _keras_compat.register_optimizer_slots
+
+# Layout of the schedule variables the compiled step reads.
+_I_EVERY, _I_START, _I_END, _I_JUMP_FIRST, _I_JUMP_PERIOD, _I_JUMP_COUNT, _I_SEED = range(7)
+_F_INITIAL, _F_FINAL, _F_COSINE, _F_JUMP = range(4)
+_NUM_INT, _NUM_FLOAT = 7, 4
+
+
+@dataclasses.dataclass
+class _MaskedKernel:
+    """What the optimizer hook needs to know about one masked layer."""
+
+    layer: keras.layers.Layer
+    index: int  # position among the model's masked layers: keys the RNG
+    num_active: int
+    size: int
+    slots: list  # optimizer per-weight state variables (keras Variables) of this kernel
+    stats: object  # tf.Variable [last update step, flipped positions, nnz, drop fraction]
+    grad_m: object = None  # dense-gradient first moment (grow="momentum")
+    grad_v: object = None  # dense-gradient second moment (Adam-like optimizers)
+
+    @property
+    def mask(self):
+        return self.layer.kernel_mask
+
+    @property
+    def kernel(self):
+        return self.layer.masked_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _GraphConfig:
+    """Everything the traced train step depends on besides variables (the reuse key)."""
+
+    updates: bool  # False: fixed masks (no conditional update in the graph)
+    grow: str
+    optimizer_state: str
+    static_shapes: bool  # XLA: whole-kernel passes with static shapes
+    momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
+
+
+def _momentum_kind(optimizer):
+    """("sgd", beta) or ("adam", beta_1, beta_2, epsilon) for SNFS growth, or None."""
+    momentum = getattr(optimizer, "momentum", None)
+    if isinstance(momentum, numbers.Real) and momentum > 0:
+        return ("sgd", float(momentum))
+    beta_1 = getattr(optimizer, "beta_1", None)
+    if isinstance(beta_1, numbers.Real) and beta_1 > 0:
+        beta_2 = getattr(optimizer, "beta_2", None)
+        epsilon = getattr(optimizer, "epsilon", None) or 1e-7
+        if isinstance(beta_2, numbers.Real) and beta_2 > 0:
+            return ("adam", float(beta_1), float(beta_2), float(epsilon))
+        return ("sgd_ema", float(beta_1))
+    return None
+
+
+class _Engine:
+    """The in-graph state of sparse training for one (model, optimizer) pair.
+
+    Kept on the optimizer object, so that every sparsity callback that trains the model with this
+    optimizer reads and writes the same variables: the schedule (int64 and float64 vectors), the
+    per-layer statistics of the latest update, and the dense-gradient buffers of SNFS growth.
+    """
+
+    def __init__(self, model, optimizer, layers):
+        self.optimizer = optimizer
+        self.layer_ids = tuple(id(layer) for layer in layers)
+        strategy = model.distribute_strategy
+        with strategy.scope():
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            self.schedule_int = tf.Variable(tf.zeros([_NUM_INT], tf.int64), trainable=False,
+                                            name="ftk_schedule_int")
+            self.schedule_float = tf.Variable(tf.zeros([_NUM_FLOAT], tf.float64),
+                                              trainable=False, name="ftk_schedule_float")
+            self.kernels = [
+                _MaskedKernel(
+                    layer=layer,
+                    index=index,
+                    num_active=layer.num_active,
+                    size=layer.kernel_size_total,
+                    slots=[],
+                    stats=tf.Variable(tf.zeros([4], tf.float32), trainable=False,
+                                      name=f"ftk_stats_{index}"),
+                )
+                for index, layer in enumerate(layers)
+            ]
+        self._strategy = strategy
+        self._slots_found = False
+
+    @classmethod
+    def of(cls, model, optimizer):
+        """The engine of ``model`` trained by ``optimizer`` (created at first use)."""
+        layers = sparsify_lib.masked_layers_of(model)
+        engine = optimizer.__dict__.get("_ftk_engine")
+        if engine is None or engine.layer_ids != tuple(id(layer) for layer in layers):
+            engine = cls(model, optimizer, layers)
+            optimizer.__dict__["_ftk_engine"] = engine
+        for kernel in engine.kernels:  # masks may have been replaced (set_mask) since
+            kernel.num_active = kernel.layer.num_active
+        return engine
+
+    def find_slots(self, optimizer_state):
+        """Looks up the optimizer's per-weight state of each kernel ("masked" mode needs it)."""
+        if self._slots_found or optimizer_state != "masked":
+            return
+        for kernel in self.kernels:
+            kernel.slots = _keras_compat.optimizer_slots(self.optimizer, kernel.kernel)
+        self._slots_found = True
+
+    def add_momentum_buffers(self, kind):
+        """Dense-gradient moving averages for SNFS, kept with the optimizer's variables."""
+        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
+        with self._strategy.scope():
+            for kernel in self.kernels:
+                names = ["ftk_grad_m"] + (["ftk_grad_v"] if kind[0] == "adam" else [])
+                buffers = []
+                for name in names:
+                    key = (kernel.kernel.path, name)
+                    if key not in cache:
+                        cache[key] = self.optimizer.add_variable_from_reference(
+                            kernel.kernel, name=name)
+                    buffers.append(cache[key])
+                kernel.grad_m = buffers[0]
+                kernel.grad_v = buffers[1] if len(buffers) > 1 else None
+
+    def write_schedule(self, ints, floats):
+        self.schedule_int.assign(tf.constant(ints, tf.int64))
+        self.schedule_float.assign(tf.constant(floats, tf.float64))
+
+    # ---------------------------------------------------------------------- in the graph
+    def is_update_step(self, step):
+        """Whether a mask update happens at ``step`` (int64 scalar tensor counted from 1)."""
+        ints = tf.convert_to_tensor(self.schedule_int)
+        regular = schedules.is_update_step(step, ints[_I_EVERY], ints[_I_END], ints[_I_START])
+        return tf.logical_or(regular, self._is_jump(step, ints))
+
+    @staticmethod
+    def _is_jump(step, ints):
+        since = step - ints[_I_JUMP_FIRST]
+        period = tf.maximum(ints[_I_JUMP_PERIOD], 1)
+        return tf.logical_and(
+            tf.logical_and(since >= 0, tf.equal(since % period, 0)),
+            since // period < ints[_I_JUMP_COUNT],
+        )
+
+    def drop_fraction_at(self, step):
+        """The drop fraction at ``step``, a float64 scalar tensor (float64: exact ceil(p n))."""
+        ints = tf.convert_to_tensor(self.schedule_int)
+        floats = tf.convert_to_tensor(self.schedule_float)
+        end = tf.cast(ints[_I_END], tf.float64)
+        t = tf.clip_by_value(tf.cast(step, tf.float64), 0.0, tf.maximum(end, 1.0))
+        cosine = 0.5 * (1.0 + tf.cos(math.pi * t / tf.maximum(end, 1.0)))
+        decay = tf.where(tf.logical_and(floats[_F_COSINE] > 0.5, end > 0), cosine,
+                         tf.constant(1.0, tf.float64))
+        regular = floats[_F_FINAL] + (floats[_F_INITIAL] - floats[_F_FINAL]) * decay
+        return tf.where(self._is_jump(step, ints), floats[_F_JUMP], regular)
+
+    def seed(self):
+        return tf.convert_to_tensor(self.schedule_int)[_I_SEED]
+
+
+class _OptimizerHook:
+    """Replaces ``update_step`` of one optimizer instance while training runs."""
+
+    def __init__(self, engine, config_fn, trainable_keys):
+        self.engine = engine
+        self._config_fn = config_fn
+        self.config = None  # fixed at the first trace
+        optimizer = engine.optimizer
+        self.optimizer = optimizer
+        self.original = _keras_compat.original_update_step(optimizer)
+        self.by_key = {_keras_compat.variable_key(optimizer, k.kernel): k for k in engine.kernels}
+        self.calls = 0  # Python calls = masked kernels x times the train step was traced
+        # Masked kernels the optimizer updates (trainable ones); the last of them in a step
+        # emits the step's conditional update of all of them.
+        self.expected = len(trainable_keys & set(self.by_key))
+        self.pending = {}  # (graph, device) -> [(kernel, variable, mask, gradient)] of this step
+
+    def install(self):
+        _keras_compat.install_update_step(self.optimizer, self)
+
+    def uninstall(self):
+        _keras_compat.remove_update_step(self.optimizer, self)
+
+    def _apply(self, gradient, variable, learning_rate):
+        """The optimizer's update of a masked kernel.
+
+        For stock SGD on float32 kernels this is TensorFlow's fused training kernel
+        (``ResourceApplyGradientDescent`` / ``ResourceApplyKerasMomentum``: the same formula as
+        Keras's SGD, in one pass over the kernel instead of about five), which pays for the extra
+        pass that masks the gradient. Every other optimizer runs its own ``update_step``.
+        """
+        optimizer = self.optimizer
+        if type(optimizer) is not keras.optimizers.SGD or variable.dtype != tf.float32:
+            return self.original(gradient, variable, learning_rate)
+        lr = tf.cast(learning_rate, tf.float32)
+        if optimizer.momentum == 0:
+            return tf.raw_ops.ResourceApplyGradientDescent(
+                var=variable.handle, alpha=lr, delta=gradient
+            )
+        slot = optimizer.momentums[_keras_compat.variable_index(optimizer, variable)]
+        return tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle,
+            accum=slot.value.handle,
+            lr=lr,
+            grad=gradient,
+            momentum=tf.cast(optimizer.momentum, tf.float32),
+            use_nesterov=bool(optimizer.nesterov),
+        )
+
+    def __call__(self, gradient, variable, learning_rate):
+        kernel = self.by_key.get(_keras_compat.variable_key(self.optimizer, variable))
+        if kernel is None:
+            return self.original(gradient, variable, learning_rate)
+        self.calls += 1
+        if self.config is None:
+            self.config = self._config_fn()
+        config = self.config
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.convert_to_tensor(gradient)
+        mask = tf.convert_to_tensor(kernel.mask.value)
+        if config.grow == "momentum" and config.updates:
+            _accumulate_momentum(config.momentum, kernel, gradient)
+        if config.optimizer_state == "masked":
+            self._apply(masks.zero_off_mask(mask, gradient), variable, learning_rate)
+        else:
+            self._apply(gradient, variable, learning_rate)
+            variable.assign(masks.zero_off_mask(mask, tf.convert_to_tensor(variable)))
+        if not config.updates:
+            return None
+        # One conditional per step (and replica) for all masked layers, emitted with the last
+        # one: per-layer conditionals cost a function call each at every step.
+        key = (id(tf.compat.v1.get_default_graph()), variable.device)
+        pending = self.pending.setdefault(key, [])
+        pending.append((kernel, variable, mask, gradient))
+        if len(pending) < self.expected:
+            return None
+        items = self.pending.pop(key)
+        engine = self.engine
+        step = tf.cast(self.optimizer.iterations, tf.int64) + 1
+
+        def update():
+            fraction = engine.drop_fraction_at(step)
+            for kernel_, variable_, mask_, gradient_ in items:
+                _update_layer(config, engine, kernel_, variable_, mask_, gradient_, step,
+                              fraction)
+            return tf.constant(True)
+
+        # Only the predicate runs at ordinary steps; the schedule and the update run inside.
+        tf.cond(engine.is_update_step(step), update, lambda: tf.constant(False))
+        return None
+
+
+def _accumulate_momentum(kind, kernel, gradient):
+    g = tf.cast(gradient, tf.float32)
+    m = kernel.grad_m.value
+    if kind[0] == "sgd":
+        m.assign(kind[1] * m + g)
+    else:
+        m.assign(kind[1] * m + (1.0 - kind[1]) * g)
+    if kind[0] == "adam":
+        v = kernel.grad_v.value
+        v.assign(kind[2] * v + (1.0 - kind[2]) * tf.square(g))
+
+
+def _grow_scores(config, engine, kernel, gradient, step, signed=False):
+    """Growth scores; with ``signed`` the caller ranks by magnitude and the abs is skipped."""
+    absolute = (lambda x: x) if signed else tf.abs
+    if config.grow == "gradient":
+        return absolute(tf.cast(gradient, tf.float32))
+    if config.grow == "random":
+        seed = masks.rng_seed(engine.seed(), step, kernel.index)
+        return masks.random_scores(tuple(kernel.kernel.shape), seed)
+    m = tf.convert_to_tensor(kernel.grad_m.value)
+    if config.momentum[0] == "adam":
+        v = tf.convert_to_tensor(kernel.grad_v.value)
+        return absolute(m) / (tf.sqrt(v) + config.momentum[3])
+    return absolute(m)
+
+
+def _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction):
+    """Prune and grow one layer; reset weights (and masked optimizer state) where it changed."""
+    weights = tf.convert_to_tensor(variable)
+    scores = _grow_scores(config, engine, kernel, gradient, step,
+                          signed=not config.static_shapes)
+    if config.static_shapes:  # XLA: whole-kernel passes with static shapes
+        new_mask, keep = masks.update_mask(mask, weights, scores, fraction, kernel.num_active)
+        flipped = masks.changed_positions(mask, new_mask)
+    else:  # the selections work on compacted positions (dynamic shapes)
+        new_mask, keep, _, grown = masks.update_mask_sparse(
+            mask, weights, scores, fraction, kernel.num_active)
+        regrown = tf.reduce_sum(tf.cast(tf.gather(tf.reshape(mask, [-1]), grown), tf.int32))
+        flipped = 2 * (tf.size(grown, out_type=tf.int32) - regrown)
+    # Resets by a dense `where`, not a scatter into the variables: a scatter op switches a TF
+    # resource variable to copy-on-read for good, which then costs a copy of the kernel at
+    # every read (measured: +1 ms per MLP step).
+    variable.assign(masks.zero_off_mask(keep, weights))
+    if config.optimizer_state == "masked":
+        for slot in kernel.slots:
+            value = tf.convert_to_tensor(slot.value)
+            slot.value.assign(masks.zero_off_mask(keep, value))
+    kernel.mask.value.assign(new_mask)
+    kernel.stats.assign(
+        tf.stack(
+            [
+                tf.cast(step, tf.float32),
+                tf.cast(flipped, tf.float32),
+                tf.cast(masks.count_active(new_mask), tf.float32),
+                tf.cast(fraction, tf.float32),
+            ]
+        )
+    )
+
+
+_SAME_WIDTH_UINT = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
+
+
+@tf.function(autograph=False)
+def _nonzero_off_mask(mask, value):
+    """Whether any off-mask entry is not exactly +0.0 (bit patterns, so -0.0 counts)."""
+    bits = tf.bitcast(value, _SAME_WIDTH_UINT[value.dtype.size])
+    return tf.reduce_any(tf.logical_and(tf.logical_not(mask), tf.not_equal(bits, 0)))
+
+
+def _read(variable):
+    """Numpy value of a (possibly mirrored) variable: the first replica's copy."""
+    value = variable
+    if hasattr(value, "values") and isinstance(getattr(value, "values"), tuple):
+        value = value.values[0]
+    return np.asarray(value.numpy())
+
+
+def _is_chief(model):
+    """True on the worker that writes results (every single-worker strategy is its own chief)."""
+    return distribute.is_chief(model.distribute_strategy)
+
+
+class SparseTraining(keras.callbacks.Callback):
+    """The base of ft_keras's sparsity callbacks: keeps a sparsified model sparse in ``fit``.
+
+    It installs the optimizer hook (module docstring), re-establishes the invariants before
+    training (zeros off-mask in kernels and, with ``optimizer_state="masked"``, in optimizer
+    state), reuses the traced train function across fits, stops on non-finite values, and logs
+    per-layer statistics of the mask updates (absl logging, TensorBoard with ``log_dir``).
+    Subclasses say whether masks change (`updates_masks`) and fill in the schedule
+    (`_schedule_values`); use `StaticSparsity` or `DynamicSparsity`.
+
+    Args:
+        optimizer_state: "masked" (optimizer state zero off-mask, reset at dropped and grown
+            positions) or "dense" (state fed by the dense gradient, never reset; weights
+            masked after each update). See the module docstring.
+        log_dir: if given, TensorBoard scalars are written to ``log_dir/sparsity`` (chief only).
+        verbose: log a line per mask update seen (absl logging).
+    """
+
+    #: Whether this callback changes masks (subclasses set it).
+    updates_masks = False
+    grow = "gradient"
+
+    def __init__(self, optimizer_state="masked", log_dir=None, verbose=0):
+        super().__init__()
+        self.optimizer_state = _checks.check_choice("optimizer_state", optimizer_state,
+                                                    OPTIMIZER_STATES)
+        self.log_dir = _checks.check_path("log_dir", log_dir, allow_none=True)
+        self.verbose = int(verbose) if isinstance(verbose, (bool, np.bool_)) else (
+            _checks.check_int("verbose", verbose, minimum=0))
+        self.updates = []
+        self._engine = None
+        self._hook = None
+        self._momentum = None
+        self._writer = None
+        self._last_seen_step = 0
+        self._static_shapes = False
+        self._configured = False
+        self._optimizer = None
+
+    # ------------------------------------------------------------------------ set-up
+    def set_model(self, model):
+        super().set_model(model)
+        if not sparsify_lib.masked_layers_of(model):
+            raise ValueError(
+                f"{type(self).__name__} was given model={model.name!r}, which has no masked "
+                "layer. Sparsify the model first: ft_keras.sparsify(model, sparsity=...)."
+            )
+        if getattr(model, "optimizer", None) is not None:
+            # Before any callback's on_train_begin: variables added to the optimizer here (the
+            # SNFS buffers) exist when BackupAndRestore restores a checkpoint that holds them.
+            self._prepare(model)
+
+    def _prepare(self, model):
+        """Finds the optimizer and the engine, and creates what this callback's mode needs."""
+        optimizer = _keras_compat.base_optimizer(model.optimizer)
+        self._momentum = None
+        if self.updates_masks and self.grow == "momentum":
+            self._momentum = _momentum_kind(optimizer)
+            if self._momentum is None:
+                raise ValueError(
+                    f"grow='momentum' needs an optimizer with momentum (SGD with momentum > 0, "
+                    f"Adam-like with beta_1 > 0); {type(optimizer).__name__} has none. Use "
+                    "grow='gradient' or 'random', or give the optimizer momentum."
+                )
+        self._optimizer = optimizer
+        self._engine = _Engine.of(model, optimizer)
+        self._engine.find_slots(self.optimizer_state)
+        if self._momentum:
+            self._engine.add_momentum_buffers(self._momentum)
+
+    @property
+    def _kernels(self):
+        return self._engine.kernels if self._engine is not None else []
+
+    def _graph_config(self):
+        momentum = ()
+        if self.updates_masks and self.grow == "momentum":
+            momentum = self._momentum
+        return _GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
+                            bool(self._static_shapes), momentum)
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError("The model must be compiled (with an optimizer) before fit().")
+        distribute.check_steps_per_execution(model)
+        optimizer = _keras_compat.base_optimizer(model.optimizer)
+        if (self._optimizer is not optimizer or self._engine is None
+                or self._engine is not optimizer.__dict__.get("_ftk_engine")):
+            self._prepare(model)
+        else:
+            self._engine = _Engine.of(model, optimizer)  # refreshes the active counts
+        self._configured = False
+        self._sanitize()
+        # Under XLA the update needs static shapes; otherwise it works on compacted positions.
+        self._static_shapes = bool(getattr(model, "jit_compile", False))
+        trainable = {_keras_compat.variable_key(optimizer, v) for v in model.trainable_variables}
+        self._hook = _OptimizerHook(self._engine, self._graph_config, trainable)
+        self._hook.install()
+        self._use_train_function(model)
+        self._last_seen_step = int(optimizer.iterations.numpy())
+        if self.log_dir and self._writer is None and _is_chief(model):
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "sparsity"))
+
+    def _use_train_function(self, model):
+        """Reuses a train function traced by an earlier fit for the same configuration."""
+        key = (self._graph_config(), self._engine) + _keras_compat.compile_token(model)
+        for stashed_key, function in model.__dict__.get("_ftk_train_functions", ()):
+            if len(stashed_key) == len(key) and all(
+                    a is b or (isinstance(a, (_GraphConfig, bool, int)) and a == b)
+                    for a, b in zip(stashed_key, key)):
+                model.train_function = function
+                return
+        # fit() made its train function before calling us; make one that sees the hook.
+        model.make_train_function(force=True)
+
+    def _stash_train_function(self, model):
+        if self._hook.config is None or model.train_function is None:
+            return  # never traced (e.g. no step ran)
+        key = (self._hook.config, self._engine) + _keras_compat.compile_token(model)
+        stash = model.__dict__.setdefault("_ftk_train_functions", [])
+        stash[:] = [entry for entry in stash if entry[1] is not model.train_function]
+        stash.append((key, model.train_function))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._configured or self._engine is None:
+            return
+        # First epoch of this fit: every callback's on_train_begin has run (BackupAndRestore
+        # restored `iterations` and the initial epoch), no step has run yet.
+        self._configured = True
+        ints, floats = self._schedule_values(epoch)
+        self._engine.write_schedule(ints, floats)
+        self._log_configuration()
+
+    def _schedule_values(self, epoch):
+        """``(ints, floats)`` for the schedule variables (layout: _I_* and _F_* above)."""
+        del epoch
+        return [1, 0, -1, 0, 1, 0, 0], [0.0, 0.0, 0.0, 0.0]
+
+    def _log_configuration(self):
+        logging.info("%s: %d masked layers, masks fixed (optimizer_state=%s)",
+                     type(self).__name__, len(self._kernels), self.optimizer_state)
+
+    def on_train_end(self, logs=None):
+        self._collect()
+        if self._hook is not None:
+            self._hook.uninstall()
+            self._stash_train_function(self.model)
+            self._hook = None
+            self.model.train_function = None
+        if self._writer is not None:
+            self._writer.flush()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            step = int(self._optimizer.iterations.numpy())
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training loss became non-finite ({float(loss)}) at "
+                f"or before step {step} (batch {batch} of this epoch). Training stopped: lower "
+                "the learning rate, check the inputs for NaN/Inf, or clip gradients."
+            )
+        if self._writer is not None:
+            self._collect()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check_finite_weights(epoch)
+        self._collect()
+
+    def _check_finite_weights(self, epoch):
+        for variable in self.model.weights:
+            if keras.backend.is_float_dtype(variable.dtype):
+                if not bool(tf.reduce_all(tf.math.is_finite(variable.value))):
+                    step = int(self._optimizer.iterations.numpy())
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: weight {variable.path!r} holds NaN or Inf at "
+                        f"the end of epoch {epoch} (step {step}). Training stopped before "
+                        "anything is written from it: lower the learning rate, check the "
+                        "inputs for NaN/Inf, or clip gradients."
+                    )
+
+    @property
+    def trace_count(self):
+        """How many times the current fit traced the train step with the hook (0 outside fit).
+
+        Python runs the hook only while TensorFlow traces the train step, so this counts traces;
+        it is 1 for a first fit and 0 for a later fit that reuses the traced function.
+        """
+        if self._hook is None or not self._kernels:
+            return 0
+        return self._hook.calls // len(self._kernels)
+
+    def _sanitize(self):
+        """Re-establishes the invariants before training: zeros off-mask in kernels and slots.
+
+        Only variables that hold a nonzero off-mask (e.g. weights set by user code) are
+        rewritten: checking takes bool temporaries, rewriting a full-size copy of each.
+        """
+        for kernel in self._kernels:
+            mask = tf.convert_to_tensor(kernel.mask.value)
+            variables = [kernel.kernel]
+            if self.optimizer_state == "masked":
+                variables += kernel.slots
+            for variable in variables:
+                value = tf.convert_to_tensor(variable.value)
+                if bool(_nonzero_off_mask(mask, value)):
+                    variable.assign(masks.zero_off_mask(mask, value))
+
+    # ------------------------------------------------------------------------- logging
+    def _collect(self):
+        """Reads the per-layer statistics of the latest update; logs it once."""
+        if not self._kernels:
+            return
+        stats = np.stack([_read(k.stats) for k in self._kernels])
+        step = int(stats[:, 0].max())
+        if step <= self._last_seen_step:
+            return
+        self._last_seen_step = step
+        record = {"step": step, "drop_fraction": float(stats[0, 3]), "layers": {}}
+        for kernel, row in zip(self._kernels, stats):
+            record["layers"][kernel.layer.name] = {
+                "density": float(row[2]) / kernel.size,
+                "mask_churn": float(row[1]) / (2.0 * kernel.num_active),
+            }
+        self.updates.append(record)
+        if self.verbose:
+            logging.info(
+                "mask update at step %d: drop fraction %.4f, churn %s",
+                step,
+                record["drop_fraction"],
+                {k: round(v["mask_churn"], 4) for k, v in record["layers"].items()},
+            )
+        if self._writer is not None:
+            with self._writer.as_default(step=step):
+                tf.summary.scalar("sparsity/drop_fraction", record["drop_fraction"])
+                for name, values in record["layers"].items():
+                    tf.summary.scalar(f"sparsity/{name}/density", values["density"])
+                    tf.summary.scalar(f"sparsity/{name}/mask_churn", values["mask_churn"])
+
+
+class StaticSparsity(SparseTraining):
+    """Trains a sparsified model with its masks fixed (no prune-and-grow).
+
+    Keeps the invariants of `DynamicSparsity` (zeros off-mask in the weights, and in optimizer
+    state with ``optimizer_state="masked"``) without ever changing a mask: for static sparse
+    baselines and for fine-tuning a pruned network (PF Ensemble).
+
+    Args:
+        log_dir, optimizer_state, verbose: as in `SparseTraining`.
+    """
+
+    updates_masks = False
+
+    def __init__(self, log_dir=None, optimizer_state="masked", verbose=0):
+        super().__init__(optimizer_state=optimizer_state, log_dir=log_dir, verbose=verbose)
+
+
+class DynamicSparsity(SparseTraining):
+    """Dynamic sparse training (SET / RigL / SNFS) of a sparsified model inside ``model.fit``.
+
+    Every ``update_every`` optimizer steps, in every masked layer: prune the ``ceil(p_t * n)``
+    active weights of smallest magnitude and grow as many new ones (docs/method.md). Grown
+    weights start at 0; each layer keeps its active count; the optimizer state follows
+    ``optimizer_state``.
+
+    Args:
+        update_every: optimizer steps between mask updates (dT). RigL uses 100; FreeTickets 1000 at
+            batch 128 on CIFAR.
+        drop_fraction: initial drop fraction p_0 in (0, 1] (RigL 0.3, FreeTickets 0.5).
+        decay: "cosine" (p_t anneals from p_0 to ``final_drop_fraction`` at ``end_step``) or
+            "constant".
+        end_step: last step (exclusive) with mask updates. None: the end of this ``fit``
+            (``epochs * steps_per_epoch``), as FreeTickets does.
+        prune: "magnitude".
+        grow: "gradient" (RigL, dense gradient of the update step), "random" (SET) or
+            "momentum" (SNFS: a moving average of the dense gradient with the optimizer's
+            momentum; Adam-like optimizers use m / (sqrt(v) + eps)).
+        seed: int; random growth uses a stateless RNG keyed by (seed, step, layer index).
+        log_dir: if given, TensorBoard scalars (per-layer density, mask churn, drop fraction)
+            are written to ``log_dir/sparsity``.
+        final_drop_fraction: the cosine's floor (FreeTickets: 0.005).
+        start_step: no update at or before this step.
+        verbose: log a line per mask update seen (absl logging).
+        optimizer_state: "masked" (default: optimizer state zero off-mask and reset at dropped
+            and grown positions, as RigL) or "dense" (state fed by the dense gradient and never
+            reset, weights masked after each update, as the official FreeTickets code).
+
+    Attributes:
+        schedule: the `ft_keras.schedules.DropSchedule` (``end_step`` None until a fit fills it).
+        updates: what the callback observed of each mask update (step, drop fraction,
+            per-layer churn and density).
+    """
+
+    updates_masks = True
+
+    def __init__(
+        self,
+        update_every=100,
+        drop_fraction=0.3,
+        decay="cosine",
+        end_step=None,
+        prune="magnitude",
+        grow="gradient",
+        seed=0,
+        log_dir=None,
+        final_drop_fraction=0.0,
+        start_step=0,
+        verbose=0,
+        optimizer_state="masked",
+    ):
+        super().__init__(optimizer_state=optimizer_state, log_dir=log_dir, verbose=verbose)
+        self.schedule = schedules.make_drop_schedule(
+            decay, update_every=update_every, drop_fraction=drop_fraction, end_step=end_step,
+            start_step=start_step, final_drop_fraction=final_drop_fraction)
+        self.update_every = self.schedule.update_every
+        self.drop_fraction = self.schedule.drop_fraction
+        self.decay = self.schedule.decay
+        self.end_step = self.schedule.end_step
+        self.start_step = self.schedule.start_step
+        self.final_drop_fraction = float(getattr(self.schedule, "final_drop_fraction", 0.0))
+        self.prune = _checks.check_choice("prune", prune, masks.PRUNE_MODES)
+        self.grow = _checks.check_choice("grow", grow, masks.GROW_MODES)
+        self.seed = _checks.check_seed("seed", seed)
+        self._global_explorations = None  # (first_step, period, count, fraction)
+        self._end_step_override = None
+        self._resolved_end_step = None
+
+    def set_global_explorations(self, first_step, period, count, fraction):
+        """Adds large mask updates ("global explorations") to the schedule of the next fit.
+
+        At steps ``first_step + i * period`` for ``i`` in ``[0, count)`` the masks are updated
+        with drop fraction ``fraction`` instead of the regular one (EDST's jump between
+        refinement phases; `ft_keras.FreeTickets` uses this). Call it before the fit's first
+        epoch begins (e.g. from a callback's ``on_epoch_begin`` placed before this one, or from
+        a subclass's ``on_epoch_begin`` before calling the base's); ``count=0`` removes them.
+        """
+        first_step = _checks.check_int("first_step", first_step, minimum=1)
+        period = _checks.check_positive_int("period", period)
+        count = _checks.check_int("count", count, minimum=0)
+        fraction = _checks.check_fraction("fraction", fraction)
+        self._global_explorations = (first_step, period, count, fraction)
+
+    def set_end_step(self, end_step):
+        """Fixes the end step of the next fit's schedule (instead of the end of that fit).
+
+        For callbacks that know the length of their plan (`ft_keras.FreeTickets`); call it
+        before the fit's first epoch begins. An explicit ``end_step`` argument wins.
+        """
+        self._end_step_override = _checks.check_positive_int("end_step", end_step)
+
+    def _resolve_end_step(self, epoch):
+        """The end step of this fit: explicit, or the step where the fit's last epoch ends.
+
+        Called at the first ``on_epoch_begin``, after every callback's ``on_train_begin`` (so
+        after ``BackupAndRestore`` restored ``iterations`` and the initial epoch).
+        """
+        if self.end_step is not None:
+            return self.end_step
+        if self._end_step_override is not None:
+            return self._end_step_override
+        epochs = (self.params or {}).get("epochs")
+        steps = (self.params or {}).get("steps")
+        if epochs and steps:
+            start = int(self._optimizer.iterations.numpy())
+            return start + (int(epochs) - int(epoch)) * int(steps)
+        if self.decay == "cosine":
+            raise ValueError(
+                "end_step=None: the cosine decay needs the number of training steps, but fit() "
+                "does not know it (a dataset of unknown length without steps_per_epoch). Pass "
+                "end_step=..., steps_per_epoch=... to fit(), or decay='constant'."
+            )
+        return None
+
+    def _schedule_values(self, epoch):
+        end = self._resolve_end_step(epoch)
+        self._resolved_end_step = end
+        jumps = self._global_explorations or (1, 1, 0, 0.0)
+        ints = [self.update_every, self.start_step, -1 if end is None else end,
+                jumps[0], jumps[1], jumps[2], self.seed]
+        floats = [self.drop_fraction, self.final_drop_fraction,
+                  1.0 if self.decay == "cosine" else 0.0, jumps[3]]
+        return ints, floats
+
+    def _end_step_or_none(self):
+        return self._resolved_end_step
+
+    def _log_configuration(self):
+        logging.info(
+            "%s: %d masked layers, update_every=%d, drop_fraction=%.3g (%s), grow=%s, "
+            "end_step=%s, optimizer_state=%s",
+            type(self).__name__,
+            len(self._kernels),
+            self.update_every,
+            self.drop_fraction,
+            self.decay,
+            self.grow,
+            self._resolved_end_step,
+            self.optimizer_state,
+        )
