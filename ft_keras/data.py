@@ -390,10 +390,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         The array, shaped as the header says (``(N, 28, 28)`` for MNIST images).
 
     Raises:
+        TypeError: If ``path`` is not a path.
         ValueError: If the header is invalid or the data size does not match it; the message
             names the file.
     """
-    resolved = os.path.realpath(os.fspath(path))
+    resolved = os.path.realpath(_checks.check_path("path", path))
     stat = os.stat(resolved)
     return _read_idx_cached(resolved, stat.st_size, stat.st_mtime_ns)
 
@@ -996,8 +997,11 @@ def normalize(ds: tf.data.Dataset, dtype: str | tf.DType = "float32") -> tf.data
         The mapped dataset.
 
     Raises:
+        TypeError: If ``ds`` is not a ``tf.data.Dataset``.
         ValueError: If ``dtype`` is not a floating dtype.
     """
+    if not isinstance(ds, tf.data.Dataset):
+        raise TypeError(f"ds must be a tf.data.Dataset; got {type(ds).__name__}.")
     scale_image(tf.zeros((), tf.uint8), dtype)  # Validate dtype eagerly.
 
     def scale(*element):

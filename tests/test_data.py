@@ -323,6 +323,8 @@ def test_read_idx_tiny(tmp_path, gz):
     wide = np.array([[1, -2], [300, 70000]], dtype=">i4")
     path = _write(tmp_path / "b.idx", _idx_bytes(wide, 0x0C))
     np.testing.assert_array_equal(data.read_idx(path), wide.astype(np.int32))
+    with pytest.raises(TypeError, match="path must be a path"):
+        data.read_idx(3)
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -632,6 +634,8 @@ def test_normalize_and_preprocess():
         data.normalize(ds, dtype="int32")
     with pytest.raises(ValueError, match="dtype='no-such-dtype' is not allowed"):
         data.scale_image(images, dtype="no-such-dtype")
+    with pytest.raises(TypeError, match="ds must be a tf.data.Dataset"):
+        data.normalize(images)
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_data.py
