@@ -19,6 +19,7 @@ from ft_keras import distribute
 from ft_keras import ensemble
 from ft_keras import flops
 from ft_keras import free_tickets
+from ft_keras import keras_metrics
 from ft_keras import layers
 from ft_keras import masks
 from ft_keras import metrics
@@ -86,6 +87,7 @@ __all__ = [
     "ensemble_outputs",
     "flops",
     "free_tickets",
+    "keras_metrics",
     "layer_densities",
     "layers",
     "list_tickets",

@@ -89,12 +89,13 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 import zlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from ft_keras import _checks
 
 CORRUPTIONS = (
     "gaussian_noise",
@@ -150,26 +151,17 @@ _FOG_OCTAVES = ((2.0, 1.0), (4.0, 0.5), (8.0, 0.25))  # (divisor of max(H, W), w
 # --------------------------------------------------------------------------------------------
 
 
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or name not in CORRUPTIONS:
-        raise ValueError(f"Unknown corruption name={name!r}; use one of {list(CORRUPTIONS)}.")
-    return name
+def _check_name(name: Any, argument: str = "name") -> str:
+    return _checks.check_choice(argument, name, CORRUPTIONS)
 
 
-def _check_severity(severity: Any) -> int:
-    if (
-        isinstance(severity, (bool, np.bool_))
-        or not isinstance(severity, numbers.Integral)
-        or not 1 <= int(severity) <= 5
-    ):
-        raise ValueError(f"severity must be an integer in 1..5, got severity={severity!r}.")
-    return int(severity)
+def _check_severity(severity: Any, argument: str = "severity") -> int:
+    return _checks.check_int(argument, severity, minimum=1, maximum=5)
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got seed={seed!r}.")
-    return int(seed)
+    # numpy's SeedSequence takes non-negative ints only.
+    return _checks.check_int("seed", seed, minimum=0)
 
 
 def _check_images(images: Any) -> np.ndarray:
@@ -472,7 +464,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     Args:
         images: ``uint8`` array ``(N, H, W, C)``, ``C`` in ``{1, 3}`` (a ``tf.Tensor`` is
             converted). It is not modified.
-        name: One of `CORRUPTIONS`.
+        name: One of `CORRUPTIONS` (any case).
         severity: Integer 1 (mild) to 5 (strong); see `SEVERITY_PARAMS`.
         seed: Non-negative integer seeding the random corruptions (`RANDOM_CORRUPTIONS`); the
             same ``(images, name, severity, seed)`` always gives the same output.
@@ -481,9 +473,11 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
         A new ``uint8`` array of the same shape.
 
     Raises:
-        ValueError: If ``name`` is unknown (the message lists the names), ``severity`` is not in
-            1..5, ``seed`` is negative, or ``images`` does not have shape ``(N, H, W, 1|3)``.
-        TypeError: If ``images`` is not a ``uint8`` array.
+        ValueError: If ``name`` is unknown (the message lists the names; names are
+            case-insensitive), ``severity`` is not in 1..5, ``seed`` is negative, or ``images``
+            does not have shape ``(N, H, W, 1|3)``.
+        TypeError: If ``name`` is not a str, ``severity`` or ``seed`` is not an int (numpy ints
+            are accepted), or ``images`` is not a ``uint8`` array.
     """
     name = _check_name(name)
     severity = _check_severity(severity)
@@ -514,18 +508,20 @@ def suite(
         An iterator of ``(name, severity, corrupted_images)``, names in the outer loop.
 
     Raises:
-        ValueError: As `corrupt`, for any of the names or severities; also if ``names`` or
-            ``severities`` is a bare string / integer instead of a sequence.
-        TypeError: As `corrupt`, for ``images``.
+        ValueError: As `corrupt`, for any of the names or severities (the message names the
+            entry, e.g. ``severities[1]=9``).
+        TypeError: As `corrupt`; also if ``names`` or ``severities`` is a bare string /
+            integer instead of a sequence.
     """
-    if isinstance(names, str):
-        raise ValueError(f"names must be a sequence of names, got names={names!r}.")
-    if isinstance(severities, numbers.Integral):
-        raise ValueError(
-            f"severities must be a sequence of integers, got severities={severities!r}."
-        )
-    names = [_check_name(n) for n in names]
-    severities = [_check_severity(s) for s in severities]
+    for argument, value, example in (("names", names, "('fog', 'pixelate')"),
+                                     ("severities", severities, "(1, 3, 5)")):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise TypeError(
+                f"{argument} must be a sequence such as {example}; got {value!r} "
+                f"({type(value).__name__})."
+            )
+    names = [_check_name(n, f"names[{i}]") for i, n in enumerate(names)]
+    severities = [_check_severity(s, f"severities[{i}]") for i, s in enumerate(severities)]
     seed = _check_seed(seed)
     images = _check_images(images)
 
@@ -566,17 +562,13 @@ def corrupt_dataset(
     Raises:
         ValueError: For an unknown name, a severity outside 1..5, a negative seed, a
             non-positive ``batch_size`` or images whose shape is not ``(H, W, 1|3)``.
-        TypeError: If ``ds`` is not a dataset or its images are not ``uint8``.
+        TypeError: If an argument has the wrong type (as `corrupt`; ``batch_size`` not an int),
+            ``ds`` is not a dataset or its images are not ``uint8``.
     """
     name = _check_name(name)
     severity = _check_severity(severity)
     seed = _check_seed(seed)
-    if (
-        isinstance(batch_size, (bool, np.bool_))
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive integer, got batch_size={batch_size!r}.")
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
     if not isinstance(ds, tf.data.Dataset):
         raise TypeError(f"ds must be a tf.data.Dataset, got {type(ds).__name__}.")
     spec = ds.element_spec
@@ -607,7 +599,7 @@ def corrupt_dataset(
         out.set_shape(images.shape)
         return (out, *element[1:]) if is_tuple else out
 
-    work = ds if batched else ds.batch(int(batch_size))
+    work = ds if batched else ds.batch(batch_size)
     work = work.enumerate().map(
         fn,
         num_parallel_calls=tf.data.AUTOTUNE,

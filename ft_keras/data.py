@@ -35,7 +35,9 @@ keeps tfds's own order.
 Splits are ``"train"`` or ``"test"`` with the tfds slice syntax: ``"train[:1000]"``,
 ``"train[1000:2000]"``, ``"train[:10%]"``, ``"test[50%:]"``, ``"train[-100:]"``, and parts
 joined with ``+`` such as ``"train[:10%]+test"``. Percent boundaries are rounded to the closest
-example, like tfds does.
+example, like tfds does. A split with a part that selects no example (``"train[50:10]"``,
+``"test[:0]"``) is refused with a ``ValueError``, as is an explicit ``data_dir`` that does not
+exist (it is never silently skipped in favour of another source).
 
 Example:
     >>> from ft_keras import data
@@ -63,6 +65,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+
+from ft_keras import _checks
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -160,12 +164,46 @@ _CACHE_FORMAT = "ft_keras-cifar10-v1-jpeg-islow"
 
 
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or name not in INFO:
-        raise ValueError(
-            f"Unknown data set: argument `name` is {name!r}; "
-            f"expected one of {', '.join(repr(n) for n in DATASET_NAMES)}."
-        )
-    return name
+    return _checks.check_choice("name", name, DATASET_NAMES)
+
+
+def _check_data_dir(data_dir: Any) -> str | None:
+    """An explicit ``data_dir`` must exist (a URL such as ``gs://...`` goes to tfds unchecked)."""
+    path = _checks.check_path("data_dir", data_dir, allow_none=True)
+    if path is None or "://" in path:
+        return path
+    return _checks.check_existing_dir("data_dir", path)
+
+
+def _part_text(part: "SplitPart") -> str:
+    if part.start is None and part.stop is None:
+        return part.split
+    unit = "%" if part.percent else ""
+
+    def bound(value):
+        if value is None:
+            return ""
+        if part.percent and float(value).is_integer():
+            value = int(value)
+        return f"{value}{unit}"
+
+    return f"{part.split}[{bound(part.start)}:{bound(part.stop)}]"
+
+
+def _check_not_empty(
+    name: str, split: str, parts: tuple["SplitPart", ...], sizes: dict[str, int]
+) -> None:
+    """Refuses a split with a part that selects no example of a ``sizes[part.split]``-example
+    split (e.g. ``"train[50:10]"``)."""
+    for part in parts:
+        num_examples = sizes[part.split]
+        selected = part.indices(num_examples)
+        if selected.stop <= selected.start:
+            raise ValueError(
+                f"split={split!r} selects no examples: {_part_text(part)!r} is empty for the "
+                f"{num_examples} examples of {name!r} {part.split!r}. Give a slice whose start "
+                "comes before its stop, e.g. 'train[10:50]' or 'train[:10%]'."
+            )
 
 
 class SplitPart(NamedTuple):
@@ -219,18 +257,20 @@ def parse_split(split: Any) -> tuple[SplitPart, ...]:
         The parts of the split, in order.
 
     Raises:
+        TypeError: If ``split`` is not a str.
         ValueError: If ``split`` is not a valid split string; the message names ``split``.
     """
 
+    allowed = (
+        "'train' or 'test', optionally sliced like 'train[:1000]', 'train[1000:2000]', "
+        "'train[:10%]' or 'test[50%:]', with parts joined by '+'"
+    )
+
     def fail(reason: str) -> ValueError:
-        return ValueError(
-            f"Invalid argument `split`={split!r}: {reason}. Expected 'train' or 'test', "
-            "optionally sliced like 'train[:1000]', 'train[1000:2000]', 'train[:10%]' or "
-            "'test[50%:]', with parts joined by '+'."
-        )
+        return ValueError(f"split={split!r} is not allowed: {reason}. It must be {allowed}.")
 
     if not isinstance(split, str):
-        raise fail("not a string")
+        raise TypeError(f"split must be a str: {allowed}; got {split!r} ({type(split).__name__}).")
     parts = []
     for text in split.split("+"):
         text = text.strip()
@@ -350,10 +390,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         The array, shaped as the header says (``(N, 28, 28)`` for MNIST images).
 
     Raises:
+        TypeError: If ``path`` is not a path.
         ValueError: If the header is invalid or the data size does not match it; the message
             names the file.
     """
-    resolved = os.path.realpath(os.fspath(path))
+    resolved = os.path.realpath(_checks.check_path("path", path))
     stat = os.stat(resolved)
     return _read_idx_cached(resolved, stat.st_size, stat.st_mtime_ns)
 
@@ -785,7 +826,7 @@ def _not_found(name: str, split: str, tried: list[str]) -> FileNotFoundError:
 
 
 def _local_numpy(
-    name: str, parts: tuple[SplitPart, ...], data_dir: Any, tried: list[str]
+    name: str, split: str, parts: tuple[SplitPart, ...], data_dir: Any, tried: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for part in parts:
@@ -794,6 +835,8 @@ def _local_numpy(
             raise _not_found(name, part.split, tried)
         _LOG.debug("ft_keras.data: %s/%s from %s", name, part.split, source)
         split_images, split_labels, order = _read_local(name, part.split, source)
+        # Local files may hold fewer examples than the published split (INFO).
+        _check_not_empty(name, split, (part,), {part.split: len(split_labels)})
         selection = part.indices(len(split_labels))
         if order is not None:
             selection = order[selection]  # Permute first, then slice.
@@ -817,18 +860,25 @@ def load_numpy(
     Args:
         name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
         split: ``"train"`` or ``"test"``, optionally sliced (see `parse_split`).
-        data_dir: Optional directory searched first (tfds data dir and local files root).
+        data_dir: Optional directory searched first (tfds data dir and local files root); it
+            must exist (a ``gs://``-style URL is passed to tfds unchecked).
 
     Returns:
         ``(images, labels)``: writable ``uint8`` images of shape ``(N, 28, 28, 1)`` (MNISTs) or
         ``(N, 32, 32, 3)`` (CIFAR-10) and ``int64`` labels of shape ``(N,)``.
 
     Raises:
-        ValueError: If ``name`` or ``split`` is invalid, or a local file is malformed.
+        TypeError: If an argument has the wrong type (``name`` or ``split`` not a str,
+            ``data_dir`` not a path).
+        ValueError: If ``name`` or ``split`` is invalid, the split selects no examples (e.g.
+            ``"train[50:10]"``), an explicit ``data_dir`` does not exist, or a local file is
+            malformed.
         FileNotFoundError: If no source has the data; the message lists every place tried.
     """
     name = _check_name(name)
     parts = parse_split(split)
+    data_dir = _check_data_dir(data_dir)
+    _check_not_empty(name, split, parts, INFO[name]["num_examples"])
     builder, tried = _tfds_builder_if_prepared(name, data_dir)
     if builder is not None:
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -836,7 +886,7 @@ def load_numpy(
         ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
         images, labels = tfds.as_numpy(ds)
         return np.asarray(images, np.uint8), np.asarray(labels, np.int64)
-    images, labels = _local_numpy(name, parts, data_dir, tried)
+    images, labels = _local_numpy(name, split, parts, data_dir, tried)
     return np.require(images, requirements="W"), np.require(labels, requirements="W")
 
 
@@ -858,7 +908,8 @@ def load(
         name: ``"fashion_mnist"``, ``"mnist"`` or ``"cifar10"``.
         split: ``"train"`` or ``"test"``, optionally sliced like ``"train[:1000]"``,
             ``"train[:10%]"`` or ``"test[50%:]"`` (see `parse_split`).
-        data_dir: Optional directory searched first (tfds data dir and local files root).
+        data_dir: Optional directory searched first (tfds data dir and local files root); it
+            must exist (a ``gs://``-style URL is passed to tfds unchecked).
         as_supervised: If True, elements are ``(image, label)`` tuples, else
             ``{"image": image, "label": label}`` dicts (tfds may add more keys).
         shuffle_files: Passed to tfds (shuffles the order of its shard files). Local data has a
@@ -869,18 +920,26 @@ def load(
         (CIFAR-10) and scalar ``int64`` labels; ``ds.cardinality()`` is the number of examples.
 
     Raises:
-        ValueError: If ``name`` or ``split`` is invalid, or a local file is malformed.
+        TypeError: If an argument has the wrong type (``name`` or ``split`` not a str,
+            ``data_dir`` not a path).
+        ValueError: If ``name`` or ``split`` is invalid, the split selects no examples (e.g.
+            ``"train[50:10]"``), an explicit ``data_dir`` does not exist, or a local file is
+            malformed.
         FileNotFoundError: If no source has the data; the message lists every place tried.
     """
     name = _check_name(name)
     parts = parse_split(split)
+    data_dir = _check_data_dir(data_dir)
+    _check_not_empty(name, split, parts, INFO[name]["num_examples"])
+    as_supervised = _checks.check_bool("as_supervised", as_supervised)
+    shuffle_files = _checks.check_bool("shuffle_files", shuffle_files)
     builder, tried = _tfds_builder_if_prepared(name, data_dir)
     if builder is not None:
         _LOG.info("ft_keras.data: %s[%s] from tensorflow-datasets", name, split)
         return builder.as_dataset(
             split=split, as_supervised=as_supervised, shuffle_files=shuffle_files
         )
-    images, labels = _local_numpy(name, parts, data_dir, tried)
+    images, labels = _local_numpy(name, split, parts, data_dir, tried)
     if as_supervised:
         return tf.data.Dataset.from_tensor_slices((images, labels))
     return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
@@ -899,12 +958,13 @@ def scale_image(image: tf.Tensor, dtype: str | tf.DType = "float32") -> tf.Tenso
     Raises:
         ValueError: If ``dtype`` is not a floating dtype.
     """
+    allowed = "a floating dtype such as 'float32', 'float16' or 'bfloat16'"
     try:
         tf_dtype = tf.as_dtype(dtype)
     except TypeError as err:
-        raise ValueError(f"Invalid argument `dtype`={dtype!r}: {err}") from err
+        raise ValueError(f"dtype={dtype!r} is not allowed ({err}); it must be {allowed}.") from err
     if not tf_dtype.is_floating:
-        raise ValueError(f"Invalid argument `dtype`={dtype!r}: expected a floating dtype")
+        raise ValueError(f"dtype={dtype!r} is not allowed; it must be {allowed}.")
     return tf.math.divide(tf.cast(image, tf_dtype), tf.constant(255.0, tf_dtype))
 
 
@@ -937,8 +997,11 @@ def normalize(ds: tf.data.Dataset, dtype: str | tf.DType = "float32") -> tf.data
         The mapped dataset.
 
     Raises:
+        TypeError: If ``ds`` is not a ``tf.data.Dataset``.
         ValueError: If ``dtype`` is not a floating dtype.
     """
+    if not isinstance(ds, tf.data.Dataset):
+        raise TypeError(f"ds must be a tf.data.Dataset; got {type(ds).__name__}.")
     scale_image(tf.zeros((), tf.uint8), dtype)  # Validate dtype eagerly.
 
     def scale(*element):

@@ -1,17 +1,16 @@
-"""Evaluation metrics: accuracy, NLL, ECE, Brier, ensemble diversity and OoD detection.
+"""Evaluation metrics in numpy: accuracy, NLL, ECE, Brier, ensemble diversity and OoD detection.
 
-Two kinds of objects live here:
+The functions (``accuracy``, ``nll``, ``ece``, ``brier``, ``disagreement``, ``ood_auroc``, ...)
+take numpy arrays, lists or eager tensors and return Python floats or numpy arrays. They compute
+in float64 and validate their input: a wrong type raises ``TypeError``, a bad shape or value
+``ValueError``, each naming the argument, what it got and what is allowed. This module needs
+only numpy (it imports neither Keras nor TensorFlow); the streaming Keras metrics for
+``model.compile(metrics=[...])`` are in `ft_keras.keras_metrics` (their old names here,
+``ft_keras.metrics.NegativeLogLikelihood`` etc., still work but are deprecated).
 
-* numpy functions (``accuracy``, ``nll``, ``ece``, ``brier``, ``disagreement``, ``ood_auroc``,
-  ...) that take numpy arrays, lists or eager tensors and return Python floats or numpy arrays.
-  They compute in float64 and validate their input: a bad shape or value raises ``ValueError``
-  (or ``TypeError``) naming the argument, what it got and what is allowed.
-* streaming Keras metrics (``ExpectedCalibrationError``, ``BrierScore``,
-  ``NegativeLogLikelihood``) for ``model.compile(metrics=[...])``. They accumulate sufficient
-  statistics in float64 variables, run inside the compiled ``fit`` / ``evaluate`` steps, and their
-  ``result()`` equals the numpy function on all the data seen since the last ``reset_state()``.
+The metrics are defined in docs/method.md, section 8; the ensemble's prediction in section 7.
 
-Conventions (SPEC section 7):
+Conventions:
 
 * ``labels`` are integer class indices shaped ``(N,)`` (``(N, 1)`` is squeezed; one-hot rows
   shaped ``(N, K)`` are reduced to their argmax). ``probs`` are probabilities shaped ``(N, K)``;
@@ -43,16 +42,13 @@ Example:
 ['test/accuracy', 'test/accuracy_member_0', 'test/accuracy_member_1']
 """
 
-import numbers
+import warnings
 
-import keras
 import numpy as np
-import tensorflow as tf
+
+from ft_keras import _checks
 
 __all__ = [
-    "BrierScore",
-    "ExpectedCalibrationError",
-    "NegativeLogLikelihood",
     "accuracy",
     "brier",
     "disagreement",
@@ -77,6 +73,32 @@ __all__ = [
 # and values must lie in [-_PROB_ATOL, 1 + _PROB_ATOL].
 _PROB_ATOL = 1e-3
 
+# The streaming Keras metrics that lived here before they moved to ft_keras.keras_metrics.
+_MOVED_TO_KERAS_METRICS = (
+    "BrierScore",
+    "ExpectedCalibrationError",
+    "NegativeLogLikelihood",
+    "_ProbabilityMetric",
+    "_WeightedMean",
+)
+
+
+def __getattr__(name):
+    """Deprecated aliases: ``ft_keras.metrics.NegativeLogLikelihood`` and the other streaming
+    metrics now live in `ft_keras.keras_metrics` (imported on first use, so that this module
+    does not import Keras)."""
+    if name in _MOVED_TO_KERAS_METRICS:
+        warnings.warn(
+            f"ft_keras.metrics.{name} is deprecated; use ft_keras.keras_metrics.{name} (the "
+            "streaming Keras metrics moved there; ft_keras.metrics is numpy only).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from ft_keras import keras_metrics  # pylint: disable=import-outside-toplevel
+
+        return getattr(keras_metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ------------------------------------------------------------------------------ input checking
 def _as_array(value, name):
@@ -91,6 +113,14 @@ def _as_array(value, name):
             ) from err
     try:
         array = np.asarray(value)
+    except ValueError as err:  # numpy refuses nested sequences of different lengths
+        ragged = _ragged_entries(value, name)
+        if ragged is not None:
+            raise ValueError(ragged) from err
+        raise TypeError(
+            f"{name} must be array-like (numpy array, list or eager tensor); "
+            f"got {type(value).__name__} that numpy cannot convert ({err})."
+        ) from err
     except Exception as err:
         raise TypeError(
             f"{name} must be array-like (numpy array, list or eager tensor); "
@@ -101,6 +131,36 @@ def _as_array(value, name):
     ):
         raise TypeError(f"{name} must hold numbers; got an array of dtype {array.dtype}.")
     return array
+
+
+def _ragged_entries(value, name, _depth=0):
+    """For a nested sequence whose entries have different shapes (e.g. ensemble members with
+    different numbers of examples), a message naming two entries and their shapes; else None."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or _depth > 8:
+        return None
+    try:
+        entries = list(value)
+    except TypeError:
+        return None
+    shapes = []
+    for index, entry in enumerate(entries):
+        try:
+            shapes.append(np.shape(entry))
+        except ValueError:  # the entry is ragged itself: look inside it
+            return _ragged_entries(entry, f"{name}[{index}]", _depth + 1)
+    for index, shape in enumerate(shapes[1:], start=1):
+        if shape != shapes[0]:
+            if name == "member_probs":
+                rule = "every member must have the same shape (N, K): the same examples and classes"
+                what = "members"
+            else:
+                rule = "every entry along the first axis must have the same shape"
+                what = "entries"
+            return (
+                f"{name} holds {what} of different shapes: {name}[0] has shape {shapes[0]} "
+                f"but {name}[{index}] has shape {shape}; {rule}."
+            )
+    return None
 
 
 def _check_probs(probs, name="probs", ndim=2):
@@ -165,26 +225,11 @@ def _check_labels(labels, num_examples, num_classes, name="labels"):
 
 
 def _check_num_bins(num_bins):
-    if isinstance(num_bins, bool) or not isinstance(num_bins, numbers.Integral) or num_bins < 1:
-        raise ValueError(f"num_bins={num_bins!r} must be an integer >= 1 (default 15).")
-    return int(num_bins)
+    return _checks.check_positive_int("num_bins", num_bins)
 
 
 def _check_eps(eps):
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, numbers.Real)
-        or not np.isfinite(eps)
-        or not 0.0 <= eps < 1.0
-    ):
-        raise ValueError(f"eps={eps!r} must be a float in [0, 1) (default 1e-12).")
-    return float(eps)
-
-
-def _check_from_logits(from_logits):
-    if not isinstance(from_logits, (bool, np.bool_)):
-        raise TypeError(f"from_logits={from_logits!r} must be a bool.")
-    return bool(from_logits)
+    return _checks.check_real("eps", eps, low=0.0, high=1.0, high_open=True)
 
 
 def _check_scores(scores, name):
@@ -362,7 +407,7 @@ def ece(labels, probs, num_bins=15):
     Args:
         labels: class indices ``(N,)``.
         probs: probabilities ``(N, K)``.
-        num_bins: number of bins (SPEC: 15).
+        num_bins: number of bins (15 in the paper's evaluation; docs/method.md, section 8).
 
     Returns:
         A Python float in [0, 1].
@@ -383,7 +428,7 @@ def _entropy(probs):
 
 
 def ensemble_probs(member_probs):
-    """Mean of the members' probabilities, the ensemble's prediction (SPEC section 7).
+    """Mean of the members' probabilities, the ensemble's prediction (docs/method.md, section 7).
 
     Args:
         member_probs: ``(M, N, K)`` probabilities of M members.
@@ -528,7 +573,8 @@ def member_metrics(labels, member_probs):
 
 
 def summary(labels, member_probs, prefix="test/", num_bins=15):
-    """All SPEC section 7 metrics of an ensemble, with uncertainty-baselines style keys.
+    """All the metrics of docs/method.md, section 8 for an ensemble, with uncertainty-baselines
+    style keys.
 
     The ensemble's accuracy, NLL, ECE and Brier score are computed on the mean of the members'
     probabilities; ``disagreement`` and ``kl_diversity`` only appear with two or more members.
@@ -550,8 +596,8 @@ def summary(labels, member_probs, prefix="test/", num_bins=15):
     >>> round(out["test/accuracy"], 2), round(out["test/disagreement"], 2)
     (1.0, 0.0)
     """
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix={prefix!r} must be a str such as 'test/'.")
+    prefix = _checks.check_str("prefix", prefix, allow_empty=True)
+    num_bins = _check_num_bins(num_bins)
     array = _as_array(member_probs, "member_probs")
     if array.ndim == 2:
         array = array[None]
@@ -648,8 +694,7 @@ def ood_aupr(scores_in, scores_out, positive="in"):
     >>> round(ood_aupr([0.9, 0.8, 0.4], [0.7, 0.3]), 4)   # (1/1 + 2/2 + 3/4) / 3
     0.9167
     """
-    if positive not in ("in", "out"):
-        raise ValueError(f"positive={positive!r} is not supported; allowed values are 'in', 'out'.")
+    positive = _checks.check_choice("positive", positive, ("in", "out"))
     scores_in = _check_scores(scores_in, "scores_in")
     scores_out = _check_scores(scores_out, "scores_out")
     if positive == "in":
@@ -691,13 +736,7 @@ def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
     >>> fpr_at_tpr(list(range(1, 11)), [0.5, 1.0, 2.0, 11.0], tpr=0.8)   # t = 3
     0.25
     """
-    if (
-        isinstance(tpr, bool)
-        or not isinstance(tpr, numbers.Real)
-        or not np.isfinite(tpr)
-        or not 0.0 < tpr <= 1.0
-    ):
-        raise ValueError(f"tpr={tpr!r} must be a float in (0, 1] (default 0.95).")
+    tpr = _checks.check_fraction("tpr", tpr)
     scores_in = _check_scores(scores_in, "scores_in")
     scores_out = _check_scores(scores_out, "scores_out")
     # The small tolerance keeps e.g. 0.95 * 20 = 19.000000000000004 at k = 19.
@@ -705,242 +744,3 @@ def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
     k = min(max(k, 1), scores_in.size)
     threshold = np.sort(scores_in)[::-1][k - 1]
     return float(np.mean(scores_out >= threshold))
-
-
-# ------------------------------------------------------------------------------ Keras metrics
-class _ProbabilityMetric(keras.metrics.Metric):
-    """Shared plumbing: label / prediction / sample-weight handling of the streaming metrics.
-
-    ``y_true`` holds class indices shaped like ``y_pred`` without its class axis (a trailing
-    axis of size 1 is squeezed) or one-hot rows shaped like ``y_pred`` (reduced to their
-    argmax). ``y_pred`` holds probabilities (or logits with ``from_logits=True``) with classes on
-    the last axis; leading axes are flattened. Label ranges are not checked inside the graph:
-    labels outside ``[0, K)`` count as wrong with probability 0.
-    """
-
-    def __init__(self, from_logits=False, name=None, dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        self.from_logits = _check_from_logits(from_logits)
-
-    def _prepare(self, y_true, y_pred, sample_weight):
-        """Returns float64 probs (N, K), log-probs (N, K), int labels (N,), weights (N,)."""
-        y_pred = tf.convert_to_tensor(y_pred)
-        y_true = tf.convert_to_tensor(y_true)
-        rank = y_pred.shape.rank
-        num_classes = y_pred.shape[-1] if rank else None
-        if rank is None or rank < 2:
-            raise ValueError(
-                f"{self.name}: y_pred must have shape (batch, ..., K) with classes last; "
-                f"got shape {y_pred.shape}."
-            )
-        y_pred = tf.cast(y_pred, tf.float64)
-        if y_true.shape.rank is None:  # unknown rank: take it as class indices
-            pass
-        elif y_true.shape.rank == rank and y_true.shape[-1] == 1 and num_classes != 1:
-            y_true = tf.squeeze(y_true, axis=-1)
-        elif y_true.shape.rank == rank:
-            if y_true.shape[-1] is not None and num_classes is not None:
-                if y_true.shape[-1] != num_classes:
-                    raise ValueError(
-                        f"{self.name}: one-hot y_true must have K={num_classes} columns like "
-                        f"y_pred; got y_true shape {y_true.shape}, y_pred shape {y_pred.shape}."
-                    )
-            y_true = tf.argmax(y_true, axis=-1)
-        elif y_true.shape.rank != rank - 1:
-            raise ValueError(
-                f"{self.name}: y_true must be class indices shaped {y_pred.shape[:-1]} (or with "
-                f"a trailing 1, or one-hot like y_pred); got shape {y_true.shape}."
-            )
-        if y_true.dtype.is_floating:
-            y_true = tf.round(y_true)
-        labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
-        flat_logits_or_probs = tf.reshape(y_pred, [-1, tf.shape(y_pred)[-1]])
-        if self.from_logits:
-            log_probs = tf.nn.log_softmax(flat_logits_or_probs, axis=-1)
-            probs = tf.exp(log_probs)
-        else:
-            probs = flat_logits_or_probs
-            log_probs = None
-        weights = self._weights(sample_weight, y_pred)
-        return probs, log_probs, labels, weights
-
-    @staticmethod
-    def _weights(sample_weight, y_pred):
-        lead_shape = tf.shape(y_pred)[:-1]
-        if sample_weight is None:
-            return tf.ones([tf.reduce_prod(lead_shape)], tf.float64)
-        weights = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
-        lead_rank = y_pred.shape.rank - 1
-        if weights.shape.rank is not None:
-            while weights.shape.rank > lead_rank and weights.shape[-1] == 1:
-                weights = tf.squeeze(weights, axis=-1)
-            while weights.shape.rank < lead_rank:
-                weights = tf.expand_dims(weights, axis=-1)
-        return tf.reshape(tf.broadcast_to(weights, lead_shape), [-1])
-
-    def get_config(self):
-        config = super().get_config()
-        config["from_logits"] = self.from_logits
-        return config
-
-
-class _WeightedMean(_ProbabilityMetric):
-    """Weighted mean of a per-example quantity, accumulated in float64."""
-
-    def __init__(self, from_logits=False, name=None, dtype=None):
-        super().__init__(from_logits=from_logits, name=name, dtype=dtype)
-        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="count")
-
-    def _per_example(self, probs, log_probs, labels):
-        """The per-example quantity to average; every subclass defines it."""
-        raise TypeError(f"{type(self).__name__} must define _per_example().")
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        """Adds a batch: ``y_true`` labels, ``y_pred`` probabilities (or logits)."""
-        probs, log_probs, labels, weights = self._prepare(y_true, y_pred, sample_weight)
-        values = self._per_example(probs, log_probs, labels)
-        self.total.assign_add(tf.reduce_sum(values * weights))
-        self.count.assign_add(tf.reduce_sum(weights))
-
-    def result(self):
-        return tf.cast(tf.math.divide_no_nan(self.total, self.count), self.dtype)
-
-    def reset_state(self):
-        self.total.assign(tf.zeros_like(self.total))
-        self.count.assign(tf.zeros_like(self.count))
-
-
-@keras.saving.register_keras_serializable(package="ft_keras")
-class NegativeLogLikelihood(_WeightedMean):
-    """Streaming NLL ``-mean log p(y)``; equals ``nll(labels, probs, eps)`` on all seen data.
-
-    Args:
-        from_logits: ``y_pred`` holds logits (log-softmax is used, clipped at ``log(eps)``).
-        eps: probabilities below ``eps`` count as ``eps``.
-        name: metric name in the logs.
-        dtype: dtype of ``result()``; the state is float64.
-
-    Example:
-
-    >>> metric = NegativeLogLikelihood()
-    >>> metric.update_state([0, 1], [[0.5, 0.5], [0.5, 0.5]])
-    >>> round(float(metric.result()), 4)
-    0.6931
-
-    In a model (all three metrics run inside the compiled train / test steps)::
-
-        model.compile("sgd", "sparse_categorical_crossentropy",
-                      metrics=[NegativeLogLikelihood(), BrierScore(), ExpectedCalibrationError()])
-    """
-
-    def __init__(self, from_logits=False, eps=1e-12, name="nll", dtype=None):
-        super().__init__(from_logits=from_logits, name=name, dtype=dtype)
-        self.eps = _check_eps(eps)
-
-    def _per_example(self, probs, log_probs, labels):
-        floor = np.log(self.eps) if self.eps > 0 else -np.inf
-        if log_probs is None:
-            log_probs = tf.math.log(tf.maximum(probs, self.eps))
-        else:
-            log_probs = tf.maximum(log_probs, floor)
-        onehot = tf.one_hot(labels, tf.shape(probs)[-1], dtype=tf.float64)
-        true_log_prob = tf.reduce_sum(tf.where(onehot > 0, log_probs, 0.0), axis=-1)
-        # A label outside [0, K) has an all-zero one-hot row: count it as probability eps.
-        return -tf.where(tf.reduce_sum(onehot, axis=-1) > 0, true_log_prob, floor)
-
-    def get_config(self):
-        config = super().get_config()
-        config["eps"] = self.eps
-        return config
-
-
-@keras.saving.register_keras_serializable(package="ft_keras")
-class BrierScore(_WeightedMean):
-    """Streaming Brier score; equals ``brier(labels, probs)`` on all seen data.
-
-    Args:
-        from_logits: ``y_pred`` holds logits.
-        name: metric name in the logs.
-        dtype: dtype of ``result()``; the state is float64.
-
-    Example:
-
-    >>> metric = BrierScore()
-    >>> metric.update_state([0], [[0.7, 0.3]])
-    >>> round(float(metric.result()), 4)
-    0.18
-    """
-
-    def __init__(self, from_logits=False, name="brier", dtype=None):
-        super().__init__(from_logits=from_logits, name=name, dtype=dtype)
-
-    def _per_example(self, probs, log_probs, labels):
-        onehot = tf.one_hot(labels, tf.shape(probs)[-1], dtype=tf.float64)
-        return tf.reduce_sum(tf.square(probs - onehot), axis=-1)
-
-
-@keras.saving.register_keras_serializable(package="ft_keras")
-class ExpectedCalibrationError(_ProbabilityMetric):
-    """Streaming ECE with ``num_bins`` equal-width confidence bins.
-
-    Accumulates, per bin, the (weighted) number of examples, of correct predictions and the sum
-    of confidences; ``result()`` is ``sum_b |correct_b - confidence_b| / N``, which equals
-    ``ece(labels, probs, num_bins)`` on the concatenation of all batches since the last reset
-    (same ``(lo, hi]`` bin convention).
-
-    Args:
-        num_bins: number of bins on [0, 1] (SPEC: 15).
-        from_logits: ``y_pred`` holds logits.
-        name: metric name in the logs.
-        dtype: dtype of ``result()``; the state is float64.
-
-    Example:
-
-    >>> metric = ExpectedCalibrationError(num_bins=15)
-    >>> metric.update_state([0, 0], [[0.9, 0.1], [0.9, 0.1]])
-    >>> round(float(metric.result()), 4)
-    0.1
-    """
-
-    def __init__(self, num_bins=15, from_logits=False, name="ece", dtype=None):
-        super().__init__(from_logits=from_logits, name=name, dtype=dtype)
-        self.num_bins = _check_num_bins(num_bins)
-        self._inner_edges = np.linspace(0.0, 1.0, self.num_bins + 1)[1:-1]
-        shape = (self.num_bins,)
-        self.bin_counts = self.add_variable(shape, "zeros", dtype="float64", name="bin_counts")
-        self.bin_correct = self.add_variable(shape, "zeros", dtype="float64", name="bin_correct")
-        self.bin_confidence = self.add_variable(
-            shape, "zeros", dtype="float64", name="bin_confidence"
-        )
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        """Adds a batch: ``y_true`` labels, ``y_pred`` probabilities (or logits)."""
-        probs, _, labels, weights = self._prepare(y_true, y_pred, sample_weight)
-        confidences = tf.reduce_max(probs, axis=-1)
-        predictions = tf.cast(tf.argmax(probs, axis=-1), tf.int32)
-        correct = tf.cast(tf.equal(predictions, labels), tf.float64)
-        inner = tf.constant(self._inner_edges, tf.float64)
-        bins = tf.reduce_sum(
-            tf.cast(confidences[:, None] > inner[None, :], tf.int32), axis=-1
-        )
-        self.bin_counts.assign_add(tf.math.unsorted_segment_sum(weights, bins, self.num_bins))
-        self.bin_correct.assign_add(
-            tf.math.unsorted_segment_sum(weights * correct, bins, self.num_bins)
-        )
-        self.bin_confidence.assign_add(
-            tf.math.unsorted_segment_sum(weights * confidences, bins, self.num_bins)
-        )
-
-    def result(self):
-        gaps = tf.reduce_sum(tf.abs(self.bin_correct - self.bin_confidence))
-        return tf.cast(tf.math.divide_no_nan(gaps, tf.reduce_sum(self.bin_counts)), self.dtype)
-
-    def reset_state(self):
-        for variable in (self.bin_counts, self.bin_correct, self.bin_confidence):
-            variable.assign(tf.zeros_like(variable))
-
-    def get_config(self):
-        config = super().get_config()
-        config["num_bins"] = self.num_bins
-        return config

@@ -18,11 +18,12 @@ configurations can refer to them.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable
 
 import keras
 from keras import layers
+
+from ft_keras import _checks
 
 __all__ = [
     "lenet_300_100",
@@ -37,27 +38,24 @@ __all__ = [
 
 
 def _positive_int(value, arg: str) -> int:
-    """Returns ``value`` as an int, raising if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{arg} must be a positive integer; got {value!r}")
-    return int(value)
+    """Returns ``value`` as an int >= 1 (TypeError for a non-int, ValueError for a bad value)."""
+    return _checks.check_positive_int(arg, value)
 
 
 def _input_shape(value, arg: str = "input_shape") -> tuple[int, ...]:
     """Validates an input shape (a non-empty tuple of positive ints)."""
-    try:
-        dims = tuple(value)
-    except TypeError:
-        raise ValueError(
-            f"{arg} must be a tuple of positive integers, e.g. (28, 28, 1); got {value!r}"
-        ) from None
-    if not dims or any(
-        isinstance(d, bool) or not isinstance(d, numbers.Integral) or d <= 0 for d in dims
-    ):
-        raise ValueError(
-            f"{arg} must be a tuple of positive integers, e.g. (28, 28, 1); got {value!r}"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{arg} must be a tuple of positive ints such as (28, 28, 1); got {value!r} "
+            f"({type(value).__name__})."
         )
-    return tuple(int(d) for d in dims)
+    dims = tuple(value)
+    if not dims:
+        raise ValueError(
+            f"{arg}={value!r} is not allowed; it must be a non-empty tuple of positive ints "
+            "such as (28, 28, 1)."
+        )
+    return tuple(_checks.check_positive_int(f"{arg}[{i}]", d) for i, d in enumerate(dims))
 
 
 def _image_shape(value) -> tuple[int, int, int]:
@@ -110,11 +108,17 @@ def mlp(
         An uncompiled ``keras.Model`` with layers ``fc1`` ... ``fcK`` and ``logits``.
 
     Raises:
+        TypeError: If a width, ``num_classes`` or a dimension of ``input_shape`` is not an int.
         ValueError: If a width, ``num_classes`` or ``input_shape`` is invalid.
     """
-    if isinstance(hidden, numbers.Integral):
+    if _checks.is_int(hidden):
         hidden = (hidden,)
-    widths = [_positive_int(w, "hidden") for w in hidden]
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Iterable):
+        raise TypeError(
+            f"hidden must be a sequence of layer widths such as (300, 100); got {hidden!r} "
+            f"({type(hidden).__name__})."
+        )
+    widths = [_positive_int(w, f"hidden[{i}]") for i, w in enumerate(hidden)]
     shape = _input_shape(input_shape)
     num_classes = _positive_int(num_classes, "num_classes")
 
@@ -257,18 +261,16 @@ def resnet(
         An uncompiled ``keras.Model``.
 
     Raises:
+        TypeError: If ``depth`` or another integer argument is not an int.
         ValueError: If ``depth`` is not 6n + 2, or another argument is invalid.
     """
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, numbers.Integral)
-        or depth < 8
-        or (depth - 2) % 6
-    ):
+    depth = _checks.check_int("depth", depth)
+    if depth < 8 or (depth - 2) % 6:
         raise ValueError(
-            f"depth must be 6n + 2 with n >= 1 (e.g. 20, 32, 44, 56, 110); got {depth!r}"
+            f"depth={depth!r} is not allowed; it must be 6n + 2 with n >= 1 (e.g. 20, 32, 44, "
+            "56, 110)."
         )
-    n = (int(depth) - 2) // 6
+    n = (depth - 2) // 6
     width = _positive_int(width, "width")
     shape = _image_shape(input_shape)
     num_classes = _positive_int(num_classes, "num_classes")
@@ -331,28 +333,22 @@ def wide_resnet(
         An uncompiled ``keras.Model``.
 
     Raises:
+        TypeError: If ``depth`` or another argument has the wrong type.
         ValueError: If ``depth`` is not 6n + 4, or another argument is invalid.
     """
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, numbers.Integral)
-        or depth < 10
-        or (depth - 4) % 6
-    ):
+    depth = _checks.check_int("depth", depth)
+    if depth < 10 or (depth - 4) % 6:
         raise ValueError(
-            f"depth must be 6n + 4 with n >= 1 (e.g. 10, 16, 22, 28, 40); got {depth!r}"
+            f"depth={depth!r} is not allowed; it must be 6n + 4 with n >= 1 (e.g. 10, 16, 22, "
+            "28, 40)."
         )
-    n = (int(depth) - 4) // 6
+    n = (depth - 4) // 6
     k = _positive_int(width_multiplier, "width_multiplier")
     base = _positive_int(base_width, "base_width")
     shape = _image_shape(input_shape)
     num_classes = _positive_int(num_classes, "num_classes")
-    if (
-        isinstance(dropout_rate, bool)
-        or not isinstance(dropout_rate, numbers.Real)
-        or not 0.0 <= dropout_rate < 1.0
-    ):
-        raise ValueError(f"dropout_rate must be a number in [0, 1); got {dropout_rate!r}")
+    dropout_rate = _checks.check_real("dropout_rate", dropout_rate, low=0.0, high=1.0,
+                                      high_open=True)
 
     inputs = keras.Input(shape=shape, name="inputs")
     x = _conv3x3(base, 1, "stem_conv")(inputs)
@@ -367,7 +363,7 @@ def wide_resnet(
             y = _bn(f"{prefix}_bn2")(y)
             y = layers.ReLU(name=f"{prefix}_relu2")(y)
             if dropout_rate > 0:
-                y = layers.Dropout(float(dropout_rate), name=f"{prefix}_dropout")(y)
+                y = layers.Dropout(dropout_rate, name=f"{prefix}_dropout")(y)
             y = _conv3x3(filters, 1, f"{prefix}_conv2")(y)
             if strides != 1 or channels != filters:
                 shortcut = _conv1x1(filters, strides, f"{prefix}_proj")(pre)
@@ -421,13 +417,20 @@ def get(name: str, /, **kwargs) -> keras.Model:
         An uncompiled ``keras.Model``.
 
     Raises:
+        TypeError: If ``name`` is not a str.
         ValueError: If ``name`` is unknown or ``kwargs`` conflict with the name.
     """
-    if not isinstance(name, str) or name.strip().lower().replace("-", "_") not in _REGISTRY:
-        raise ValueError(
-            f"unknown model name {name!r}; name must be one of {list(available())!r}"
+    if not isinstance(name, str):
+        raise TypeError(
+            f"name must be a model name (str), one of {available()}; got {name!r} "
+            f"({type(name).__name__})."
         )
     key = name.strip().lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"name={name!r} is not supported; allowed values are {available()} (any case, "
+            "'-' for '_')."
+        )
     builder, fixed = _REGISTRY[key]
     conflicts = {k: kwargs[k] for k in fixed if k in kwargs and kwargs[k] != fixed[k]}
     if conflicts:

@@ -1,5 +1,19 @@
-"""Test set-up: quiet TF logs, two logical CPU devices (for MirroredStrategy tests), data fixtures."""
+"""Test set-up: quiet TF logs, two logical CPU devices (for MirroredStrategy tests), data fixtures.
 
+Real data. Fashion-MNIST comes from the usual `ft_keras.data` sources (the Debian package
+``dataset-fashion-mnist``, ``$FT_KERAS_DATA_DIR`` or a prepared tensorflow-datasets copy). MNIST
+and CIFAR-10 come from the shared data folder `SHARED_DATA`: ``$FT_KERAS_SHARED_DATA`` when set,
+else ``<repo>/../shared/data``, holding ``mnist/`` (the four IDX files) and
+``cifar10/cifar10-jpeg.tar.gz``. A test that needs a data set that is missing skips with a reason
+that says how to provide it; it never errors. To run the suite as a fresh clone would, point the
+variable at an empty folder: ``FT_KERAS_SHARED_DATA=/tmp/empty make test``.
+
+Tests that read real data carry the ``real_data`` marker (``-m "not real_data"`` runs the
+synthetic-data tier only); tests that use a real-data fixture (`REAL_DATA_FIXTURES`) get it
+automatically.
+"""
+
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,14 +33,105 @@ except RuntimeError:  # devices already initialised (e.g. imported by a plugin):
     pass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.abspath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+#: Environment variable that overrides the shared data folder (MNIST, CIFAR-10).
+SHARED_DATA_ENV = "FT_KERAS_SHARED_DATA"
+SHARED_DATA = os.path.abspath(
+    os.environ.get(SHARED_DATA_ENV) or os.path.join(REPO_ROOT, "..", "shared", "data")
+)
+MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
+CIFAR10_ARCHIVE = os.path.join(SHARED_DATA, "cifar10", "cifar10-jpeg.tar.gz")
+
+_SHARED_HINT = (
+    f"put it under {SHARED_DATA} or set {SHARED_DATA_ENV} to a folder that holds mnist/ "
+    "(train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]) and cifar10/cifar10-jpeg.tar.gz"
+)
+FASHION_MNIST_HINT = (
+    "install the Debian package dataset-fashion-mnist (`make data` does it as root), or set "
+    "FT_KERAS_DATA_DIR to a folder holding fashion_mnist/ with the four IDX files"
+)
+
+
+def has_mnist():
+    """True when the MNIST IDX files are in the shared data folder."""
+    return os.path.isfile(os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz")) or os.path.isfile(
+        os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte")
+    )
+
+
+def has_cifar10():
+    """True when the CIFAR-10 JPEG archive is in the shared data folder."""
+    return os.path.isfile(CIFAR10_ARCHIVE)
+
+
+@functools.lru_cache(maxsize=None)
+def has_fashion_mnist():
+    """True when `ft_keras.data` can find Fashion-MNIST (system package, env var or tfds)."""
+    from ft_keras import data  # pylint: disable=import-outside-toplevel
+
+    try:
+        data.load_numpy("fashion_mnist", "test[:1]")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _marks(*marks):
+    """A decorator applying several pytest marks."""
+
+    def decorate(test):
+        for mark in reversed(marks):
+            test = mark(test)
+        return test
+
+    return decorate
+
+
+#: ``@needs_mnist`` / ``@needs_cifar10`` / ``@needs_fashion_mnist``: mark a test ``real_data``
+#: and skip it (with a reason that says how to provide the data) when the data set is missing.
+needs_mnist = _marks(
+    pytest.mark.real_data,
+    pytest.mark.skipif(not has_mnist(), reason=f"MNIST not found at {MNIST_DIR}: {_SHARED_HINT}."),
+)
+needs_cifar10 = _marks(
+    pytest.mark.real_data,
+    pytest.mark.skipif(
+        not has_cifar10(), reason=f"CIFAR-10 not found at {CIFAR10_ARCHIVE}: {_SHARED_HINT}."
+    ),
+)
+
+needs_fashion_mnist = _marks(
+    pytest.mark.real_data,
+    pytest.mark.skipif(
+        not has_fashion_mnist(), reason=f"Fashion-MNIST not found: {FASHION_MNIST_HINT}."
+    ),
+)
+
+#: Fixtures that load real data: a test that uses one is marked ``real_data`` automatically.
+REAL_DATA_FIXTURES = ("fashion_mnist_small",)
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    for item in items:
+        if any(name in REAL_DATA_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_data)
+
+
+def skip_without_fashion_mnist():
+    """Skips the calling test (or fixture) when Fashion-MNIST cannot be found."""
+    if not has_fashion_mnist():
+        pytest.skip(f"Fashion-MNIST not found: {FASHION_MNIST_HINT}.")
 
 
 @pytest.fixture(scope="session")
 def fashion_mnist_small():
-    """2,048 training and 512 test images of real Fashion-MNIST, floats in [0, 1], (N, 28, 28, 1)."""
+    """2,048 training and 512 test images of real Fashion-MNIST, floats in [0, 1], (N, 28, 28, 1).
+
+    Skips the test when Fashion-MNIST is not installed.
+    """
     from ft_keras import data  # pylint: disable=import-outside-toplevel
 
+    skip_without_fashion_mnist()
     x_train, y_train = data.load_numpy("fashion_mnist", "train[:2048]")
     x_test, y_test = data.load_numpy("fashion_mnist", "test[:512]")
     return (

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from ft_keras import corruptions as C
 from ft_keras import data
+from tests.conftest import skip_without_fashion_mnist
 
 REQUIRED = (
     "gaussian_noise",
@@ -42,8 +43,14 @@ def _synthetic_rgb(n=48, size=32, seed=0):
     return np.rint(30 + 190 * np.clip(images, 0, 1)).astype(np.uint8)
 
 
+# The image sets the corruption tests run on: synthetic RGB images (always) and the first 200
+# Fashion-MNIST test images (real data: those cases are marked and skip without the data set).
+WHICH = ["rgb", pytest.param("fmnist", marks=pytest.mark.real_data)]
+
+
 @pytest.fixture(scope="module")
 def fmnist():
+    skip_without_fashion_mnist()
     x, _ = data.load_numpy("fashion_mnist", "test[:200]")
     assert x.shape == (200, 28, 28, 1) and x.dtype == np.uint8
     return x
@@ -55,15 +62,15 @@ def rgb():
 
 
 @pytest.fixture(scope="module")
-def corrupted(fmnist, rgb):
-    """Lazily computed ``{(set, name, severity): corrupted images}`` (seed 0)."""
-    sets = {"fmnist": fmnist, "rgb": rgb}
+def corrupted(request):
+    """Lazily computed ``{(set, name, severity): corrupted images}`` (seed 0); a set is loaded
+    only when a test asks for it."""
     cache = {}
 
     def get(which, name, severity):
         key = (which, name, severity)
         if key not in cache:
-            cache[key] = C.corrupt(sets[which], name, severity, seed=0)
+            cache[key] = C.corrupt(request.getfixturevalue(which), name, severity, seed=0)
         return cache[key]
 
     return get
@@ -96,10 +103,10 @@ def test_docstring_table_matches_parameters():
         np.testing.assert_allclose(rows[name], params, err_msg=name)
 
 
-@pytest.mark.parametrize("which", ["fmnist", "rgb"])
+@pytest.mark.parametrize("which", WHICH)
 @pytest.mark.parametrize("name", C.CORRUPTIONS)
-def test_shape_change_and_severity_monotone(corrupted, fmnist, rgb, which, name):
-    clean = fmnist if which == "fmnist" else rgb
+def test_shape_change_and_severity_monotone(corrupted, request, which, name):
+    clean = request.getfixturevalue(which)
     distances = []
     for severity in C.SEVERITIES:
         out = corrupted(which, name, severity)
@@ -110,8 +117,8 @@ def test_shape_change_and_severity_monotone(corrupted, fmnist, rgb, which, name)
 
 
 @pytest.mark.parametrize("name", C.CORRUPTIONS)
-def test_deterministic_and_seeded(fmnist, name):
-    x = fmnist[:64]
+def test_deterministic_and_seeded(rgb, name):
+    x = rgb
     first = C.corrupt(x, name, 3, seed=7)
     np.testing.assert_array_equal(first, C.corrupt(x, name, 3, seed=7))
     other = C.corrupt(x, name, 3, seed=8)
@@ -122,8 +129,8 @@ def test_deterministic_and_seeded(fmnist, name):
 
 
 @pytest.mark.parametrize("name", C.RANDOM_CORRUPTIONS)
-def test_per_image_randomness(fmnist, name):
-    x = fmnist[:40]
+def test_per_image_randomness(rgb, name):
+    x = rgb[:40]
     full = C.corrupt(x, name, 4, seed=3)
     # An image's draws do not depend on the images after it ...
     np.testing.assert_array_equal(C.corrupt(x[:15], name, 4, seed=3), full[:15])
@@ -151,12 +158,14 @@ def test_input_not_modified_and_tensor_accepted(rgb):
     )
 
 
-def test_brightness_raises_mean(corrupted, fmnist, rgb):
-    for which, clean in (("fmnist", fmnist), ("rgb", rgb)):
-        means = [clean.mean()] + [
-            corrupted(which, "brightness", s).mean() for s in C.SEVERITIES
-        ]
-        assert all(np.diff(means) > 0), means
+@pytest.mark.parametrize("which", WHICH)
+def test_brightness_raises_mean(corrupted, request, which):
+    clean = request.getfixturevalue(which)
+    means = [clean.mean()] + [corrupted(which, "brightness", s).mean() for s in C.SEVERITIES]
+    assert all(np.diff(means) > 0), means
+
+
+def test_brightness_offset_is_exact(corrupted, rgb):
     # No clipping on the synthetic images (values <= 220) at severity 1: the offset is exact.
     offset = C.SEVERITY_PARAMS["brightness"][0] * 255
     np.testing.assert_allclose(
@@ -164,22 +173,22 @@ def test_brightness_raises_mean(corrupted, fmnist, rgb):
     )
 
 
-def test_contrast_shrinks_std(corrupted, fmnist, rgb):
-    for which, clean in (("fmnist", fmnist), ("rgb", rgb)):
-        clean_f = clean.astype(np.float64)
-        for severity, factor in zip(C.SEVERITIES, C.SEVERITY_PARAMS["contrast"]):
-            out = corrupted(which, "contrast", severity).astype(np.float64)
-            np.testing.assert_allclose(
-                out.mean(axis=(1, 2, 3)), clean_f.mean(axis=(1, 2, 3)), atol=0.5
-            )
-            np.testing.assert_allclose(
-                out.std(axis=(1, 2, 3)), factor * clean_f.std(axis=(1, 2, 3)), atol=0.5
-            )
+@pytest.mark.parametrize("which", WHICH)
+def test_contrast_shrinks_std(corrupted, request, which):
+    clean_f = request.getfixturevalue(which).astype(np.float64)
+    for severity, factor in zip(C.SEVERITIES, C.SEVERITY_PARAMS["contrast"]):
+        out = corrupted(which, "contrast", severity).astype(np.float64)
+        np.testing.assert_allclose(
+            out.mean(axis=(1, 2, 3)), clean_f.mean(axis=(1, 2, 3)), atol=0.5
+        )
+        np.testing.assert_allclose(
+            out.std(axis=(1, 2, 3)), factor * clean_f.std(axis=(1, 2, 3)), atol=0.5
+        )
 
 
-@pytest.mark.parametrize("which", ["fmnist", "rgb"])
-def test_pixelate_constant_within_blocks(corrupted, fmnist, rgb, which):
-    clean = (fmnist if which == "fmnist" else rgb).astype(np.float64)
+@pytest.mark.parametrize("which", WHICH)
+def test_pixelate_constant_within_blocks(corrupted, request, which):
+    clean = request.getfixturevalue(which).astype(np.float64)
     _, h, w, _ = clean.shape
     for severity, block in zip(C.SEVERITIES, C.SEVERITY_PARAMS["pixelate"]):
         out = corrupted(which, "pixelate", severity)
@@ -246,28 +255,37 @@ def test_shot_noise_keeps_black_and_is_unbiased():
     assert abs(out[:, 8:].mean() - 100) < 2.0
 
 
+@pytest.mark.real_data
 def test_fog_brightens(corrupted, fmnist):
     means = [fmnist.mean()] + [corrupted("fmnist", "fog", s).mean() for s in C.SEVERITIES]
     assert all(np.diff(means) > 0), means
 
 
-def test_jpeg_error_grows_as_quality_drops(corrupted, fmnist, rgb):
-    for which, clean in (("fmnist", fmnist), ("rgb", rgb)):
-        errors = [_mad(corrupted(which, "jpeg_compression", s), clean) for s in C.SEVERITIES]
-        assert errors[0] > 0 and all(np.diff(errors) > 0), (which, errors)
+@pytest.mark.parametrize("which", WHICH)
+def test_jpeg_error_grows_as_quality_drops(corrupted, request, which):
+    clean = request.getfixturevalue(which)
+    errors = [_mad(corrupted(which, "jpeg_compression", s), clean) for s in C.SEVERITIES]
+    assert errors[0] > 0 and all(np.diff(errors) > 0), (which, errors)
+
+
+def test_jpeg_matches_a_direct_round_trip(corrupted, rgb):
     quality = C.SEVERITY_PARAMS["jpeg_compression"][3]
     direct = tf.io.decode_jpeg(tf.io.encode_jpeg(rgb[5], quality=quality), channels=3)
     np.testing.assert_array_equal(corrupted("rgb", "jpeg_compression", 4)[5], direct.numpy())
 
 
-def test_errors(fmnist):
-    x = fmnist[:4]
-    with pytest.raises(ValueError, match=r"blurry.*gaussian_noise.*elastic_transform"):
+def test_errors(rgb):
+    x = rgb[:4]
+    with pytest.raises(ValueError, match=r"name='blurry'.*gaussian_noise.*elastic_transform"):
         C.corrupt(x, "blurry", 1)
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(TypeError, match="name must be one of"):
         C.corrupt(x, None, 1)
-    for bad in (0, 6, -1, 2.0, "3", True, None):
-        with pytest.raises(ValueError, match="severity"):
+    for bad in (0, 6, -1):
+        with pytest.raises(ValueError, match=rf"severity={bad} is not allowed.*\[1, 5\]"):
+            C.corrupt(x, "contrast", bad)
+    # A wrong type is a TypeError (it was a ValueError before the argument checks were unified).
+    for bad in (2.0, "3", True, None):
+        with pytest.raises(TypeError, match="severity must be an int"):
             C.corrupt(x, "contrast", bad)
     with pytest.raises(TypeError, match="images"):
         C.corrupt(x.astype(np.float32), "contrast", 1)
@@ -277,13 +295,18 @@ def test_errors(fmnist):
         C.corrupt(x[..., 0], "contrast", 1)
     with pytest.raises(ValueError, match="images"):
         C.corrupt(np.zeros((2, 8, 8, 2), np.uint8), "contrast", 1)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="seed=-1"):
         C.corrupt(x, "contrast", 1, seed=-1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        C.corrupt(x, "contrast", 1, seed=1.5)
     assert C.corrupt(x, "contrast", np.int64(2)).shape == x.shape
+    np.testing.assert_array_equal(
+        C.corrupt(x, "Fog", 2, seed=np.int32(3)), C.corrupt(x, "fog", 2, seed=3)
+    )
 
 
-def test_suite(fmnist):
-    x = fmnist[:10]
+def test_suite(rgb):
+    x = rgb[:10]
     items = list(C.suite(x))
     assert [(n, s) for n, s, _ in items] == [
         (n, s) for n in C.CORRUPTIONS for s in C.SEVERITIES
@@ -295,12 +318,14 @@ def test_suite(fmnist):
     assert [(n, s) for n, s, _ in some] == expected
     np.testing.assert_array_equal(some[1][2], C.corrupt(x, "fog", 5, seed=4))
     # Arguments are checked when suite() is called, not when iteration starts.
-    with pytest.raises(ValueError, match="gaussian_noise"):
+    with pytest.raises(ValueError, match=r"names\[0\]='nope'.*gaussian_noise"):
         C.suite(x, names=("nope",))
-    with pytest.raises(ValueError, match="severity"):
+    with pytest.raises(ValueError, match=r"severities\[1\]=9"):
         C.suite(x, severities=(1, 9))
-    with pytest.raises(ValueError, match="names"):
+    with pytest.raises(TypeError, match="names must be a sequence"):
         C.suite(x, names="fog")
+    with pytest.raises(TypeError, match="severities must be a sequence"):
+        C.suite(x, severities=3)
     with pytest.raises(TypeError, match="images"):
         C.suite(x.astype(np.int32))
 
@@ -313,6 +338,7 @@ def _collect(ds):
     return np.stack(images), np.array(labels)
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("name", ["gaussian_noise", "jpeg_compression", "contrast"])
 def test_corrupt_dataset(fmnist, name):
     x = fmnist[:150]
@@ -333,6 +359,7 @@ def test_corrupt_dataset(fmnist, name):
     np.testing.assert_array_equal(whole, C.corrupt(x, name, 3, seed=5))
 
 
+@pytest.mark.real_data
 def test_corrupt_dataset_batched_and_image_only(fmnist):
     x = fmnist[:100]
     y = np.zeros(100, np.int64)
@@ -348,16 +375,18 @@ def test_corrupt_dataset_batched_and_image_only(fmnist):
     )
 
 
-def test_corrupt_dataset_errors(fmnist):
-    ds = tf.data.Dataset.from_tensor_slices((fmnist[:4], np.zeros(4, np.int64)))
+def test_corrupt_dataset_errors(rgb):
+    ds = tf.data.Dataset.from_tensor_slices((rgb[:4], np.zeros(4, np.int64)))
     with pytest.raises(TypeError, match="ds"):
-        C.corrupt_dataset(fmnist[:4], "fog", 1)
+        C.corrupt_dataset(rgb[:4], "fog", 1)
     with pytest.raises(ValueError, match="fog"):
         C.corrupt_dataset(ds, "haze", 1)
     with pytest.raises(ValueError, match="severity"):
         C.corrupt_dataset(ds, "fog", 0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size=0"):
         C.corrupt_dataset(ds, "fog", 1, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        C.corrupt_dataset(ds, "fog", 1, batch_size=8.0)
     floats = ds.map(lambda image, label: (tf.cast(image, tf.float32), label))
     with pytest.raises(TypeError, match="images"):
         C.corrupt_dataset(floats, "fog", 1)

@@ -4,6 +4,7 @@ import gzip
 import io
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -11,25 +12,14 @@ import pytest
 import tensorflow as tf
 
 from ft_keras import data
+from tests.conftest import SHARED_DATA
+from tests.conftest import needs_cifar10
+from tests.conftest import needs_fashion_mnist
+from tests.conftest import needs_mnist
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-
-needs_fashion = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz")),
-    reason=f"Fashion-MNIST missing: install the Debian package dataset-fashion-mnist "
-    f"({FASHION_DIR})",
-)
-needs_mnist = pytest.mark.skipif(
-    not os.path.isdir(os.path.join(SHARED_DATA, "mnist")),
-    reason=f"MNIST IDX files missing at {SHARED_DATA}/mnist",
-)
-needs_cifar = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(SHARED_DATA, "cifar10", "cifar10-jpeg.tar.gz")),
-    reason=f"CIFAR-10 archive missing at {SHARED_DATA}/cifar10/cifar10-jpeg.tar.gz",
-)
-
+# Real data: MNIST and CIFAR-10 from the shared data folder ($FT_KERAS_SHARED_DATA or
+# <repo>/../shared/data), Fashion-MNIST from the system package; each test skips when its data set
+# is missing (see tests/conftest.py).
 REAL_TFDS_CHECK = data._tfds_builder_if_prepared  # pylint: disable=protected-access
 
 
@@ -87,15 +77,70 @@ def test_info():
     assert set(data.DATASET_NAMES) == {"fashion_mnist", "mnist", "cifar10"}
 
 
-@pytest.mark.parametrize("name", ["svhn", "MNIST", "", None])
+@pytest.mark.parametrize("name", ["svhn", "", "mnist2"])
 def test_unknown_name(name):
-    with pytest.raises(ValueError, match="`name`") as info:
+    with pytest.raises(ValueError, match=f"name={name!r} is not supported") as info:
         data.load(name)
-    assert repr(name) in str(info.value)
     for allowed in ("fashion_mnist", "mnist", "cifar10"):
         assert allowed in str(info.value)
-    with pytest.raises(ValueError, match="`name`"):
+    with pytest.raises(ValueError, match="name="):
         data.load_numpy(name)
+
+
+@pytest.mark.parametrize("name", [None, 3, b"mnist"])
+def test_name_of_wrong_type(name):
+    # A TypeError since the argument checks were unified (it was a ValueError).
+    with pytest.raises(TypeError, match="name must be one of"):
+        data.load(name)
+
+
+def test_name_is_case_insensitive(tmp_path):
+    _write_tiny_idx(tmp_path, "t10k", n=3, gz=True)
+    _, labels = data.load_numpy("MNIST", "test", data_dir=tmp_path)
+    assert labels.tolist() == [0, 1, 2]
+
+
+def test_missing_data_dir_is_refused(tmp_path, monkeypatch):
+    missing = tmp_path / "no_such_folder"
+    # Even when another source has the data (here: $FT_KERAS_DATA_DIR), a data_dir that does not
+    # exist is a mistake, not a reason to fall back.
+    _write_tiny_idx(tmp_path, "t10k", n=3, gz=True)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    for load in (data.load, data.load_numpy):
+        with pytest.raises(ValueError, match=re.escape(f"data_dir='{missing}' does not exist")):
+            load("mnist", "test", data_dir=str(missing))
+    a_file = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        data.load("mnist", "test", data_dir=a_file)
+    with pytest.raises(TypeError, match="data_dir must be a path"):
+        data.load("mnist", "test", data_dir=3)
+    assert data.load_numpy("mnist", "test")[1].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("split", ["train[50:10]", "test[:0]", "train[100%:]", "train[5:5]",
+                                   "test[:10]+train[-1:-2]", "test[99999:]"])
+def test_empty_split_is_refused(split, monkeypatch):
+    def no_source(*args):
+        raise AssertionError("no source may be searched for an empty split")
+
+    monkeypatch.setattr(data, "_find_local", no_source)
+    for load in (data.load, data.load_numpy):
+        with pytest.raises(ValueError, match=rf"split='{re.escape(split)}' selects no examples"):
+            load("mnist", split)
+
+
+def test_empty_split_of_small_local_files_is_refused(tmp_path):
+    _write_tiny_idx(tmp_path, "t10k", n=3, gz=True)
+    with pytest.raises(ValueError, match=r"'test\[5:\]' is empty for the 3 examples"):
+        data.load_numpy("mnist", "test[5:]", data_dir=tmp_path)
+    assert data.load_numpy("mnist", "test[2:]", data_dir=tmp_path)[1].tolist() == [2]
+
+
+def test_bool_arguments_are_checked():
+    with pytest.raises(TypeError, match="as_supervised must be True or False"):
+        data.load("mnist", "test", as_supervised="yes")
+    with pytest.raises(TypeError, match="shuffle_files must be True or False"):
+        data.load("mnist", "test", shuffle_files=1)
 
 
 @pytest.mark.parametrize(
@@ -122,13 +167,22 @@ def test_parse_split(split, n, expected):
 @pytest.mark.parametrize(
     "split",
     ["validation", "", "train[", "train[]", "train[:]", "train[1:2:3]", "train[a:b]",
-     "train[10:50%]", "train[:150%]", "train[1.5:]", "train+", "TRAIN", 3],
+     "train[10:50%]", "train[:150%]", "train[1.5:]", "train+", "TRAIN"],
 )
 def test_bad_split(split):
-    with pytest.raises(ValueError, match="`split`"):
+    with pytest.raises(ValueError, match=re.escape(f"split={split!r} is not allowed")):
         data.parse_split(split)
-    with pytest.raises(ValueError, match="`split`"):
+    with pytest.raises(ValueError, match=re.escape(f"split={split!r} is not allowed")):
         data.load("mnist", split)
+
+
+@pytest.mark.parametrize("split", [3, None, ["train"]])
+def test_split_of_wrong_type(split):
+    # A TypeError since the argument checks were unified (it was a ValueError).
+    with pytest.raises(TypeError, match="split must be a str"):
+        data.parse_split(split)
+    with pytest.raises(TypeError, match="split must be a str"):
+        data.load_numpy("mnist", split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +190,7 @@ def test_bad_split(split):
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_fashion
+@needs_fashion_mnist
 def test_fashion_mnist_train():
     ds = data.load("fashion_mnist")
     assert ds.element_spec == (
@@ -152,7 +206,7 @@ def test_fashion_mnist_train():
     assert np.bincount(labels).tolist() == [6000] * 10
 
 
-@needs_fashion
+@needs_fashion_mnist
 def test_fashion_mnist_test_counts_and_dict_elements():
     images, labels = data.load_numpy("fashion_mnist", "test")
     assert images.shape == (10000, 28, 28, 1)
@@ -219,7 +273,7 @@ def test_env_var_and_direct_root(monkeypatch):
     assert data.load_numpy("mnist", "train[:3]", data_dir=direct)[1].tolist() == [5, 0, 4]
 
 
-@needs_cifar
+@needs_cifar10
 def test_cifar10_test_split():
     images, labels = data.load_numpy("cifar10", "test", data_dir=SHARED_DATA)
     assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
@@ -242,7 +296,7 @@ def test_cifar10_test_split():
     np.testing.assert_array_equal(y_tail, labels[9000:])
 
 
-@needs_cifar
+@needs_cifar10
 @pytest.mark.slow
 def test_cifar10_train_statistics():
     images, labels = data.load_numpy("cifar10", "train", data_dir=SHARED_DATA)
@@ -269,6 +323,8 @@ def test_read_idx_tiny(tmp_path, gz):
     wide = np.array([[1, -2], [300, 70000]], dtype=">i4")
     path = _write(tmp_path / "b.idx", _idx_bytes(wide, 0x0C))
     np.testing.assert_array_equal(data.read_idx(path), wide.astype(np.int32))
+    with pytest.raises(TypeError, match="path must be a path"):
+        data.read_idx(3)
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -494,7 +550,7 @@ def test_tfds_path_used_when_prepared(monkeypatch):
     assert images.shape == (4, 28, 28, 1) and labels.dtype == np.int64
     assert builder.calls[-1]["batch_size"] == -1
     # The split is still validated before reaching tfds.
-    with pytest.raises(ValueError, match="`split`"):
+    with pytest.raises(ValueError, match="split='validation'"):
         data.load("mnist", "validation")
 
 
@@ -574,10 +630,12 @@ def test_normalize_and_preprocess():
     image, label = data.preprocess(tf.constant(images[1]), tf.constant(2, tf.int64))
     np.testing.assert_allclose(image.numpy(), images[1] / 255.0, rtol=1e-6)
     assert int(label) == 2
-    with pytest.raises(ValueError, match="`dtype`"):
+    with pytest.raises(ValueError, match="dtype='int32' is not allowed"):
         data.normalize(ds, dtype="int32")
-    with pytest.raises(ValueError, match="`dtype`"):
+    with pytest.raises(ValueError, match="dtype='no-such-dtype' is not allowed"):
         data.scale_image(images, dtype="no-such-dtype")
+    with pytest.raises(TypeError, match="ds must be a tf.data.Dataset"):
+        data.normalize(images)
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_data.py

@@ -65,8 +65,13 @@ def test_mlp():
         (1024, 1024),
         (1024, 10),
     ]
-    with pytest.raises(ValueError, match="hidden"):
+    with pytest.raises(ValueError, match=r"hidden\[1\]=0 is not allowed"):
         models.mlp(hidden=(64, 0))
+    with pytest.raises(TypeError, match=r"hidden\[0\] must be an int"):
+        models.mlp(hidden=(64.0,))
+    with pytest.raises(TypeError, match="hidden must be a sequence"):
+        models.mlp(hidden="64")
+    assert models.mlp(hidden=np.int64(8)).get_layer("fc1").units == 8
 
 
 def test_lenet5():
@@ -115,9 +120,16 @@ def test_resnet_structure_and_forward():
     assert _forward(model, (16, 16, 3)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("depth", [21, 19, 2, 0, -4, 20.0, "20", True])
+@pytest.mark.parametrize("depth", [21, 19, 2, 0, -4])
 def test_resnet_depth_validation(depth):
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(ValueError, match=f"depth={depth} is not allowed.*6n \\+ 2"):
+        models.resnet(depth=depth, width=4)
+
+
+@pytest.mark.parametrize("depth", [20.0, "20", True])
+def test_resnet_depth_of_wrong_type(depth):
+    # A TypeError since the argument checks were unified (it was a ValueError).
+    with pytest.raises(TypeError, match="depth must be an int"):
         models.resnet(depth=depth, width=4)
 
 
@@ -143,9 +155,15 @@ def test_wide_resnet_structure_and_forward():
     assert _forward(dropped, (8, 8, 3)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("depth", [28.5, 26, 20, 4, "28"])
+@pytest.mark.parametrize("depth", [26, 20, 4])
 def test_wide_resnet_depth_validation(depth):
-    with pytest.raises(ValueError, match="depth"):
+    with pytest.raises(ValueError, match=f"depth={depth} is not allowed.*6n \\+ 4"):
+        models.wide_resnet(depth=depth, width_multiplier=1, base_width=2)
+
+
+@pytest.mark.parametrize("depth", [28.5, "28"])
+def test_wide_resnet_depth_of_wrong_type(depth):
+    with pytest.raises(TypeError, match="depth must be an int"):
         models.wide_resnet(depth=depth, width_multiplier=1, base_width=2)
 
 
@@ -164,6 +182,28 @@ def test_wide_resnet_depth_validation(depth):
 def test_argument_validation(builder, kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         builder(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs, match",
+    [
+        (models.lenet_300_100, {"num_classes": 2.0}, "num_classes must be an int"),
+        (models.small_cnn, {"width": True}, "width must be an int"),
+        (models.small_cnn, {"input_shape": 28}, "input_shape must be a tuple"),
+        (models.small_cnn, {"input_shape": (28, 28.0, 1)}, r"input_shape\[1\] must be an int"),
+        (models.wide_resnet, {"dropout_rate": "0.1"}, "dropout_rate must be a finite number"),
+    ],
+)
+def test_argument_types(builder, kwargs, match):
+    # Wrong types are TypeErrors since the argument checks were unified (they were ValueErrors).
+    with pytest.raises(TypeError, match=match):
+        builder(**kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    model = models.small_cnn(input_shape=(np.int64(8), 8, 1), num_classes=np.int32(3),
+                             width=np.int64(2))
+    assert model.output_shape == (None, 3)
 
 
 def test_registry():
@@ -193,12 +233,12 @@ def test_registry():
     assert wrn.get_layer("logits").kernel.shape[0] == 40  # 4 * base_width * k
     assert _forward(wrn, (8, 8, 3)).shape == (2, 4)
 
-    with pytest.raises(ValueError, match=r"name.*'resnet20'.*") as info:
+    with pytest.raises(ValueError, match=r"name='vgg16' is not supported.*'resnet20'") as info:
         models.get("vgg16")
     assert "vgg16" in str(info.value)
     for required in ("lenet_300_100", "lenet5", "small_cnn", "wrn28_10"):
         assert required in str(info.value)
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(TypeError, match="name must be a model name"):
         models.get(None)
 
 
