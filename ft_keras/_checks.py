@@ -7,7 +7,7 @@ mistake gets the same answer everywhere:
   is needed, a list where a path is needed), ``ValueError`` when the type is right but the
   *value* is not allowed (a negative count, a fraction above 1, an unknown mode name).
 * Every message names the argument, shows the value and says what is allowed, e.g.
-  ``update_every must be an int >= 1; got 0.``
+  ``update_every=0 is not allowed; it must be an int >= 1.``
 * Integers: Python and numpy integers are accepted (``np.int64(3)``); bools are refused.
 * Choices (``grow="Gradient"``) are case-insensitive everywhere and returned lower-cased.
 * Signatures: ``check_<kind>(argument, value, ...)``, the argument's name first.
@@ -40,13 +40,6 @@ def is_real(value):
     return isinstance(value, numbers.Real) and not _is_bool(value)
 
 
-def _number(value):
-    """A bound as people write it: 0 and 1 rather than 0.0 and 1.0."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _range_text(minimum, maximum):
     if minimum is not None and maximum is not None:
         return f"in [{minimum}, {maximum}]"
@@ -67,7 +60,7 @@ def check_int(argument, value, minimum=None, maximum=None, allow_none=False):
     if not is_int(value):
         raise TypeError(f"{argument} must be {allowed}; got {_describe(value)}.")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{argument} must be {allowed}; got {value!r}.")
+        raise ValueError(f"{argument}={value!r} is not allowed; it must be {allowed}.")
     return int(value)
 
 
@@ -89,16 +82,14 @@ def check_real(argument, value, low=None, high=None, low_open=False, high_open=F
     """
     if value is None and allow_none:
         return None
-    if low is not None and high is not None:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        allowed = f"a finite real number in {left}{_number(low)}, {_number(high)}{right}"
-    elif low is not None:
-        allowed = f"a finite real number {'>' if low_open else '>='} {_number(low)}"
-    elif high is not None:
-        allowed = f"a finite real number {'<' if high_open else '<='} {_number(high)}"
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    if low is not None or high is not None:
+        interval = (f"{left}{'-inf' if low is None else low}, "
+                    f"{'inf' if high is None else high}{right}")
+        allowed = f"a finite number in {interval}"
     else:
-        allowed = "a finite real number"
+        allowed = "a finite number"
     if allow_none:
         allowed += " or None"
     if not is_real(value):
@@ -110,7 +101,7 @@ def check_real(argument, value, low=None, high=None, low_open=False, high_open=F
     if ok and high is not None:
         ok = number < high if high_open else number <= high
     if not ok:
-        raise ValueError(f"{argument} must be {allowed}; got {value!r}.")
+        raise ValueError(f"{argument}={value!r} is not allowed; it must be {allowed}.")
     return number
 
 
@@ -127,8 +118,8 @@ def check_choice(argument, value, allowed):
                         f"{_describe(value)}.")
     lowered = value.lower()
     if lowered not in allowed:
-        raise ValueError(f"{argument} must be one of {tuple(allowed)} (any case); got "
-                         f"{value!r}.")
+        raise ValueError(f"{argument}={value!r} is not supported; allowed values are "
+                         f"{tuple(allowed)} (any case).")
     return lowered
 
 
@@ -144,7 +135,7 @@ def check_str(argument, value, allow_empty=False):
     if not isinstance(value, str):
         raise TypeError(f"{argument} must be a str; got {_describe(value)}.")
     if not value and not allow_empty:
-        raise ValueError(f"{argument} must be a non-empty str; got {value!r}.")
+        raise ValueError(f"{argument}={value!r} is not allowed; it must be a non-empty str.")
     return value
 
 
@@ -158,7 +149,7 @@ def check_path(argument, value, allow_none=False):
         )
     path = os.fspath(value)
     if not path:
-        raise ValueError(f"{argument} must be a non-empty path; got {value!r}.")
+        raise ValueError(f"{argument}={value!r} is not allowed; it must be a non-empty path.")
     return path
 
 

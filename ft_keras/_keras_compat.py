@@ -30,7 +30,9 @@ Internals used (Keras 3, TensorFlow backend):
 9. ``strategy.extended._in_multi_worker_mode()`` (TensorFlow): whether a
    ``MultiWorkerMirroredStrategy`` really spans several workers.
 10. ``model._compile_loss`` and ``model._compile_metrics``: identify one ``compile()`` call, so a
-    train function traced for it can be reused by a later ``fit`` (`compile_token`).
+    train function traced for it can be reused by a later ``fit`` (`compile_token`); and
+    ``_compile_metrics._user_metrics`` / ``_user_weighted_metrics``: the metrics given to
+    ``compile`` before Keras builds them (`compiled_metric_arguments`).
 11. The local variables of ``TensorFlowTrainer.fit`` (``validation_data``): read by
     `fit_validation_data` from the ``on_train_begin`` call, so that a callback that needs
     validation data can say so before the first epoch rather than after it.
@@ -365,6 +367,16 @@ def compile_token(model):
         bool(getattr(model, "jit_compile", False)),
         bool(getattr(model, "run_eagerly", False)),
     )
+
+
+def compiled_metric_arguments(model):
+    """``(metrics, weighted_metrics)`` as given to ``compile`` (None where absent); Keras
+    builds its metric objects only when a step is first traced."""
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is None:
+        return (None, None)
+    return (getattr(compiled, "_user_metrics", None),
+            getattr(compiled, "_user_weighted_metrics", None))
 
 
 _MISSING = object()

@@ -28,6 +28,7 @@ from absl import logging
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
+from ft_keras import keras_metrics
 from ft_keras import schedules
 from ft_keras import tickets
 from ft_keras import training
@@ -42,8 +43,9 @@ def _is_chief(model):
 def resolve_mode(model, monitor, mode):
     """The direction ("min" / "max") of ``monitor`` for ``model``, as Keras callbacks decide it.
 
-    "auto" uses the compiled metric's declared direction (ft_keras's NLL, Brier and ECE metrics
-    declare "down"; Keras's own metrics declare theirs) and "min" for the loss.
+    "auto" uses `ft_keras.keras_metrics.metric_direction`: the compiled metric's declared
+    direction (ft_keras's NLL, Brier and ECE metrics declare "down"; Keras's own metrics declare
+    theirs) and "min" for the loss.
 
     Raises:
         ValueError: ``mode="auto"`` and the direction of ``monitor`` cannot be known.
@@ -51,7 +53,7 @@ def resolve_mode(model, monitor, mode):
     mode = _checks.check_choice("mode", mode, MODES)
     if mode != "auto":
         return mode
-    direction = _metric_direction(model, monitor)
+    direction = keras_metrics.metric_direction(model, monitor)
     if direction is None:
         raise ValueError(
             f"monitor={monitor!r}: cannot tell whether it should be maximised or minimised "
@@ -59,30 +61,6 @@ def resolve_mode(model, monitor, mode):
             "Pass mode='max' or mode='min'."
         )
     return direction
-
-
-def _metric_direction(model, monitor):
-    """"min" / "max" / None for ``monitor``: "loss" is minimised; otherwise the direction the
-    compiled metric of that name declares (``_direction`` "up" / "down")."""
-    name = monitor[4:] if monitor.startswith("val_") else monitor
-    if name == "loss":
-        return "min"
-    for metric in _compiled_metrics(model):
-        if metric.name == name:
-            direction = getattr(metric, "_direction", None)
-            if direction in ("up", "down"):
-                return "max" if direction == "up" else "min"
-    return None
-
-
-def _compiled_metrics(model):
-    found = []
-    for metric in getattr(model, "metrics", ()):
-        inner = getattr(metric, "metrics", None)
-        if isinstance(inner, (list, tuple)):
-            found.extend(inner)
-        found.append(metric)
-    return found
 
 
 def check_validation_data(callback, monitor):
@@ -379,6 +357,7 @@ class FreeTickets(training.DynamicSparsity):
                 "rate (or pass control_learning_rate=False)."
             )
         check_validation_data(self, self.monitor)
+        self._mode = resolve_mode(self.model, self.monitor, self.mode)
         super().on_train_begin(logs)
         self._jump_steps = ()
         self._best = None
@@ -388,9 +367,6 @@ class FreeTickets(training.DynamicSparsity):
     def on_train_batch_end(self, batch, logs=None):
         if not self._monitor_checked:
             check_monitor_name(self, self.monitor, logs)
-            self._mode = resolve_mode(self.model, self.monitor, self.mode)
-            if self._best is not None:
-                self._best.mode = self._mode
             self._monitor_checked = True
         super().on_train_batch_end(batch, logs)
 
@@ -520,13 +496,12 @@ class TicketCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         check_validation_data(self, self.monitor)
         self._best = _BestSnapshot(self.ticket_dir, self.index, self.monitor,
-                                   None if self.mode == "auto" else self.mode)
+                                   resolve_mode(self.model, self.monitor, self.mode))
         self._monitor_checked = False
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._monitor_checked:
             check_monitor_name(self, self.monitor, logs)
-            self._best.mode = resolve_mode(self.model, self.monitor, self.mode)
             self._monitor_checked = True
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from ft_keras import _checks
+from ft_keras import _keras_compat
 
 __all__ = [
     "BrierScore",
@@ -115,15 +116,10 @@ def _compiled_metrics(model):
     Read from the ``compile`` arguments rather than from the metrics Keras builds, because Keras
     builds them only when the train or test step is first traced (after the callbacks'
     ``on_train_begin``), and its built list drops the output names of multi-output models.
-    Private Keras API (``Model._compile_metrics`` and its ``_user_metrics`` and
-    ``_user_weighted_metrics``), checked by tests/test_keras_metrics.py (`metric_direction` on a
+    Private Keras API (`ft_keras._keras_compat.compiled_metric_arguments`), checked by tests/test_keras_metrics.py (`metric_direction` on a
     compiled model that has not run, and on a multi-output model).
     """
-    compiled = getattr(model, "_compile_metrics", None)
-    if compiled is None:
-        return
-    for user in (getattr(compiled, "_user_metrics", None),
-                 getattr(compiled, "_user_weighted_metrics", None)):
+    for user in _keras_compat.compiled_metric_arguments(model):
         yield from _resolve_user_metrics(user)
 
 
