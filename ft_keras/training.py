@@ -37,9 +37,13 @@ instead of tracing a new one. At ``on_train_end`` the hook is removed and the mo
 plain ``fit`` gets Keras's own train function. Training a sparsified model *without* one of
 these callbacks trains its zeros too: use `StaticSparsity` for fixed-mask fine-tuning.
 
-Non-finite values stop training: a non-finite loss (checked after every execution of the train
-function) or non-finite weights (checked at the end of every epoch) raise ``FloatingPointError``
-naming the step, before anything is written from them.
+Non-finite values stop training with ``FloatingPointError`` naming the step, before anything
+is written from them: a non-finite loss (checked after every execution of the train
+function), non-finite weights seen by a mask update (counted in-graph, read with the update's
+statistics: after every batch with ``log_dir``, else at the epoch end) and non-finite weights
+at the end of every epoch. (Weights can turn NaN while the loss stays finite: a NaN input
+poisons a kernel row, and ReLU maps the NaN activations it causes to 0.) No per-step pass over
+the weights is added.
 
 Example:
 
@@ -86,7 +90,7 @@ class _MaskedKernel:
     num_active: int
     size: int
     slots: list  # optimizer per-weight state variables (keras Variables) of this kernel
-    stats: object  # tf.Variable [last update step, flipped positions, nnz, drop fraction]
+    stats: object  # tf.Variable [last update step, flipped, nnz, drop fraction, non-finite]
     grad_m: object = None  # dense-gradient first moment (grow="momentum")
     grad_v: object = None  # dense-gradient second moment (Adam-like optimizers)
 
@@ -151,7 +155,7 @@ class _Engine:
                     num_active=layer.num_active,
                     size=layer.kernel_size_total,
                     slots=[],
-                    stats=tf.Variable(tf.zeros([4], tf.float32), trainable=False,
+                    stats=tf.Variable(tf.zeros([5], tf.float32), trainable=False,
                                       name=f"ftk_stats_{index}"),
                 )
                 for index, layer in enumerate(layers)
@@ -379,6 +383,10 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
                 tf.cast(flipped, tf.float32),
                 tf.cast(masks.count_active(new_mask), tf.float32),
                 tf.cast(fraction, tf.float32),
+                # Weights the update read that were NaN or Inf (the loss can stay finite while
+                # weights are not: ReLU maps NaN to 0): checked by the callback when it reads
+                # the statistics.
+                tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.float32)),
             ]
         )
     )
@@ -625,6 +633,14 @@ class SparseTraining(keras.callbacks.Callback):
         if step <= self._last_seen_step:
             return
         self._last_seen_step = step
+        for kernel, row in zip(self._kernels, stats):
+            if row[4] > 0:
+                raise FloatingPointError(
+                    f"{type(self).__name__}: layer {kernel.layer.name} holds {int(row[4])} NaN "
+                    f"or Inf weights after the mask update of step {int(row[0])}. Training "
+                    "stopped before anything is written from it: lower the learning rate, check "
+                    "the inputs for NaN/Inf, or clip gradients."
+                )
         record = {"step": step, "drop_fraction": float(stats[0, 3]), "layers": {}}
         for kernel, row in zip(self._kernels, stats):
             record["layers"][kernel.layer.name] = {

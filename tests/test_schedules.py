@@ -235,3 +235,79 @@ if __name__ == "__main__":  # bazel test / python tests/test_schedules.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------------------ schedule objects
+from ft_keras import schedules  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.mark.parametrize("schedule", [
+    schedules.ConstantDrop(update_every=50, drop_fraction=0.5, start_step=10),
+    schedules.CosineDrop(update_every=100, drop_fraction=0.3, end_step=1000,
+                         final_drop_fraction=0.01),
+])
+def test_schedule_objects_round_trip_their_config(schedule):
+    config = schedule.get_config()
+    again = type(schedule).from_config(config)
+    assert again == schedule and hash(again) == hash(schedule)
+    assert schedules.get(schedules.serialize(schedule)) == schedule
+    assert schedules.get(schedule) is schedule
+    assert repr(schedule).startswith(type(schedule).__name__ + "(")
+
+
+def test_schedule_objects_agree_with_the_functions():
+    cosine = schedules.CosineDrop(update_every=100, drop_fraction=0.3, end_step=1000)
+    for step in (1, 100, 500, 999, 1000):
+        is_update, fraction = cosine(step)
+        assert is_update == is_update_step(step, 100, end_step=1000)
+        assert fraction == pytest.approx(drop_fraction(step, 0.3, "cosine", 1000))
+    assert cosine.update_steps(1000) == list(range(100, 1000, 100))
+    is_update, fraction = cosine(tf.constant(500, tf.int64))
+    assert bool(is_update) and float(fraction) == pytest.approx(0.15)
+    constant = schedules.ConstantDrop(update_every=3, drop_fraction=0.5)
+    assert constant(6) == (True, 0.5) and constant(7) == (False, 0.5)
+
+
+def test_cosine_schedule_needs_an_end_step_to_be_evaluated():
+    cosine = schedules.CosineDrop(update_every=10, drop_fraction=0.3)
+    with pytest.raises(ValueError, match="end_step=None"):
+        cosine(5)
+    assert cosine.with_end_step(100)(50) == (True, pytest.approx(0.15))
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(update_every=0), ValueError, "update_every=0"),
+    (dict(update_every=2.0), TypeError, "update_every"),
+    (dict(drop_fraction=0.0), ValueError, "drop_fraction=0.0"),
+    (dict(start_step=6, end_step=4), ValueError, "start_step=6 must be smaller than end_step=4"),
+    (dict(start_step=5, end_step=5), ValueError, "start_step=5"),
+    (dict(update_every=10, start_step=15, end_step=20), ValueError,
+     "end_step=20 leaves no mask update.*20"),
+    (dict(start_step=-1), ValueError, "start_step=-1"),
+])
+def test_schedule_objects_refuse_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        schedules.ConstantDrop(**kwargs)
+
+
+def test_schedules_get_refuses_unknown_identifiers():
+    with pytest.raises(ValueError, match="is not a schedule"):
+        schedules.get({"class_name": "Linear", "config": {}})
+    with pytest.raises(TypeError, match="schedule must be a DropSchedule"):
+        schedules.serialize("cosine")
+
+
+def test_edst_plan_object():
+    plan = schedules.EDSTPlan(exploration_epochs=2, refine_epochs=4, num_tickets=3,
+                              exploration_lr=0.05, refine_lr=[0.02, 0.002], refine_lr_switch=0.25)
+    assert plan.total_epochs == 14 and plan.global_exploration_epochs == [6, 10]
+    assert [plan.learning_rate(e) for e in (0, 2, 3, 6, 7, 13, 20)] == [
+        0.05, 0.02, 0.002, 0.02, 0.002, 0.002, 0.002]
+    assert plan.phase_at(5) == ("refinement", 1, 2, 6)
+    assert schedules.EDSTPlan.from_config(plan.get_config()) == plan
+    with pytest.raises(TypeError, match="refine_lr must be a pair"):
+        schedules.EDSTPlan(1, 1, refine_lr=0.01)
+    with pytest.raises(ValueError, match=r"refine_lr\[1\]=0"):
+        schedules.EDSTPlan(1, 1, refine_lr=(0.01, 0))
+    with pytest.raises(TypeError, match="num_tickets"):
+        schedules.EDSTPlan(1, 1, num_tickets=2.0)

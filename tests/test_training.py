@@ -546,3 +546,276 @@ if __name__ == "__main__":  # bazel test / python tests/test_callbacks.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------------------- trace once
+class _TrainFunctionProbe(keras.callbacks.Callback):
+    """Records the model's train function (and its trace count) at each epoch end."""
+
+    def __init__(self, sparsity_callback=None):
+        super().__init__()
+        self.sparsity_callback = sparsity_callback
+        self.functions = []
+        self.trace_counts = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.functions.append(self.model.train_function)
+        if self.sparsity_callback is not None:
+            self.trace_counts.append(self.sparsity_callback.trace_count)
+
+
+def test_a_second_fit_reuses_the_traced_train_function(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    fit_args = dict(x=x[:256], y=y[:256], batch_size=64, shuffle=False, verbose=0)
+
+    first = ftk.DynamicSparsity(update_every=2, decay="constant", drop_fraction=0.3)
+    probe = _TrainFunctionProbe(first)
+    model.fit(epochs=1, callbacks=[first, probe], **fit_args)
+    traced = probe.functions[0]
+    assert probe.trace_counts == [1]
+    assert [u["step"] for u in first.updates] == [2]  # step 4 ends the fit (exclusive)
+
+    # Another instance of the same kind, other numbers: same graph, new schedule values.
+    second = ftk.DynamicSparsity(update_every=3, decay="constant", drop_fraction=0.5, seed=9)
+    probe = _TrainFunctionProbe(second)
+    model.fit(epochs=2, callbacks=[second, probe], **fit_args)
+    assert probe.functions == [traced, traced] and probe.trace_counts == [0, 0]
+    # clock = optimizer.iterations (4 at the start); this fit ends at step 12 (exclusive)
+    assert [u["step"] for u in second.updates] == [6, 9]
+    assert all(u["drop_fraction"] == pytest.approx(0.5) for u in second.updates)
+    for layer in ftk.masked_layers(model):
+        mask, kernel = masked_state(model)[layer.name]
+        assert mask.sum() == layer.num_active and not kernel[~mask].any()
+
+    # Another kind (random growth) traces its own function.
+    third = ftk.DynamicSparsity(update_every=4, grow="random")
+    probe = _TrainFunctionProbe(third)
+    model.fit(epochs=1, callbacks=[third, probe], **fit_args)
+    assert probe.functions[0] is not traced and probe.trace_counts == [1]
+
+    # A plain fit gets Keras's own train function: no hook, the zeros train too.
+    probe = _TrainFunctionProbe()
+    model.fit(epochs=1, callbacks=[probe], **fit_args)
+    assert probe.functions[0] is not traced
+    mask, kernel = masked_state(model)[ftk.masked_layers(model)[0].name]
+    assert kernel[~mask].any()
+
+    # Recompiling makes a new train step: no reuse of the old one.
+    _compile(model)
+    fourth = ftk.DynamicSparsity(update_every=4, decay="constant", drop_fraction=0.3)
+    probe = _TrainFunctionProbe(fourth)
+    model.fit(epochs=1, callbacks=[fourth, probe], **fit_args)
+    assert probe.functions[0] is not traced and probe.trace_counts == [1]
+
+
+# ------------------------------------------------------------------ optimizer state modes
+def _tiny_sparse(seed=0):
+    keras.utils.set_random_seed(seed)
+    base = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, name="a"),
+                             keras.layers.Dense(3, name="b")])
+    return ftk.sparsify(base, 0.5, distribution="uniform", seed=seed)
+
+
+def _tiny_data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(32, 12)).astype("float32"), rng.integers(0, 3, 32)
+
+
+@pytest.mark.parametrize("optimizer_state", ["masked", "dense"])
+def test_sgd_momentum_recurrence_by_hand(optimizer_state):
+    """One full batch per step: the momentum slot and the kernel follow the hand recurrence.
+
+    "masked": m = 0.9 m - 0.1 where(mask, g, 0); "dense": m = 0.9 m - 0.1 g (the dense
+    gradient); both: w = where(mask, w + m, 0). No mask update happens (update_every=100).
+    """
+    x, y = _tiny_data()
+    model = _tiny_sparse()
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), _loss(), jit_compile=False)
+    layers = ftk.masked_layers(model)
+    expected_m = {layer.name: np.zeros(layer.masked_kernel.shape, "float32") for layer in layers}
+    for _ in range(4):
+        with tf.GradientTape() as tape:
+            loss = _loss()(y, model(x, training=True))
+        grads = tape.gradient(loss, [layer.masked_kernel for layer in layers])
+        expected_w = {}
+        for layer, g in zip(layers, grads):
+            mask = layer.kernel_mask.numpy()
+            g = g.numpy() if optimizer_state == "dense" else np.where(mask, g.numpy(), 0.0)
+            expected_m[layer.name] = 0.9 * expected_m[layer.name] - 0.1 * g
+            expected_w[layer.name] = np.where(mask, layer.masked_kernel.numpy()
+                                              + expected_m[layer.name], 0.0)
+        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[
+            ftk.DynamicSparsity(update_every=100, optimizer_state=optimizer_state)])
+        for layer in layers:
+            momentum = _slots(model, layer)[0].numpy()
+            np.testing.assert_allclose(momentum, expected_m[layer.name], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(layer.masked_kernel.numpy(), expected_w[layer.name],
+                                       rtol=1e-5, atol=1e-6)
+            off = ~layer.kernel_mask.numpy()
+            assert not layer.masked_kernel.numpy()[off].any()
+            if optimizer_state == "masked":
+                assert not momentum[off].any()
+            else:
+                assert momentum[off].any()  # fed by the dense gradient
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_dense_optimizer_state_mode_keeps_masks_exact(fashion_mnist_small, grow, optimizer):
+    """optimizer_state="dense": exact counts, zero weights off-mask and at grown positions,
+    optimizer state dense and never reset."""
+    (x, y), _ = fashion_mnist_small
+    opt = (keras.optimizers.SGD(0.05, momentum=0.9) if optimizer == "sgd"
+           else keras.optimizers.Adam(1e-3))
+    model = _compile(_sparse_lenet(0.9), opt)
+
+    class Check(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.before = masked_state(self.model)
+            self.slots = {layer.name: [s.numpy() for s in _slots(self.model, layer)]
+                          for layer in ftk.masked_layers(self.model)}
+
+        def on_train_batch_end(self, batch, logs=None):
+            after = masked_state(self.model)
+            for layer in ftk.masked_layers(self.model):
+                old_mask = self.before[layer.name][0]
+                mask, kernel = after[layer.name]
+                assert mask.sum() == old_mask.sum() == layer.num_active
+                assert not kernel[~mask].any()
+                grown = mask & ~old_mask
+                assert not kernel[grown].any()
+                if grown.any():  # the update did not reset the state at grown positions
+                    first_slot = _slots(self.model, layer)[0].numpy()
+                    assert np.abs(first_slot[grown]).max() > 0
+
+    callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow,
+                                   optimizer_state="dense")
+    model.fit(x[:384], y[:384], batch_size=64, epochs=1, shuffle=False, verbose=0,
+              callbacks=[callback, Check()])
+    assert [u["step"] for u in callback.updates] == [3] or len(callback.updates) >= 1
+    churn = [v["mask_churn"] for u in callback.updates for v in u["layers"].values()]
+    assert max(churn) > 0
+
+
+# -------------------------------------------------------------------------- non-finite
+def test_diverging_learning_rate_stops_training_naming_the_step(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.8), keras.optimizers.SGD(1e12, momentum=0.9))
+    with pytest.raises(FloatingPointError, match=r"loss became non-finite .* at or before step \d+"):
+        model.fit(x[:512], y[:512], batch_size=64, epochs=2, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(update_every=4)])
+
+
+def test_nan_input_example_stops_training(fashion_mnist_small, tmp_path):
+    """A NaN pixel poisons one row of fc1 while the loss stays finite (ReLU maps NaN to 0):
+    caught at the epoch end with fixed masks, at the next mask update with DST."""
+    (x, y), _ = fashion_mnist_small
+    x = np.array(x[:256])
+    x[70, 3, 3, 0] = np.nan  # in the second batch of 64
+    model = _compile(_sparse_lenet(0.8, distribution="uniform"))
+    with pytest.raises(FloatingPointError, match=r"'fc1/kernel' holds NaN or Inf at the end "
+                                                 r"of epoch 0 \(step 4\)"):
+        model.fit(x, y[:256], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[ftk.StaticSparsity()])
+    model = _compile(_sparse_lenet(0.8, distribution="uniform"))
+    with pytest.raises(FloatingPointError, match=r"fc1 holds \d+ NaN or Inf weights after the "
+                                                 r"mask update of step 3"):
+        model.fit(x, y[:256], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(update_every=3, log_dir=str(tmp_path))])
+
+
+def test_non_finite_weights_are_caught_at_the_epoch_end(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.8))
+
+    class Poison(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            bias = self.model.layers[-1].bias
+            bias.assign(np.full(bias.shape, np.inf, "float32"))
+
+    with pytest.raises(FloatingPointError, match=r"weight '.*bias' holds NaN or Inf .* epoch 0"):
+        model.fit(x[:128], y[:128], batch_size=64, epochs=2, verbose=0,
+                  callbacks=[Poison(), ftk.StaticSparsity()])
+
+
+# ------------------------------------------------------------------------- user layers
+@keras.saving.register_keras_serializable(package="ft_keras_tests")
+class Bilinear(keras.layers.Layer):
+    """A user's kernel layer: y = x @ w (the kernel is called ``w``)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], self.units), name="w",
+                                 initializer="glorot_uniform")
+
+    def call(self, inputs):
+        return inputs @ self.w
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+MaskedBilinear = ftk.layers.register_maskable(Bilinear, kernel_attribute="w")
+
+
+def test_user_layer_registered_as_maskable_trains_sparse(tmp_path):
+    x, y = _tiny_data()
+    keras.utils.set_random_seed(1)
+    base = keras.Sequential([keras.Input((12,)), Bilinear(40, name="bil"),
+                             keras.layers.Dense(3, name="out")])
+    sparse = ftk.sparsify(base, 0.8, distribution="uniform", seed=1)
+    layer = sparse.get_layer("bil")
+    assert isinstance(layer, MaskedBilinear) and layer.masked_kernel is layer.w
+    assert layer.num_active == round(0.2 * 12 * 40)
+    _compile(sparse)
+    callback = ftk.DynamicSparsity(update_every=2, drop_fraction=0.5, grow="gradient")
+    sparse.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+    assert [u["step"] for u in callback.updates] == [4, 6]  # the last update of each epoch
+    mask = layer.kernel_mask.numpy()
+    assert mask.sum() == round(0.2 * 12 * 40) and not layer.w.numpy()[~mask].any()
+    path = str(tmp_path / "user.keras")
+    sparse.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.get_layer("bil").kernel_mask.numpy(), mask)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), sparse.predict(x, verbose=0))
+    plain = ftk.strip(sparse)
+    assert type(plain.get_layer("bil")) is Bilinear
+    np.testing.assert_allclose(plain.predict(x, verbose=0), sparse.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_register_maskable_refuses_bad_classes():
+    with pytest.raises(TypeError, match="layer_class"):
+        ftk.layers.register_maskable(int)
+    with pytest.raises(ValueError, match="already a masked layer"):
+        ftk.layers.register_maskable(ftk.layers.MaskedDense)
+    with pytest.raises(TypeError, match="masked_class"):
+        ftk.layers.register_maskable(Bilinear, masked_class=ftk.layers.MaskedDense)
+
+
+def test_unknown_optimizer_is_refused_with_a_way_out(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+
+    class MySGD(keras.optimizers.Optimizer):
+        def update_step(self, gradient, variable, learning_rate):
+            variable.assign_sub(gradient * learning_rate)
+
+    model = _compile(_sparse_lenet(0.9), MySGD(0.01))
+    with pytest.raises(ValueError, match="MySGD is unknown.*register_optimizer_slots"):
+        model.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(update_every=4)])
+    ftk.training.register_optimizer_slots(MySGD, ())
+    model = _compile(_sparse_lenet(0.9), MySGD(0.01))
+    model.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0,
+              callbacks=[ftk.DynamicSparsity(update_every=4)])
+    # optimizer_state="dense" needs no slot list at all
+    model = _compile(_sparse_lenet(0.9), keras.optimizers.Muon(0.01))
+    model.fit(x[:64], y[:64], batch_size=64, epochs=1, verbose=0,
+              callbacks=[ftk.DynamicSparsity(update_every=4, optimizer_state="dense")])
+    for layer in ftk.masked_layers(model):
+        mask, kernel = masked_state(model)[layer.name]
+        assert not kernel[~mask].any()

@@ -271,7 +271,178 @@ def test_resume_inside_a_phase_gives_the_same_tickets(fashion_mnist_small, tmp_p
         tf_config.disable_op_determinism()
 
 
-if __name__ == "__main__":  # bazel test / python tests/test_freetickets.py
+# ---------------------------------------------------------------------- crash recovery
+class _CrashAtEpochEnd(keras.callbacks.Callback):
+    """Raises at the end of ``epoch`` (placed between BackupAndRestore and FreeTickets: the
+    epoch is saved as done, FreeTickets never sees it)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def _small_edst(folder, **kwargs):
+    return ftk.FreeTickets(str(folder), num_tickets=2, exploration_epochs=1, refine_epochs=2,
+                           update_every=4, grow="gradient", seed=1, **kwargs)
+
+
+def _same_tickets(want_dir, got_dir):
+    want, got = ftk.list_tickets(str(want_dir)), ftk.list_tickets(str(got_dir))
+    assert [os.path.basename(p) for p in want] == [os.path.basename(p) for p in got]
+    for a, b in zip(want, got):
+        (model_a, meta_a), (model_b, meta_b) = ftk.read_ticket(a), ftk.read_ticket(b)
+        assert (meta_a["epoch"], meta_a["step"], meta_a["monitor_value"]) == (
+            meta_b["epoch"], meta_b["step"], meta_b["monitor_value"])
+        for wa, wb in zip(model_a.get_weights(), model_b.get_weights()):
+            np.testing.assert_array_equal(wa, wb)
+
+
+@pytest.mark.parametrize("crash", ["between_callbacks", "during_ticket_write"])
+def test_ticket_of_a_phase_that_ended_before_the_crash_is_written_on_resume(
+        fashion_mnist_small, tmp_path, monkeypatch, crash):
+    """[BackupAndRestore, FreeTickets] (the natural order): BackupAndRestore saves the last
+    epoch of refinement phase 1 first; a crash before FreeTickets wrote ticket 0 must not lose
+    it: the resumed run writes it from the persisted state (evaluating the restored model when
+    FreeTickets never saw that epoch)."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    fit_args = dict(x=x[:512], y=y[:512], batch_size=64, epochs=5,
+                    validation_data=(xv[:256], yv[:256]), shuffle=False, verbose=0)
+    tf_config.enable_op_determinism()
+    try:
+        _model().fit(callbacks=[_small_edst(tmp_path / "reference")], **fit_args)
+        backup = str(tmp_path / "backup")
+        if crash == "between_callbacks":
+            crash_callbacks = [_CrashAtEpochEnd(2)]
+        else:
+            real_write = ftk.tickets.write_ticket
+
+            def failing_write(model, ticket_dir, index, *args, **kwargs):
+                os.makedirs(os.path.join(ticket_dir, f".tmp-ticket_{index}-dead"))  # leftover
+                raise RuntimeError("simulated crash")
+
+            monkeypatch.setattr(ftk.tickets, "write_ticket", failing_write)
+            crash_callbacks = []
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _model().fit(callbacks=[keras.callbacks.BackupAndRestore(backup), *crash_callbacks,
+                                    _small_edst(tmp_path / "resumed")], **fit_args)
+        if crash == "during_ticket_write":
+            monkeypatch.setattr(ftk.tickets, "write_ticket", real_write)
+        assert not os.path.exists(tmp_path / "resumed" / "ticket_0")
+        assert os.path.exists(tmp_path / "resumed" / ".progress-0.json")
+        recorder = Recorder()
+        _model().fit(callbacks=[keras.callbacks.BackupAndRestore(backup),
+                                _small_edst(tmp_path / "resumed"), recorder], **fit_args)
+        assert sorted(recorder.lrs) == [3, 4]  # resumed after phase 1
+        _same_tickets(tmp_path / "reference", tmp_path / "resumed")
+        leftovers = [n for n in os.listdir(tmp_path / "resumed") if n.startswith(".")]
+        assert leftovers == []
+    finally:
+        tf_config.disable_op_determinism()
+
+
+# ---------------------------------------------------------------------- monitor direction
+def _model_with_metrics(metrics, seed=0):
+    model = _model(seed)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=metrics, jit_compile=False)
+    return model
+
+
+def test_auto_mode_minimises_ftk_metrics(fashion_mnist_small, tmp_path):
+    """monitor="val_nll" selects each phase's epoch of lowest NLL (the metric says "down")."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    model = _model_with_metrics(["accuracy", ftk.keras_metrics.NegativeLogLikelihood(
+        from_logits=True)])
+    callback = _small_edst(tmp_path / "t", monitor="val_nll")
+    recorder = Recorder()
+    model.fit(x[:512], y[:512], batch_size=64, epochs=5, validation_data=(xv, yv),
+              shuffle=False, verbose=0, callbacks=[callback, recorder])
+    for path, epochs in zip(ftk.list_tickets(str(tmp_path / "t")), ([1, 2], [3, 4])):
+        meta = ftk.tickets.read_metadata(path)
+        values = [recorder.epoch_logs[e]["val_nll"] for e in epochs]
+        assert meta["epoch"] == epochs[int(np.argmin(values))]
+        assert meta["monitor_value"] == pytest.approx(min(values))
+
+
+@keras.saving.register_keras_serializable(package="ft_keras_tests")
+class _NoDirection(keras.metrics.Mean):
+    def __init__(self, name="mystery", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(keras.ops.mean(y_pred))
+
+
+@keras.saving.register_keras_serializable(package="ft_keras_tests")
+class _HigherIsBetter(_NoDirection):
+    def __init__(self, name="score", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._direction = "up"
+
+
+@pytest.mark.parametrize("metric, monitor, mode, expected", [
+    (_HigherIsBetter(), "val_score", "auto", "max"),
+    (_NoDirection(), "val_mystery", "min", "min"),
+    (_NoDirection(), "val_mystery", "auto", None),
+    ("accuracy", "val_loss", "auto", "min"),
+])
+def test_monitor_direction_of_user_metrics(fashion_mnist_small, tmp_path, metric, monitor, mode,
+                                           expected):
+    (x, y), (xv, yv) = fashion_mnist_small
+    model = _model_with_metrics([metric])
+    callback = ftk.TicketCheckpoint(str(tmp_path / "t"), 0, monitor=monitor, mode=mode)
+    fit = lambda: model.fit(x[:128], y[:128], batch_size=64, epochs=2,  # noqa: E731
+                            validation_data=(xv[:64], yv[:64]), verbose=0, callbacks=[callback])
+    if expected is None:
+        with pytest.raises(ValueError, match="cannot tell whether it should be maximised"):
+            fit()
+        assert int(model.optimizer.iterations.numpy()) == 0  # refused before training
+        return
+    fit()
+    assert callback._best.mode == expected  # pylint: disable=protected-access
+
+
+def test_misspelt_monitor_is_refused_after_the_first_step(fashion_mnist_small, tmp_path):
+    (x, y), (xv, yv) = fashion_mnist_small
+    model = _model()
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=3,
+                               refine_epochs=1, monitor="val_acc", mode="max")
+    with pytest.raises(ValueError, match=r"monitor='val_acc' will not be in the epoch logs.*"
+                                         r"'accuracy'"):
+        model.fit(x[:256], y[:256], batch_size=64, epochs=4, validation_data=(xv, yv),
+                  verbose=0, callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 1
+
+
+def test_missing_validation_data_is_refused_before_training(fashion_mnist_small, tmp_path):
+    (x, y), _ = fashion_mnist_small
+    model = _model()
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=3,
+                               refine_epochs=1)
+    with pytest.raises(ValueError, match="needs validation data, but fit\(\) got none"):
+        model.fit(x[:128], y[:128], epochs=4, verbose=0, callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_non_finite_weights_are_never_selected(fashion_mnist_small, tmp_path):
+    model = _model()
+    best = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
+    assert best.offer(model, 0.5, {"epoch": 0}, persist=True)
+    layer = ftk.masked_layers(model)[0]
+    layer.masked_kernel.assign(np.full(layer.masked_kernel.shape, np.nan, "float32"))
+    assert not best.offer(model, 0.9, {"epoch": 1}, persist=True)
+    assert best.value == 0.5 and best.info["epoch"] == 0
+    again = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
+    assert again.restore(len(model.get_weights())) and again.value == 0.5
+    assert again.last_epoch == 1
+
+
+if __name__ == "__main__":  # bazel test / python tests/test_free_tickets.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
