@@ -279,6 +279,8 @@ class FreeTickets(training.DynamicSparsity):
         mode: "auto" (the metric's own direction, "min" for the loss), "min" or "max".
         exploration_lr, refine_lr, refine_lr_switch: the learning-rate plan.
         control_learning_rate: set the optimizer's learning rate from the plan (default True).
+        jump_lr, jump_lr_epochs: the learning rate of the first epoch(s) right after each
+            global exploration (None: ``refine_lr[0]``); see `ft_keras.schedules.EDSTPlan`.
         overwrite: replace existing tickets in ``ticket_dir``.
         **dst_kwargs: `DynamicSparsity` arguments (update_every, drop_fraction, decay, grow,
             optimizer_state, ...); FreeTickets' defaults are drop_fraction=0.5 annealed
@@ -299,6 +301,8 @@ class FreeTickets(training.DynamicSparsity):
         refine_lr_switch=0.5,
         control_learning_rate=True,
         overwrite=False,
+        jump_lr=None,
+        jump_lr_epochs=1,
         **dst_kwargs,
     ):
         dst_kwargs.setdefault("drop_fraction", 0.5)
@@ -311,7 +315,8 @@ class FreeTickets(training.DynamicSparsity):
                 f"refine_epochs=100 on CIFAR); got {exploration_epochs!r}, {refine_epochs!r}."
             )
         self.edst_plan = schedules.EDSTPlan(exploration_epochs, refine_epochs, num_tickets,
-                                            exploration_lr, refine_lr, refine_lr_switch)
+                                            exploration_lr, refine_lr, refine_lr_switch,
+                                            jump_lr, jump_lr_epochs)
         self.plan = self.edst_plan.phases
         self.ticket_dir = ticket_dir
         self.num_tickets = self.edst_plan.num_tickets

@@ -378,10 +378,14 @@ class EDSTPlan:
         refine_lr: two learning rates (> 0) of each refinement phase: the first until
             ``refine_lr_switch`` of the phase, the second after.
         refine_lr_switch: fraction of a refinement phase in (0, 1] run at ``refine_lr[0]``.
+        jump_lr: None (default: the phase's own rate), or the learning rate of the first
+            ``jump_lr_epochs`` epochs right after each global exploration (phases 2..M): a knob
+            for how far the tickets move apart.
+        jump_lr_epochs: how many epochs ``jump_lr`` lasts (0..refine_epochs).
     """
 
     def __init__(self, exploration_epochs, refine_epochs, num_tickets=3, exploration_lr=0.1,
-                 refine_lr=(0.01, 0.001), refine_lr_switch=0.5):
+                 refine_lr=(0.01, 0.001), refine_lr_switch=0.5, jump_lr=None, jump_lr_epochs=1):
         self.phases = edst_plan(exploration_epochs, refine_epochs, num_tickets)
         self.exploration_epochs = int(exploration_epochs)
         self.refine_epochs = int(refine_epochs)
@@ -399,6 +403,10 @@ class EDSTPlan:
             for i, value in enumerate(refine_lr)
         )
         self.refine_lr_switch = _checks.check_fraction("refine_lr_switch", refine_lr_switch)
+        self.jump_lr = _checks.check_real("jump_lr", jump_lr, low=0.0, low_open=True,
+                                          allow_none=True)
+        self.jump_lr_epochs = _checks.check_int("jump_lr_epochs", jump_lr_epochs, minimum=0,
+                                                maximum=self.refine_epochs)
 
     @property
     def total_epochs(self):
@@ -413,6 +421,12 @@ class EDSTPlan:
         return phase_at(self.phases, epoch)
 
     def learning_rate(self, epoch):
+        """The learning rate of ``epoch``: `edst_learning_rate`, except that with ``jump_lr``
+        the first ``jump_lr_epochs`` epochs after each global exploration use ``jump_lr``."""
+        phase = self.phase_at(epoch)
+        if (self.jump_lr is not None and phase is not None and phase.kind == "refinement"
+                and phase.index >= 2 and epoch - phase.start_epoch < self.jump_lr_epochs):
+            return self.jump_lr
         return edst_learning_rate(self.phases, epoch, self.exploration_lr, self.refine_lr,
                                   self.refine_lr_switch)
 
@@ -424,6 +438,8 @@ class EDSTPlan:
             "exploration_lr": self.exploration_lr,
             "refine_lr": list(self.refine_lr),
             "refine_lr_switch": self.refine_lr_switch,
+            "jump_lr": self.jump_lr,
+            "jump_lr_epochs": self.jump_lr_epochs,
         }
 
     @classmethod

@@ -77,8 +77,8 @@ register_optimizer_slots = _keras_compat.register_optimizer_slots
 
 # Layout of the schedule variables the compiled step reads.
 _I_EVERY, _I_START, _I_END, _I_JUMP_FIRST, _I_JUMP_PERIOD, _I_JUMP_COUNT, _I_SEED = range(7)
-_F_INITIAL, _F_FINAL, _F_COSINE, _F_JUMP = range(4)
-_NUM_INT, _NUM_FLOAT = 7, 4
+_F_INITIAL, _F_FINAL, _F_COSINE, _F_JUMP, _F_GROWN_SCALE = range(5)
+_NUM_INT, _NUM_FLOAT = 7, 5
 
 
 @dataclasses.dataclass
@@ -112,6 +112,7 @@ class _GraphConfig:
     optimizer_state: str
     static_shapes: bool  # XLA: whole-kernel passes with static shapes
     momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
+    random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
 
 
 def _momentum_kind(optimizer):
@@ -233,6 +234,9 @@ class _Engine:
 
     def seed(self):
         return tf.convert_to_tensor(self.schedule_int)[_I_SEED]
+
+    def grown_scale(self):
+        return tf.cast(tf.convert_to_tensor(self.schedule_float)[_F_GROWN_SCALE], tf.float32)
 
 
 class _OptimizerHook:
@@ -370,7 +374,16 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
     # Resets by a dense `where`, not a scatter into the variables: a scatter op switches a TF
     # resource variable to copy-on-read for good, which then costs a copy of the kernel at
     # every read (measured: +1 ms per MLP step).
-    variable.assign(masks.zero_off_mask(keep, weights))
+    kept = masks.zero_off_mask(keep, weights)
+    if config.random_grown:  # SET-style: grown weights ~ N(0, (scale * std of kept)^2)
+        count = tf.maximum(tf.reduce_sum(tf.cast(keep, weights.dtype)), 1.0)
+        mean_square = tf.reduce_sum(tf.square(kept)) / count
+        std = engine.grown_scale() * tf.sqrt(tf.cast(mean_square, tf.float32))
+        seed = masks.rng_seed(engine.seed(), -step, kernel.index)  # -step: apart from growth
+        noise = tf.random.stateless_normal(tf.shape(weights), seed, dtype=tf.float32) * std
+        grown_positions = tf.logical_and(new_mask, tf.logical_not(keep))
+        kept = tf.where(grown_positions, tf.cast(noise, weights.dtype), kept)
+    variable.assign(kept)
     if config.optimizer_state == "masked":
         for slot in kernel.slots:
             value = tf.convert_to_tensor(slot.value)
@@ -436,6 +449,7 @@ class SparseTraining(keras.callbacks.Callback):
     #: Whether this callback changes masks (subclasses set it).
     updates_masks = False
     grow = "gradient"
+    grown_weight_scale = 0.0
 
     def __init__(self, optimizer_state="masked", log_dir=None, verbose=0):
         super().__init__()
@@ -494,7 +508,8 @@ class SparseTraining(keras.callbacks.Callback):
         if self.updates_masks and self.grow == "momentum":
             momentum = self._momentum
         return _GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
-                            bool(self._static_shapes), momentum)
+                            bool(self._static_shapes), momentum,
+                            self.updates_masks and self.grown_weight_scale > 0)
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -552,7 +567,7 @@ class SparseTraining(keras.callbacks.Callback):
     def _schedule_values(self, epoch):
         """``(ints, floats)`` for the schedule variables (layout: _I_* and _F_* above)."""
         del epoch
-        return [1, 0, -1, 0, 1, 0, 0], [0.0, 0.0, 0.0, 0.0]
+        return [1, 0, -1, 0, 1, 0, 0], [0.0, 0.0, 0.0, 0.0, 0.0]
 
     def _log_configuration(self):
         logging.info("%s: %d masked layers, masks fixed (optimizer_state=%s)",
@@ -709,6 +724,10 @@ class DynamicSparsity(SparseTraining):
         optimizer_state: "masked" (default: optimizer state zero off-mask and reset at dropped
             and grown positions, as RigL) or "dense" (state fed by the dense gradient and never
             reset, weights masked after each update, as the official FreeTickets code).
+        grown_weight_scale: 0 (default): grown weights start at exactly 0 (RigL). s > 0: they
+            start at random values drawn from N(0, (s * rms of the layer's kept weights)^2)
+            (SET-style; stateless RNG, identical on every replica) - a knob for ticket
+            diversity, which departs from the zero-start invariant on purpose.
 
     Attributes:
         schedule: the `ft_keras.schedules.DropSchedule` (``end_step`` None until a fit fills it).
@@ -732,8 +751,11 @@ class DynamicSparsity(SparseTraining):
         start_step=0,
         verbose=0,
         optimizer_state="masked",
+        grown_weight_scale=0.0,
     ):
         super().__init__(optimizer_state=optimizer_state, log_dir=log_dir, verbose=verbose)
+        self.grown_weight_scale = _checks.check_real("grown_weight_scale", grown_weight_scale,
+                                                     low=0.0)
         self.schedule = schedules.make_drop_schedule(
             decay, update_every=update_every, drop_fraction=drop_fraction, end_step=end_step,
             start_step=start_step, final_drop_fraction=final_drop_fraction)
@@ -803,7 +825,7 @@ class DynamicSparsity(SparseTraining):
         ints = [self.update_every, self.start_step, -1 if end is None else end,
                 jumps[0], jumps[1], jumps[2], self.seed]
         floats = [self.drop_fraction, self.final_drop_fraction,
-                  1.0 if self.decay == "cosine" else 0.0, jumps[3]]
+                  1.0 if self.decay == "cosine" else 0.0, jumps[3], self.grown_weight_scale]
         return ints, floats
 
     def _end_step_or_none(self):

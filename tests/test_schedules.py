@@ -311,3 +311,12 @@ def test_edst_plan_object():
         schedules.EDSTPlan(1, 1, refine_lr=(0.01, 0))
     with pytest.raises(TypeError, match="num_tickets"):
         schedules.EDSTPlan(1, 1, num_tickets=2.0)
+
+
+def test_edst_plan_jump_learning_rate():
+    plan = schedules.EDSTPlan(exploration_epochs=1, refine_epochs=4, num_tickets=3,
+                              jump_lr=0.05, jump_lr_epochs=2)
+    assert [plan.learning_rate(e) for e in range(13)] == [
+        0.1, 0.01, 0.01, 0.001, 0.001, 0.05, 0.05, 0.001, 0.001, 0.05, 0.05, 0.001, 0.001]
+    with pytest.raises(ValueError, match="jump_lr_epochs=5"):
+        schedules.EDSTPlan(1, 4, jump_lr=0.05, jump_lr_epochs=5)

@@ -819,3 +819,27 @@ def test_unknown_optimizer_is_refused_with_a_way_out(fashion_mnist_small):
     for layer in ftk.masked_layers(model):
         mask, kernel = masked_state(model)[layer.name]
         assert not kernel[~mask].any()
+
+
+def test_grown_weight_scale_starts_grown_weights_at_random_values(fashion_mnist_small):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9), keras.optimizers.SGD(0.0))  # lr 0: only the update moves
+    layer = ftk.masked_layers(model)[0]
+    before_mask = layer.kernel_mask.numpy()
+    before_kernel = layer.masked_kernel.numpy()
+    callback = ftk.DynamicSparsity(update_every=2, drop_fraction=0.5, grow="random",
+                                   grown_weight_scale=0.5, end_step=3)
+    model.fit(x[:128], y[:128], batch_size=64, epochs=1, shuffle=False, verbose=0,
+              callbacks=[callback])
+    mask, kernel = layer.kernel_mask.numpy(), layer.masked_kernel.numpy()
+    grown = mask & ~before_mask
+    kept = mask & before_mask
+    assert mask.sum() == before_mask.sum() and grown.sum() > 100
+    assert not kernel[~mask].any() and np.all(kernel[grown] != 0)
+    changed = kernel[kept] != before_kernel[kept]  # pruned and regrown (smallest |w|)
+    assert changed.mean() < 0.01
+    assert np.abs(before_kernel[kept][changed]).max() <= np.median(np.abs(before_kernel[kept]))
+    rms = np.sqrt(np.mean(np.square(before_kernel[kept])))
+    assert np.std(kernel[grown]) == pytest.approx(0.5 * rms, rel=0.15)
+    with pytest.raises(ValueError, match="grown_weight_scale=-1"):
+        ftk.DynamicSparsity(grown_weight_scale=-1.0)
