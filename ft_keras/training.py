@@ -7,11 +7,17 @@ described in docs/method.md.
 
 Where the work happens. At ``on_train_begin`` the callback installs a hook on the optimizer's
 ``update_step`` (Keras 3 calls it once per variable, inside the compiled train step, with the
-gradient already all-reduced across replicas; see ``ft_keras/_keras_compat.py``). For every
-masked kernel the hook
+gradient already all-reduced across replicas; see ``ft_keras/_keras_compat.py``). Once it has
+the gradients of all masked kernels of a step, the hook
 
-1. updates the kernel with the optimizer's own update, keeping it sparse in one of two
-   documented ways (``optimizer_state``):
+1. decides, with one ``tf.cond`` on the step (`ft_keras.schedules`; the clock is
+   ``optimizer.iterations``), whether a mask update is due, and if so prunes the
+   ``ceil(p_t * n)`` smallest-magnitude active weights of every masked layer (the weights the
+   step starts from) and grows as many positions chosen by the *dense* gradient of this step
+   (RigL), by stateless random numbers (SET) or by a dense-gradient momentum buffer (SNFS);
+2. runs the optimizer's own update of each masked kernel, confined to its mask (at an update
+   step: to the kept positions, so dropped and grown weights are zero after the step), in one
+   of two documented ways (``optimizer_state``):
 
    * ``"masked"``: the gradient is masked (``tf.where(mask, g, 0)``) before the update, so the
      weights *and* the optimizer's per-weight state (momentum, Adam moments, ...) stay exactly
@@ -20,13 +26,12 @@ masked kernel the hook
    * ``"dense"``: the update sees the dense gradient, so the optimizer state is dense and never
      reset (a regrown weight starts moving at once with the momentum its position gathered),
      and the weights are masked right after the update (the official FreeTickets code's
-     behaviour);
+     behaviour).
 
-2. at the steps where a mask update is due (`ft_keras.schedules`; the clock is
-   ``optimizer.iterations``), inside a ``tf.cond``, prunes the ``ceil(p_t * n)``
-   smallest-magnitude active weights of every masked layer and grows as many positions chosen
-   by the *dense* gradient of this step (RigL), by stateless random numbers (SET) or by a
-   dense-gradient momentum buffer (SNFS). Grown weights start at zero.
+Without XLA the conditional writes masks, weights and state itself (ordinary steps pay for the
+predicate only); under XLA it returns the new masks only and the resets are elementwise ops that
+XLA fuses with the optimizer's update (a conditional that writes variables makes XLA copy every
+written buffer at every step). See docs/method.md, section 3.
 
 So the update is exact at its step whatever ``steps_per_execution`` is, costs no extra backward
 pass and no extra all-reduce, runs identically on every replica, and follows
@@ -299,36 +304,113 @@ class _OptimizerHook:
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)
         mask = tf.convert_to_tensor(kernel.mask.value)
-        if config.grow == "momentum" and config.updates:
+        if not config.updates:
+            self._masked_apply(config, gradient, variable, learning_rate, mask)
+            return None
+        if config.grow == "momentum":
             _accumulate_momentum(config.momentum, kernel, gradient)
+        # The mask update comes first, and it needs every masked layer's gradient: the updates
+        # of the masked kernels wait for the last of them (one conditional per step and
+        # replica for all layers; per-layer conditionals cost a function call each at every
+        # step without XLA).
+        key = (id(tf.compat.v1.get_default_graph()), variable.device)
+        pending = self.pending.setdefault(key, [])
+        pending.append((kernel, variable, mask, gradient, learning_rate))
+        if len(pending) < self.expected:
+            return None
+        items = self.pending.pop(key)
+        step = tf.cast(self.optimizer.iterations, tf.int64) + 1
+        if config.static_shapes and not config.random_grown:
+            effective = _update_with_writes_outside(config, self.engine, items, step)
+        else:
+            effective = _update_with_writes_inside(config, self.engine, items, step)
+        for (_, variable_, _, gradient_, learning_rate_), mask_ in zip(items, effective):
+            self._masked_apply(config, gradient_, variable_, learning_rate_, mask_)
+        return None
+
+    def _masked_apply(self, config, gradient, variable, learning_rate, mask):
+        """The optimizer's update of a kernel that keeps it zero outside ``mask``."""
         if config.optimizer_state == "masked":
             self._apply(masks.zero_off_mask(mask, gradient), variable, learning_rate)
         else:
             self._apply(gradient, variable, learning_rate)
             variable.assign(masks.zero_off_mask(mask, tf.convert_to_tensor(variable)))
-        if not config.updates:
-            return None
-        # One conditional per step (and replica) for all masked layers, emitted with the last
-        # one: per-layer conditionals cost a function call each at every step.
-        key = (id(tf.compat.v1.get_default_graph()), variable.device)
-        pending = self.pending.setdefault(key, [])
-        pending.append((kernel, variable, mask, gradient))
-        if len(pending) < self.expected:
-            return None
-        items = self.pending.pop(key)
-        engine = self.engine
-        step = tf.cast(self.optimizer.iterations, tf.int64) + 1
 
-        def update():
-            fraction = engine.drop_fraction_at(step)
-            for kernel_, variable_, mask_, gradient_ in items:
-                _update_layer(config, engine, kernel_, variable_, mask_, gradient_, step,
-                              fraction)
-            return tf.constant(True)
 
-        # Only the predicate runs at ordinary steps; the schedule and the update run inside.
-        tf.cond(engine.is_update_step(step), update, lambda: tf.constant(False))
-        return None
+def _update_with_writes_inside(config, engine, items, step):
+    """The mask update inside a ``tf.cond`` that writes the variables itself (without XLA).
+
+    Only the predicate runs at ordinary steps. Returns, per layer, the mask this step's
+    optimizer update keeps the kernel inside: the kept positions at an update step (dropped and
+    grown positions stay at zero through it), the current mask otherwise.
+    """
+    def update():
+        fraction = engine.drop_fraction_at(step)
+        return tuple(
+            _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
+            for kernel, variable, mask, gradient, _ in items
+        )
+
+    return tf.cond(engine.is_update_step(step), update,
+                   lambda: tuple(mask for _, _, mask, _, _ in items))
+
+
+def _update_with_writes_outside(config, engine, items, step):
+    """The mask update for XLA: the conditional computes masks only, the writes are outside.
+
+    XLA compiles a conditional that writes variables by passing every written buffer through
+    both branches, which costs a copy of each kernel and optimizer slot at *every* step. Here
+    the conditional returns two bool tensors per layer (the new mask and the kept positions; at
+    ordinary steps the current mask twice) and the statistics; the resets are elementwise
+    ``where``s before the optimizer's update, which XLA fuses with that update. Ordinary steps
+    pay for the bool masks only. Returns the per-layer masks of `_update_with_writes_inside`.
+    """
+    def compute():
+        fraction = engine.drop_fraction_at(step)
+        outputs = []
+        for kernel, variable, mask, gradient, _ in items:
+            weights = tf.convert_to_tensor(variable)
+            scores = _grow_scores(config, engine, kernel, gradient, step)
+            new_mask, keep = masks.update_mask(mask, weights, scores, fraction,
+                                               kernel.num_active)
+            outputs += [new_mask, keep, _stats(step, masks.changed_positions(mask, new_mask),
+                                               new_mask, fraction, weights)]
+        return tuple(outputs)
+
+    def keep_all():
+        outputs = []
+        for kernel, _, mask, _, _ in items:
+            outputs += [mask, mask, tf.convert_to_tensor(kernel.stats)]
+        return tuple(outputs)
+
+    outputs = tf.cond(engine.is_update_step(step), compute, keep_all)
+    effective = []
+    for i, (kernel, variable, _, _, _) in enumerate(items):
+        new_mask, keep, stats = outputs[3 * i:3 * i + 3]
+        variable.assign(masks.zero_off_mask(keep, tf.convert_to_tensor(variable)))
+        if config.optimizer_state == "masked":
+            for slot in kernel.slots:
+                slot.value.assign(masks.zero_off_mask(keep, tf.convert_to_tensor(slot.value)))
+        kernel.mask.value.assign(new_mask)
+        kernel.stats.assign(stats)
+        effective.append(keep)
+    return effective
+
+
+def _stats(step, flipped, new_mask, fraction, weights):
+    """A layer's update statistics: [step, flipped positions, nnz, drop fraction, non-finite]."""
+    return tf.stack(
+        [
+            tf.cast(step, tf.float32),
+            tf.cast(flipped, tf.float32),
+            tf.cast(masks.count_active(new_mask), tf.float32),
+            tf.cast(fraction, tf.float32),
+            # Weights the update read that were NaN or Inf (the loss can stay finite while
+            # weights are not: ReLU maps NaN to 0): checked by the callback when it reads the
+            # statistics.
+            tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.float32)),
+        ]
+    )
 
 
 def _accumulate_momentum(kind, kernel, gradient):
@@ -359,7 +441,12 @@ def _grow_scores(config, engine, kernel, gradient, step, signed=False):
 
 
 def _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction):
-    """Prune and grow one layer; reset weights (and masked optimizer state) where it changed."""
+    """Prune and grow one layer; reset weights (and masked optimizer state) where it changed.
+
+    Runs before this step's optimizer update: prunes by the magnitude of the weights the step
+    starts from, grows by this step's gradient. Returns the mask the step's update is confined
+    to (the kept positions: grown weights start at zero after the step).
+    """
     weights = tf.convert_to_tensor(variable)
     scores = _grow_scores(config, engine, kernel, gradient, step,
                           signed=not config.static_shapes)
@@ -389,20 +476,10 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
             value = tf.convert_to_tensor(slot.value)
             slot.value.assign(masks.zero_off_mask(keep, value))
     kernel.mask.value.assign(new_mask)
-    kernel.stats.assign(
-        tf.stack(
-            [
-                tf.cast(step, tf.float32),
-                tf.cast(flipped, tf.float32),
-                tf.cast(masks.count_active(new_mask), tf.float32),
-                tf.cast(fraction, tf.float32),
-                # Weights the update read that were NaN or Inf (the loss can stay finite while
-                # weights are not: ReLU maps NaN to 0): checked by the callback when it reads
-                # the statistics.
-                tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.float32)),
-            ]
-        )
-    )
+    kernel.stats.assign(_stats(step, flipped, new_mask, fraction, weights))
+    if config.random_grown:  # the grown weights' random start stays through this step
+        return new_mask
+    return keep
 
 
 _SAME_WIDTH_UINT = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
