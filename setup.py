@@ -44,4 +44,5 @@ setup(
         "bench": ["tf_keras>=2.16,<2.23", "tensorflow-model-optimization>=0.8.1,<0.9"],
     },
     license="Apache-2.0",
+    license_files=["LICENSE"],
 )
