@@ -214,6 +214,41 @@ def _make_unique_dir(parent, prefix):
     raise FileExistsError(f"could not create a unique folder {prefix}* in {parent!r}.")
 
 
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_writes(parent, base):
+    """Deletes ``parent/.tmp-<base>-*`` and ``.trash-<base>-*`` folders left by writers that
+    died (a crash or ``kill -9`` in the middle of `atomic_folder`); folders of live writers on
+    this machine are left alone. Returns the removed names."""
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for name in sorted(os.listdir(parent)):
+        for prefix in (f"{_TMP_PREFIX}{base}-", f"{_TRASH_PREFIX}{base}-"):
+            if not name.startswith(prefix):
+                continue
+            owner = name[len(prefix):].split("-")[0]
+            if owner.isdigit() and _pid_alive(int(owner)):
+                continue
+            path = os.path.join(parent, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+    if removed:
+        logging.info("removed leftovers of interrupted writes in %s: %s", parent, removed)
+    return removed
+
+
 def atomic_folder(destination, write, overwrite=False, argument="folder"):
     """Builds a folder with ``write(tmp_path)`` in a hidden sibling, then renames it into place.
 
@@ -240,13 +275,14 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
                 "overwrite=True to replace it."
             )
     os.makedirs(parent, exist_ok=True)
-    tmp = _make_unique_dir(parent, f"{_TMP_PREFIX}{base}-")
+    remove_stale_writes(parent, base)
+    tmp = _make_unique_dir(parent, f"{_TMP_PREFIX}{base}-{os.getpid()}-")
     try:
         write(tmp)
         _fsync_tree(tmp)
         trash = None
         if os.path.lexists(destination):
-            trash = _make_unique_dir(parent, f"{_TRASH_PREFIX}{base}-")
+            trash = _make_unique_dir(parent, f"{_TRASH_PREFIX}{base}-{os.getpid()}-")
             os.rmdir(trash)  # only the unique name is needed
             os.rename(destination, trash)
         try:
