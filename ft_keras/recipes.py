@@ -409,6 +409,7 @@ class _Common:
             kwargs["y"] = data[1]
             return data[0], kwargs, batch
         if isinstance(data, tf.data.Dataset):
+            kwargs.setdefault("shuffle", False)  # a dataset brings its own order
             return data, kwargs, self.batch_size or _dataset_batch_size(data)
         raise TypeError(
             f"train_data must be a tf.data.Dataset of (x, y) batches, an (x, y) tuple of arrays, "
