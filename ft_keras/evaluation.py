@@ -420,7 +420,8 @@ def evaluate(members, data, *, combine="probs", num_bins=NUM_BINS, batch_size=10
 
     Args:
         members: an `ft_keras.Ensemble`, a `keras.Model`, or a sequence of models and/or
-            `Predictions` (already predicted members, e.g. shared by two ensembles).
+            `Predictions` (already predicted members, e.g. shared by two ensembles; made with
+            `predict` on this ``data``, or on data with more OoD sets).
         data: an `EvaluationData` (`make_data`), or an ``(images, labels)`` test set.
         combine: "probs" (mean of member probabilities) or "logits" (softmax of mean logits).
         num_bins: ECE bins.
@@ -444,7 +445,8 @@ def evaluate(members, data, *, combine="probs", num_bins=NUM_BINS, batch_size=10
     predicted = iter(predict(models, data, batch_size)) if models else iter(())
     predictions = [next(predicted) if isinstance(m, keras.Model) else m for m in members]
     for i, p in enumerate(predictions):
-        if len(p.corrupted) != data.num_corrupted_sets or sorted(p.ood) != sorted(data.ood):
+        if (len(p.test) != len(data.test_labels) or not set(data.ood) <= set(p.ood) or (
+                data.corruptions and len(p.corrupted) != data.num_corrupted_sets)):
             raise ValueError(f"members[{i}] holds predictions of other data sets than data "
                              "(predict it on this EvaluationData).")
 
