@@ -553,7 +553,10 @@ def train_method(settings, data, model_name, seed, method, ticket_dir):
         return recipes.train_deep_ensemble(build, settings.num_members, data.train,
                                            epochs=epochs, compile_fn=cosine, **common)
     if method == "dst_ensemble":
-        return recipes.train_dst_ensemble(build, settings.num_members, data.train, epochs=epochs,
+        # One pipeline for all members (it reshuffles every epoch, so each member sees its own
+        # orders), as the committed results were trained.
+        return recipes.train_dst_ensemble(build, settings.num_members,
+                                          data.train(member_seed(seed, 0)), epochs=epochs,
                                           compile_fn=cosine, dst_kwargs=dst, **sparse, **common)
     if method == "static_sparse_ensemble":
         return recipes.train_static_sparse_ensemble(build, settings.num_members, data.train,

@@ -64,11 +64,12 @@ def _images(split):
             "validation": images.skip(54_000)}[split]
 
 
-def _train_data(split):
-    """``train_data(seed)`` for the recipes: batches shuffled with ``seed`` every epoch."""
+def _batches(split, shuffle=True):
+    """Batches of ``_images(split)``, reshuffled every epoch."""
     images = _images(split)
-    return lambda seed: images.shuffle(60_000, seed=seed, reshuffle_each_iteration=True).batch(
-        FLAGS.batch_size).prefetch(4)
+    if shuffle:
+        images = images.shuffle(60_000, seed=FLAGS.seed, reshuffle_each_iteration=True)
+    return images.batch(FLAGS.batch_size).prefetch(4)
 
 
 def _callbacks(name):
@@ -87,7 +88,9 @@ def main(argv):
     test_images, test_labels = ftk.data.load_numpy("fashion_mnist", "test",
                                                    data_dir=FLAGS.data_dir)
     test = evaluation.make_data(test_images, test_labels)
-    train = _train_data("all")
+    # One data order per data set, made once (under the global seed), as the README's table.
+    keras.utils.set_random_seed(FLAGS.seed)
+    train_all, train = _batches("all"), _batches("train")
     steps = FLAGS.epochs * -(-60_000 // FLAGS.batch_size)
     common = dict(
         validation_data=None, epochs=FLAGS.epochs, seed=FLAGS.seed, monitor=None,
@@ -101,10 +104,10 @@ def main(argv):
                  FLAGS.sparsity, FLAGS.epochs)
     runs = {
         "dense": recipes.train_dense(
-            ftk.models.lenet_300_100, train,
+            ftk.models.lenet_300_100, lambda _: train_all,
             ticket_dir=os.path.join(FLAGS.output_dir, "dense"), **common),
         "sparse": recipes.train_dst_ensemble(
-            ftk.models.lenet_300_100, 1, train, sparsity=FLAGS.sparsity,
+            ftk.models.lenet_300_100, 1, lambda _: train_all, sparsity=FLAGS.sparsity,
             distribution=FLAGS.distribution, ticket_dir=os.path.join(FLAGS.output_dir, "dst"),
             dst_kwargs=dict(update_every=FLAGS.update_every, drop_fraction=FLAGS.drop_fraction,
                             decay="cosine", grow=FLAGS.grow, log_dir=_log_dir("sparse")),
@@ -122,7 +125,7 @@ def main(argv):
         (f"DST {FLAGS.sparsity:.0%} ({FLAGS.distribution}, {FLAGS.grow})", results["sparse"]),
     ]
     if FLAGS.edst:
-        rows += _edst(test)
+        rows += _edst(train, test)
 
     print("\nDST model (ERK, RigL) after training:")
     print(results["sparse"][3])
@@ -138,15 +141,15 @@ def main(argv):
               f"{active:>12} / {rep[0].total_size if isinstance(rep, list) else rep.total_size:,d}")
 
 
-def _edst(test):
+def _edst(train, test):
     """Trains the EDST Ensemble, exports it, and returns table rows for tickets and ensemble."""
     ticket_dir = os.path.join(FLAGS.output_dir, "tickets")
     logging.info("training an EDST Ensemble: %d tickets, %d epochs in one run",
                  FLAGS.num_tickets, FLAGS.exploration_epochs + FLAGS.num_tickets *
                  FLAGS.refine_epochs)
     run = recipes.train_edst(
-        ftk.models.lenet_300_100, FLAGS.num_tickets, _train_data("train"),
-        validation_data=_images("validation").batch(FLAGS.batch_size), ticket_dir=ticket_dir,
+        ftk.models.lenet_300_100, FLAGS.num_tickets, train,
+        validation_data=_batches("validation", shuffle=False), ticket_dir=ticket_dir,
         exploration_epochs=FLAGS.exploration_epochs, refine_epochs=FLAGS.refine_epochs,
         sparsity=FLAGS.edst_sparsity, seed=FLAGS.seed + 1, exploration_lr=FLAGS.exploration_lr,
         batch_size=FLAGS.batch_size, overwrite=True, callbacks=_callbacks,

@@ -252,7 +252,9 @@ def train(method, strategy, data, ticket_dir):
                                            epochs=FLAGS.epochs, compile_fn=epochs_lr,
                                            metadata=metadata, **common)
     if method == "dst_ensemble":
-        return recipes.train_dst_ensemble(data.build, FLAGS.num_members, data.train,
+        # One pipeline for all members (it reshuffles every epoch, so each member sees its own
+        # orders), as this script has always trained the DST Ensemble.
+        return recipes.train_dst_ensemble(data.build, FLAGS.num_members, data.train(FLAGS.seed),
                                           epochs=FLAGS.epochs, distribution=FLAGS.distribution,
                                           compile_fn=epochs_lr, dst_kwargs=dst,
                                           metadata=metadata, **sparse, **common)
