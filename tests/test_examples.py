@@ -1,7 +1,7 @@
 """End-to-end runs of examples/train.py and examples/evaluate.py in subprocesses.
 
 Tiny settings (1,024 Fashion-MNIST training images, LeNet-300-100, one epoch per phase, M = 2)
-for the EDST, DST and PF ensembles: the ticket layout, train_summary.json, metrics.json /
+for the EDST, DST, PF and checkpoint ensembles: the ticket layout, train_summary.json, metrics.json /
 metrics.md / plots of the evaluation, and the scripts' refusal of bad flag combinations.
 """
 
@@ -25,7 +25,7 @@ SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
     os.path.join(REPO_ROOT, "..", "shared", "data"))
 TRAIN = os.path.join(REPO_ROOT, "examples", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "examples", "evaluate.py")
-METHODS = ("edst", "dst_ensemble", "pf_ensemble")
+METHODS = ("edst", "dst_ensemble", "pf_ensemble", "checkpoint_ensemble")
 NUM_MEMBERS = 2
 SPARSITY = 0.8
 TRAIN_FLAGS = [
@@ -95,6 +95,8 @@ def runs(tmp_path_factory):
         "edst": ["--dataset=fashion_mnist", f"--train_summary={out['edst']}/train_summary.json"],
         "dst_ensemble": [f"--train_summary={out['dst_ensemble']}/train_summary.json"],
         "pf_ensemble": [],
+        "checkpoint_ensemble": [
+            f"--train_summary={out['checkpoint_ensemble']}/train_summary.json"],
     }
     processes = {
         m: _start(EVALUATE, [f"--ticket_dir={out[m]}/tickets", f"--output_dir={out[m]}/eval"]
@@ -161,7 +163,7 @@ def test_train_summary(runs, method):
 
 def test_training_macs_follow_the_flops_formulas(runs):
     spe, batch = 922 // 128, 128
-    edst, dst, pf = (_summary(runs, m) for m in METHODS)
+    edst, dst, pf, checkpoints = (_summary(runs, m) for m in METHODS)
     model, _ = ftk.read_ticket(os.path.join(runs["edst"], "tickets", "ticket_0"))
     assert edst["training_macs"] == ftk.flops.training_macs_edst(
         model, 1, 1, NUM_MEMBERS, spe, batch, update_every=4, grow="gradient")
@@ -174,6 +176,14 @@ def test_training_macs_follow_the_flops_formulas(runs):
     assert pf["training_macs"] == 3 * 266_200 * batch * spe + NUM_MEMBERS * (
         3 * sparse_forward * batch * spe)
     assert edst["training_macs_relative_to_dense"] < 1.0 < pf["training_macs_relative_to_dense"]
+    # The checkpoint ensemble: one DST run as long as EDST's, regular updates only.
+    model, _ = ftk.read_ticket(os.path.join(runs["checkpoint_ensemble"], "tickets", "ticket_0"))
+    assert checkpoints["training_macs"] == ftk.flops.training_macs_dst(
+        model, (1 + NUM_MEMBERS) * spe, batch, update_every=4, grow="gradient")
+    assert [m["cumulative_training_macs"] for m in checkpoints["members"]] == (
+        ftk.flops.training_macs_checkpoint_ensemble(model, 1, 1, NUM_MEMBERS, spe, batch, 4,
+                                                    cumulative=True))
+    assert [m["epoch"] for m in checkpoints["members"]] == [1, 2]  # one epoch per window
 
 
 def test_pf_members_share_the_global_magnitude_mask(runs):
