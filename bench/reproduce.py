@@ -1,26 +1,35 @@
-"""Reproduction benchmark: FreeTickets (EDST / DST Ensembles) against dense baselines.
+"""Reproduction benchmark: FreeTickets (EDST / DST Ensembles) against dense and sparse baselines.
 
-Trains and evaluates, for every model of the configuration and every seed (SPEC.md sections 4-8):
+Trains and evaluates, for every model of the configuration and every seed, each method with its
+recipe in ``ft_keras.recipes`` (the methods are described in docs/method.md):
 
 * ``dense``: one dense model (it is member 0 of the deep ensemble of the same seed when both are
   run, so it is trained once);
-* ``deep_ensemble``: M dense models with independent seeds;
+* ``deep_ensemble``: M dense models with independent seeds (``train_deep_ensemble``);
 * ``dst_ensemble``: M independent dynamic-sparse-training runs at sparsity S (ERK, RigL gradient
-  growth, magnitude pruning, drop fraction 0.5 cosine-annealed to 0.005), ``ftk.train_dst_ensemble``;
+  growth, magnitude pruning, drop fraction 0.5 cosine-annealed to 0.005), ``train_dst_ensemble``;
 * ``edst``: ONE sparse run with ``ftk.FreeTickets`` (exploration, then M refinement phases with a
-  global exploration jump q before phases 2..M); the epochs follow the paper's ratio
-  t_ex : t_re : dense = 150 : 100 : 250 (CIFAR), i.e. ``round(0.6 E) + M * round(0.4 E)`` epochs
-  where E is the dense run's epochs;
-* ``static_sparse_ensemble``: M sparse models with fixed random ERK masks (``ftk.StaticSparsity``).
+  global exploration jump q before phases 2..M), ``train_edst``; the epochs follow the paper's
+  ratio t_ex : t_re : dense = 150 : 100 : 250 (CIFAR), i.e. ``round(0.6 E) + M * round(0.4 E)``
+  epochs where E is the dense run's epochs;
+* ``static_sparse_ensemble``: M sparse models with fixed random ERK masks
+  (``train_static_sparse_ensemble``);
+* ``checkpoint_ensemble``: M snapshots of ONE DST run, taken in the windows where EDST takes its
+  tickets: EDST's run without its global explorations (same epochs, learning rates and regular
+  updates), ``train_checkpoint_ensemble``. The baseline for EDST's claim that its tickets are more
+  diverse than checkpoints of one run.
 
 Every member's ticket is its best-validation epoch (a held-out part of the training split);
-EDST's tickets are the best epoch of each refinement phase. The ensemble predicts with the mean
-of its members' softmax probabilities (the paper's evaluation). Metrics (``ft_keras.metrics``):
-accuracy, NLL, ECE (15 bins), Brier score, disagreement and KL diversity between members,
-OoD detection AUROC against MNIST test images (max-probability and entropy scores), accuracy,
-NLL and ECE averaged over ``ft_keras.corruptions`` (every type at 5 severities) on a fixed subset
-of the test set, training and inference cost relative to one dense model (``ft_keras.flops``,
-theoretical sparse multiply-accumulates), active parameters summed over members, and training
+EDST's tickets (and the checkpoint ensemble's snapshots) are the best epoch of each refinement
+window. Every ensemble is evaluated by ``ft_keras.evaluation.evaluate`` (mean of the members'
+softmax probabilities, the paper's evaluation), whose keys the JSON keeps: ``test/accuracy``,
+``test/nll``, ``test/ece`` (15 bins), ``test/brier``, ``test/disagreement`` and
+``test/kl_diversity`` between members, ``ood/<set>/auroc_max_prob`` and
+``ood/<set>/auroc_entropy`` against MNIST test images, ``corrupt/mean/accuracy`` (also ``nll``,
+``ece``, and per severity ``corrupt/mean/<s>/accuracy``) over ``ft_keras.corruptions`` (every type
+at 5 severities) on a fixed subset of the test set, ``cost/training_macs_relative`` (one dense run
+of E epochs; ``ft_keras.flops``, theoretical sparse multiply-accumulates),
+``cost/inference_macs_relative``, ``cost/active_params`` summed over members; and the training
 wall time.
 
 Outputs, in ``--output_dir`` (default ``docs/`` in full mode, a folder under the system temp dir
@@ -35,10 +44,12 @@ with ``--quick``, so that a quick run never overwrites the committed results):
 
 ``<name>`` is ``results`` for ``--config=fashion_mnist`` and ``results_cifar10`` for
 ``--config=cifar10``. Tickets go to ``--work_dir`` (default: a fresh temporary folder, deleted at
-the end unless ``--keep_tickets``).
+the end unless ``--keep_tickets``). When the configuration's default OoD set (MNIST) is not found,
+the run goes on without OoD detection and says so in the JSON and the markdown (``--ood_dataset``
+asks for it explicitly: then a missing set is an error; ``--ood_dataset=none`` skips it).
 
-How to run (from the repository root; ``../shared/data`` is added to the data search path when it
-exists):
+How to run (from the repository root; ``../shared/data``, or ``$FT_KERAS_SHARED_DATA``, is added
+to the data search path when it exists):
 
     python bench/reproduce.py --quick            # ~5 minutes on 2 CPU cores, writes to /tmp
     python bench/reproduce.py                    # full Fashion-MNIST run (~1 hour on 2 cores)
@@ -76,22 +87,29 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ft_keras as ftk  # noqa: E402
+from ft_keras import evaluation  # noqa: E402
+from ft_keras import recipes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.abspath(os.path.join(_REPO, "..", "shared", "data"))
+# The project's data beside the repository (MNIST, CIFAR-10); FT_KERAS_SHARED_DATA overrides it.
+SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
+    os.path.join(_REPO, "..", "shared", "data"))
 
-METHODS = ("dense", "deep_ensemble", "dst_ensemble", "edst", "static_sparse_ensemble")
+METHODS = ("dense", "deep_ensemble", "dst_ensemble", "edst", "static_sparse_ensemble",
+           "checkpoint_ensemble")
 ENSEMBLE_METHODS = METHODS[1:]
-SPARSE_METHODS = ("dst_ensemble", "edst", "static_sparse_ensemble")
+SPARSE_METHODS = ("dst_ensemble", "edst", "static_sparse_ensemble", "checkpoint_ensemble")
+PLAN_METHODS = ("edst", "checkpoint_ensemble")  # one run with EDST's phase plan
 LABELS = {
     "dense": "Dense (single model)",
     "deep_ensemble": "Deep Ensemble",
     "dst_ensemble": "DST Ensemble",
     "edst": "EDST Ensemble",
     "static_sparse_ensemble": "Static sparse ensemble",
+    "checkpoint_ensemble": "Checkpoint ensemble (one DST run)",
 }
 MODELS = {
     "lenet_300_100": ("LeNet-300-100 (MLP)", "lenet_300_100", {}),
@@ -100,9 +118,8 @@ MODELS = {
     "resnet8": ("ResNet-8 (width 16)", "resnet", {"depth": 8, "width": 16}),
     "resnet20": ("ResNet-20 (width 16)", "resnet20", {}),
 }
-NUM_BINS = 15
+NUM_BINS = evaluation.NUM_BINS
 SEVERITIES = (1, 2, 3, 4, 5)
-CORRUPTION_SUBSET_SEED = 0
 EDST_EXPLORATION_RATIO = 0.6  # 150 / 250 epochs in the paper's CIFAR setting
 EDST_REFINE_RATIO = 0.4  # 100 / 250
 MARK_BEGIN = "<!-- results:begin -->"
@@ -162,6 +179,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "fashion_mnist", list(CONFIGS),
                   "fashion_mnist (LeNet-300-100 and LeNet-5, OoD = MNIST) or cifar10 (CIFAR-10 "
                   "JPEG q75, small ResNet, no OoD set).")
+flags.DEFINE_string("ood_dataset", None,
+                    "OoD data set, or 'none' (default: the config's, mnist for fashion_mnist, "
+                    "skipped with a warning when not found; given explicitly, a missing set is "
+                    "an error).")
 flags.DEFINE_bool("quick", False, "Smoke run (~5 minutes on 2 cores): fewer seeds, examples and "
                   "epochs (see QUICK); output under the temp dir unless --output_dir is given.")
 flags.DEFINE_list("models", None, f"Models, from {sorted(MODELS)} (default: the config's).")
@@ -171,10 +192,13 @@ flags.DEFINE_list("epochs", None,
                   "Epochs of one dense run (and of every independent member): one integer for "
                   "every model, and/or model:epochs entries, e.g. lenet_300_100:20,lenet5:12.")
 flags.DEFINE_integer("exploration_epochs", None,
-                     "EDST exploration epochs (default: round(0.6 * epochs)).")
+                     "EDST (and checkpoint ensemble) exploration epochs (default: "
+                     "round(0.6 * epochs)).")
 flags.DEFINE_integer("refine_epochs", None,
-                     "EDST epochs per refinement phase (default: round(0.4 * epochs), >= 1).")
-flags.DEFINE_integer("num_members", 3, "Members M of every ensemble (EDST: tickets).")
+                     "EDST (and checkpoint ensemble) epochs per refinement phase (default: "
+                     "round(0.4 * epochs), >= 1).")
+flags.DEFINE_integer("num_members", 3, "Members M of every ensemble (EDST: tickets; checkpoint "
+                     "ensemble: snapshots).")
 flags.DEFINE_float("sparsity", 0.8, "Sparsity S of the sparse methods.")
 flags.DEFINE_integer("update_every", None, "Optimizer steps between DST mask updates "
                      "(default: 100; 25 with --quick).")
@@ -182,8 +206,9 @@ flags.DEFINE_float("drop_fraction", 0.5, "Initial DST drop fraction (cosine-anne
 flags.DEFINE_float("explore_fraction", 0.8, "EDST global exploration drop fraction q.")
 flags.DEFINE_float("learning_rate", 0.05,
                    "SGD (momentum 0.9) peak learning rate: cosine-decayed for the independent "
-                   "runs, EDST's exploration rate.")
-flags.DEFINE_list("refine_lr", ["0.01", "0.001"], "EDST refinement learning rates (two halves).")
+                   "runs, the exploration rate of EDST and the checkpoint ensemble.")
+flags.DEFINE_list("refine_lr", ["0.01", "0.001"], "Refinement learning rates (two halves) of EDST "
+                  "and the checkpoint ensemble.")
 flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (default: 0 for fashion_mnist, "
                    "5e-4 for cifar10).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
@@ -373,11 +398,21 @@ def resolve_settings():
         logging.warning("--num_members=1: the ensembles have one member (no diversity metrics).")
     weight_decay = FLAGS.weight_decay if FLAGS.weight_decay is not None else config[
         "weight_decay"]
+    ood = config["ood_dataset"] if FLAGS.ood_dataset is None else FLAGS.ood_dataset.strip()
+    if ood == "none":
+        ood = None
+    elif ood is not None:
+        if ood not in ftk.data.DATASET_NAMES:
+            raise _usage("ood_dataset", f"{ood!r} is not a data set; choose 'none' or one of "
+                         f"{list(ftk.data.DATASET_NAMES)}.")
+        if ftk.data.INFO[ood]["shape"] != ftk.data.INFO[config["dataset"]]["shape"]:
+            raise _usage("ood_dataset", f"{ood} images have shape {ftk.data.INFO[ood]['shape']}"
+                         f", {config['dataset']}'s {ftk.data.INFO[config['dataset']]['shape']}.")
     return Settings(
         config=FLAGS.config,
         quick=FLAGS.quick,
         dataset=config["dataset"],
-        ood_dataset=config["ood_dataset"],
+        ood_dataset=ood,
         models=models,
         methods=methods,
         seeds=seeds,
@@ -414,9 +449,9 @@ def _augment(image, label):
 
 
 class Data:
-    """The training / validation split, the test set, the OoD set and the corrupted test sets."""
+    """The training / validation split, and the evaluation sets (`ft_keras.evaluation`)."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, ood_required):
         self.settings = settings
         info = ftk.data.INFO[settings.dataset]
         self.input_shape = tuple(info["shape"])
@@ -437,38 +472,39 @@ class Data:
         self._validation = tf.data.Dataset.from_tensor_slices(
             (images[self.num_train:], labels[self.num_train:]))
         split = f"test[:{settings.test_examples}]" if settings.test_examples else "test"
-        self.test_images, self.test_labels = self._load(settings.dataset, split)
-        self.ood_images = None
-        if settings.ood_dataset:
-            self.ood_images, _ = self._load(settings.ood_dataset, f"test[:{len(self.test_labels)}]")
-        self.corrupted, self.corrupted_labels = self._corrupt(settings)
+        test_images, test_labels = self._load(settings.dataset, split)
+        self.ood_name, self.ood_skipped = settings.ood_dataset, None
+        ood = {}
+        if self.ood_name:
+            try:
+                ood[self.ood_name], _ = ftk.data.load_numpy(
+                    self.ood_name, f"test[:{len(test_labels)}]", data_dir=settings.data_dir)
+            except FileNotFoundError as error:
+                if ood_required:
+                    raise app.UsageError(f"--ood_dataset={self.ood_name}: {error}") from None
+                self.ood_skipped = (f"{self.ood_name} not found: set FT_KERAS_DATA_DIR or place "
+                                    f"it at {os.path.join(SHARED_DATA, self.ood_name)}")
+                logging.warning("no OoD detection: %s (pass --ood_dataset=none to silence "
+                                "this).", self.ood_skipped)
+                self.ood_name = None
+        start = time.time()
+        self.eval = evaluation.make_data(
+            test_images, test_labels, ood=ood, corruptions=settings.corruptions,
+            severities=SEVERITIES, corruption_examples=settings.corruption_examples,
+            corruption_seed=settings.corruption_seed)
         logging.info("%s: %d training, %d validation, %d test examples (%d steps per epoch); "
-                     "OoD %s: %s examples; %d corrupted sets of %d examples", settings.dataset,
-                     self.num_train, self.num_validation, len(self.test_labels),
-                     self.steps_per_epoch, settings.ood_dataset,
-                     None if self.ood_images is None else len(self.ood_images),
-                     len(self.corrupted), len(self.corrupted_labels))
+                     "OoD %s: %s examples; %d corrupted sets of %d examples (%.1f s)",
+                     settings.dataset, self.num_train, self.num_validation, len(test_labels),
+                     self.steps_per_epoch, self.ood_name,
+                     len(ood[self.ood_name]) if self.ood_name else None,
+                     self.eval.num_corrupted_sets, len(self.eval.corruption_subset),
+                     time.time() - start)
 
     def _load(self, name, split):
         try:
             return ftk.data.load_numpy(name, split, data_dir=self.settings.data_dir)
         except FileNotFoundError as error:
             raise app.UsageError(f"--data_dir: {error}") from None
-
-    def _corrupt(self, settings):
-        """[(name, severity, images)] over a fixed random subset of the test set."""
-        if not settings.corruptions:
-            return [], self.test_labels[:0]
-        count = len(self.test_labels)
-        subset = np.arange(count)
-        if settings.corruption_examples and settings.corruption_examples < count:
-            rng = np.random.default_rng(CORRUPTION_SUBSET_SEED)
-            subset = np.sort(rng.choice(count, settings.corruption_examples, replace=False))
-        start = time.time()
-        sets = list(ftk.corruptions.suite(self.test_images[subset], SEVERITIES,
-                                          settings.corruptions, seed=settings.corruption_seed))
-        logging.info("corrupted test sets generated in %.1f s", time.time() - start)
-        return sets, self.test_labels[subset]
 
     def train(self, seed):
         """Training batches of float images in [0, 1], shuffled with ``seed`` every epoch."""
@@ -489,129 +525,55 @@ def member_seed(seed, member):
     return 100 * seed + member
 
 
-def build_model(model_name, data):
+def build_fn(model_name, data):
     _, registry_name, kwargs = MODELS[model_name]
-    return ftk.models.get(registry_name, input_shape=data.input_shape,
-                          num_classes=data.num_classes, **kwargs)
+    return lambda: ftk.models.get(registry_name, input_shape=data.input_shape,
+                                  num_classes=data.num_classes, **kwargs)
 
 
-def _optimizer(settings, learning_rate):
-    return keras.optimizers.SGD(learning_rate, momentum=0.9,
-                                weight_decay=settings.weight_decay or None)
-
-
-def compile_model(model, settings, learning_rate):
-    model.compile(
-        optimizer=_optimizer(settings, learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        steps_per_execution=settings.steps_per_execution,
-    )
-    return model
-
-
-def _cosine(settings, steps):
-    return keras.optimizers.schedules.CosineDecay(settings.learning_rate, decay_steps=max(steps, 1))
-
-
-def _dst_kwargs(settings):
-    return dict(update_every=settings.update_every, drop_fraction=settings.drop_fraction,
-                final_drop_fraction=0.005, grow="gradient")
-
-
-def _fit(model, data, seed, epochs, callbacks):
-    """Fits and returns the wall time in seconds."""
-    start = time.time()
-    model.fit(data.train(seed), epochs=epochs, validation_data=data.validation(),
-              callbacks=callbacks, verbose=FLAGS.keras_verbose, shuffle=False)
-    return time.time() - start
-
-
-def train_independent(settings, data, model_name, seed, ticket_dir, members, sparse, method):
-    """Dense / deep-ensemble / static-sparse members: independent runs, one ticket each.
-
-    Returns the ticket paths and the per-member wall times.
-    """
+def train_method(settings, data, model_name, seed, method, ticket_dir):
+    """Runs ``method``'s recipe for one (model, seed); returns its `RecipeResult`."""
     epochs = settings.epochs[model_name]
-    steps = epochs * data.steps_per_epoch
-    ftk.prepare_ticket_dir(ticket_dir, overwrite=True)
-    paths, times = [], []
-    for member in range(members):
-        mseed = member_seed(seed, member)
-        keras.utils.set_random_seed(mseed)
-        model = build_model(model_name, data)
-        callbacks = []
-        if sparse:
-            model = ftk.sparsify(model, settings.sparsity, distribution="erk", seed=mseed)
-            callbacks.append(ftk.StaticSparsity())
-        compile_model(model, settings, _cosine(settings, steps))
-        checkpoint = ftk.TicketCheckpoint(
-            ticket_dir, member, monitor="val_accuracy", method=method, overwrite=True,
-            metadata={"seed": mseed, "member": member, "model": model_name})
-        callbacks.append(checkpoint)
-        times.append(_fit(model, data, mseed, epochs, callbacks))
-        paths.append(checkpoint.path)
-        logging.info("  member %d (seed %d): best val accuracy %.4f, %.1f s", member, mseed,
-                     ftk.tickets.read_metadata(checkpoint.path)["monitor_value"], times[-1])
-    return paths, times
-
-
-def train_dst(settings, data, model_name, seed, ticket_dir):
-    """DST Ensemble: ``ftk.train_dst_ensemble`` (M independent RigL runs)."""
-    epochs = settings.epochs[model_name]
-    steps = epochs * data.steps_per_epoch
-    start = time.time()
-    paths = ftk.train_dst_ensemble(
-        lambda: build_model(model_name, data),
-        settings.num_members,
-        data.train(member_seed(seed, 0)),
-        validation_data=data.validation(),
-        epochs=epochs,
-        ticket_dir=ticket_dir,
-        sparsity=settings.sparsity,
-        distribution="erk",
-        compile_fn=lambda model: compile_model(model, settings, _cosine(settings, steps)),
-        seed=member_seed(seed, 0),
-        overwrite=True,
-        dst_kwargs=_dst_kwargs(settings),
-        fit_kwargs=dict(verbose=FLAGS.keras_verbose, shuffle=False),
+    compile_kwargs = dict(weight_decay=settings.weight_decay or None,
+                          steps_per_execution=settings.steps_per_execution)
+    common = dict(
+        validation_data=data.validation(), ticket_dir=ticket_dir, seed=member_seed(seed, 0),
+        monitor="val_accuracy", batch_size=settings.batch_size, overwrite=True,
+        fit_kwargs=dict(verbose=FLAGS.keras_verbose), metadata={"model": model_name},
     )
-    return paths, [time.time() - start]
-
-
-def train_edst(settings, data, model_name, seed, ticket_dir):
-    """EDST Ensemble: one sparse run with ``ftk.FreeTickets``."""
-    exploration, refine = settings.edst_epochs[model_name]
-    mseed = member_seed(seed, 0)
-    keras.utils.set_random_seed(mseed)
-    model = ftk.sparsify(build_model(model_name, data), settings.sparsity, distribution="erk",
-                         seed=mseed)
-    compile_model(model, settings, float(settings.learning_rate))  # FreeTickets sets the rate
-    tickets = ftk.FreeTickets(
-        ticket_dir, num_tickets=settings.num_members, exploration_epochs=exploration,
-        refine_epochs=refine, explore_fraction=settings.explore_fraction,
-        monitor="val_accuracy", exploration_lr=float(settings.learning_rate),
-        refine_lr=settings.refine_lr, overwrite=True, seed=mseed, **_dst_kwargs(settings))
-    elapsed = _fit(model, data, mseed, tickets.total_epochs, [tickets])
-    return list(tickets.tickets), [elapsed]
-
-
-# ---------------------------------------------------------------------------------- costs
-def training_macs(settings, data, method, model_name, sparse_ref):
-    """Training MACs of one method's run (all members), following ``ft_keras.flops``."""
-    batch, spe = settings.batch_size, data.steps_per_epoch
-    steps = settings.epochs[model_name] * spe
-    members = 1 if method == "dense" else settings.num_members
-    if method in ("dense", "deep_ensemble"):
-        return ftk.flops.training_macs_deep_ensemble(sparse_ref, members, steps, batch)
+    cosine = recipes.make_compile_fn("sgd", settings.learning_rate, "cosine",
+                                     decay_steps=epochs * data.steps_per_epoch, **compile_kwargs)
+    sparse = dict(sparsity=settings.sparsity, distribution="erk")
+    dst = dict(update_every=settings.update_every, drop_fraction=settings.drop_fraction,
+               final_drop_fraction=0.005, grow="gradient")
+    build = build_fn(model_name, data)
+    if method == "dense":
+        return recipes.train_dense(build, data.train, epochs=epochs, compile_fn=cosine, **common)
+    if method == "deep_ensemble":
+        return recipes.train_deep_ensemble(build, settings.num_members, data.train,
+                                           epochs=epochs, compile_fn=cosine, **common)
     if method == "dst_ensemble":
-        return members * ftk.flops.training_macs_dst(sparse_ref, steps, batch,
-                                                     settings.update_every, grow="gradient")
+        # One pipeline for all members (it reshuffles every epoch, so each member sees its own
+        # orders), as the committed results were trained.
+        return recipes.train_dst_ensemble(build, settings.num_members,
+                                          data.train(member_seed(seed, 0)), epochs=epochs,
+                                          compile_fn=cosine, dst_kwargs=dst, **sparse, **common)
     if method == "static_sparse_ensemble":
-        return members * 3 * ftk.flops.forward_macs(sparse_ref) * batch * steps
+        return recipes.train_static_sparse_ensemble(build, settings.num_members, data.train,
+                                                    epochs=epochs, compile_fn=cosine, **sparse,
+                                                    **common)
     exploration, refine = settings.edst_epochs[model_name]
-    return ftk.flops.training_macs_edst(sparse_ref, exploration, refine, members, spe, batch,
-                                        settings.update_every, grow="gradient")
+    plan = dict(exploration_epochs=exploration, refine_epochs=refine,
+                exploration_lr=float(settings.learning_rate), refine_lr=settings.refine_lr,
+                compile_fn=recipes.make_compile_fn("sgd", settings.learning_rate,
+                                                   **compile_kwargs))
+    if method == "edst":
+        common.pop("metadata")  # FreeTickets writes its own
+        return recipes.train_edst(build, settings.num_members, data.train,
+                                  explore_fraction=settings.explore_fraction, dst_kwargs=dst,
+                                  **plan, **sparse, **common)
+    return recipes.train_checkpoint_ensemble(build, settings.num_members, data.train,
+                                             dst_kwargs=dst, **plan, **sparse, **common)
 
 
 def method_epochs(settings, method, model_name):
@@ -619,117 +581,10 @@ def method_epochs(settings, method, model_name):
     epochs = settings.epochs[model_name]
     if method == "dense":
         return epochs
-    if method == "edst":
+    if method in PLAN_METHODS:
         exploration, refine = settings.edst_epochs[model_name]
         return exploration + settings.num_members * refine
     return settings.num_members * epochs
-
-
-# ------------------------------------------------------------------------------ evaluation
-class MemberOutputs:
-    """Softmax probabilities of one ticket on the test, OoD and corrupted sets (float32)."""
-
-    def __init__(self, path, data, batch_size=1000):
-        self.path = path
-        model, self.metadata = ftk.read_ticket(path)
-        self.model = model
-        spec = tf.TensorSpec((None,) + data.input_shape, tf.float32)
-        self._logits = tf.function(lambda x: model(x, training=False), input_signature=[spec],
-                                   reduce_retracing=True)
-        self._batch_size = batch_size
-        self.test = self._probs(data.test_images)
-        self.ood = None if data.ood_images is None else self._probs(data.ood_images)
-        self.corrupted = [self._probs(images) for _, _, images in data.corrupted]
-
-    def _probs(self, images):
-        out = []
-        for start in range(0, len(images), self._batch_size):
-            batch = images[start:start + self._batch_size].astype(np.float32) / 255.0
-            out.append(self._logits(tf.constant(batch)).numpy())
-        logits = np.concatenate(out).astype(np.float64)
-        return ftk.metrics.logits_to_probs(logits).astype(np.float32)
-
-
-def _mean_probs(arrays):
-    return np.mean(np.stack([a.astype(np.float64) for a in arrays]), axis=0)
-
-
-def _ensemble_metrics(labels, member_probs, probs):
-    out = {
-        "accuracy": ftk.metrics.accuracy(labels, probs),
-        "nll": ftk.metrics.nll(labels, probs),
-        "ece": ftk.metrics.ece(labels, probs, NUM_BINS),
-        "brier": ftk.metrics.brier(labels, probs),
-        "member_accuracy": [ftk.metrics.accuracy(labels, p) for p in member_probs],
-        "member_nll": [ftk.metrics.nll(labels, p) for p in member_probs],
-    }
-    out["member_accuracy_mean"] = float(np.mean(out["member_accuracy"]))
-    if len(member_probs) >= 2:
-        out["disagreement"] = ftk.metrics.disagreement(member_probs)
-        out["kl_diversity"] = ftk.metrics.kl_diversity(member_probs)
-    else:
-        out["disagreement"] = out["kl_diversity"] = None
-    return out
-
-
-def evaluate(members, data):
-    """All metrics of the ensemble of ``members`` (a list of `MemberOutputs`)."""
-    labels = data.test_labels
-    member_probs = np.stack([m.test.astype(np.float64) for m in members])
-    probs = member_probs.mean(axis=0)
-    metrics = _ensemble_metrics(labels, member_probs, probs)
-    reliability = ftk.metrics.reliability_diagram_data(labels, probs, NUM_BINS)
-    metrics["reliability"] = {
-        "counts": reliability["counts"].tolist(),
-        "accuracy": [None if np.isnan(v) else float(v) for v in reliability["accuracy"]],
-        "confidence": [None if np.isnan(v) else float(v) for v in reliability["confidence"]],
-    }
-    if data.ood_images is not None:
-        ood_probs = _mean_probs([m.ood for m in members])
-        metrics["ood_auroc_maxprob"] = ftk.metrics.ood_auroc(
-            ftk.metrics.max_prob_score(probs), ftk.metrics.max_prob_score(ood_probs))
-        metrics["ood_auroc_entropy"] = ftk.metrics.ood_auroc(
-            ftk.metrics.neg_entropy_score(probs), ftk.metrics.neg_entropy_score(ood_probs))
-    if data.corrupted:
-        rows = []
-        for index, (name, severity, _) in enumerate(data.corrupted):
-            corrupted = _mean_probs([m.corrupted[index] for m in members])
-            rows.append((name, severity, ftk.metrics.accuracy(data.corrupted_labels, corrupted),
-                         ftk.metrics.nll(data.corrupted_labels, corrupted),
-                         ftk.metrics.ece(data.corrupted_labels, corrupted, NUM_BINS)))
-        metrics["corrupt_accuracy"] = float(np.mean([r[2] for r in rows]))
-        metrics["corrupt_nll"] = float(np.mean([r[3] for r in rows]))
-        metrics["corrupt_ece"] = float(np.mean([r[4] for r in rows]))
-        metrics["corrupt_accuracy_by_severity"] = {
-            str(s): float(np.mean([r[2] for r in rows if r[1] == s])) for s in SEVERITIES}
-        metrics["corrupt_by_set"] = {f"{r[0]}_{r[1]}": {"accuracy": r[2], "nll": r[3],
-                                                         "ece": r[4]} for r in rows}
-    return metrics
-
-
-def cost_metrics(settings, data, method, model_name, members):
-    """Training / inference cost and active parameters of an ensemble of loaded tickets."""
-    reference_model = members[0].model
-    dense_forward = ftk.flops.forward_macs(reference_model, dense=True)
-    dense_training = ftk.flops.training_macs_dense(
-        reference_model, settings.epochs[model_name] * data.steps_per_epoch, settings.batch_size)
-    train = training_macs(settings, data, method, model_name, reference_model)
-    inference = ftk.flops.inference_macs_ensemble([m.model for m in members])
-    active = [int(m.metadata["num_active_params"]) for m in members]
-    dense_params = int(members[0].metadata["num_params"])
-    return {
-        "training_macs": int(train),
-        "training_macs_relative": ftk.flops.relative_cost(train, dense_training),
-        "dense_training_macs": int(dense_training),
-        "inference_macs": int(inference),
-        "inference_macs_relative": ftk.flops.relative_cost(inference, dense_forward),
-        "dense_inference_macs": int(dense_forward),
-        "active_params": int(sum(active)),
-        "active_params_per_member": active,
-        "dense_params": dense_params,
-        "active_params_relative": float(sum(active)) / dense_params,
-        "member_density": [m.metadata.get("density") for m in members],
-    }
 
 
 # -------------------------------------------------------------------------------- machine
@@ -783,77 +638,111 @@ class Runner:
                      "(epoch-count estimate)", label, elapsed, 100 * done, eta)
 
     def _train(self, model_name, seed, method):
-        """Trains one method; returns (ticket paths, wall times)."""
-        s, data = self.settings, self.data
+        """Trains one method; returns its `RecipeResult`."""
+        s = self.settings
         folder = os.path.join(self.work_dir, model_name, f"seed_{seed}", method, "tickets")
         logging.info("[%s, seed %d] training %s (%d epochs)", model_name, seed, LABELS[method],
                      method_epochs(s, method, model_name))
-        if method == "dst_ensemble":
-            result = train_dst(s, data, model_name, seed, folder)
-        elif method == "edst":
-            result = train_edst(s, data, model_name, seed, folder)
-        else:
-            members = 1 if method == "dense" else s.num_members
-            result = train_independent(s, data, model_name, seed, folder, members,
-                                       sparse=method == "static_sparse_ensemble", method=method)
+        result = train_method(s, self.data, model_name, seed, method, folder)
         self._epochs_done += method_epochs(s, method, model_name)
-        self._log_progress(f"[{model_name}, seed {seed}] {method} ({sum(result[1]):.1f} s)")
+        self._log_progress(f"[{model_name}, seed {seed}] {method} ({result.wall_time_s:.1f} s)")
         return result
 
     def _run_group(self, model_name, seed):
-        trained = {}
+        trained = {}  # method -> (ticket paths, wall times, training MACs)
         for method in self._trained_methods():
-            trained[method] = self._train(model_name, seed, method)
-        if "dense" in self.settings.methods and "dense" not in trained:
-            paths, times = trained["deep_ensemble"]
-            trained["dense"] = (paths[:1], times[:1])
-        outputs = {}
+            result = self._train(model_name, seed, method)
+            trained[method] = (result.tickets, result.fit_wall_time_s, result.training_macs)
+            if method == "deep_ensemble" and "dense" in self.settings.methods:
+                trained["dense"] = (result.tickets[:1], result.fit_wall_time_s[:1],
+                                    result.member_training_macs[0])
+        outputs = {}  # ticket path -> (model, metadata, evaluation.Predictions)
         for method in self.settings.methods:
-            paths, times = trained[method]
+            paths, times, training = trained[method]
             if len(paths) != (1 if method == "dense" else self.settings.num_members):
                 raise RuntimeError(f"{method}: expected tickets, got {paths}.")
-            members = []
             for path in paths:
                 if path not in outputs:
-                    outputs[path] = MemberOutputs(path, self.data)
-                members.append(outputs[path])
+                    model, metadata = ftk.read_ticket(path)
+                    outputs[path] = (model, metadata, evaluation.predict(model, self.data.eval))
+            members = [outputs[path] for path in paths]
+            reference = ftk.flops.training_macs_dense(
+                members[0][0], self.settings.epochs[model_name] * self.data.steps_per_epoch,
+                self.settings.batch_size)
+            result = evaluation.evaluate([m[2] for m in members], self.data.eval,
+                                         training_macs=training, dense_training_macs=reference)
+            metadata = [m[1] for m in members]
+            reliability = result.reliability
             record = {"model": model_name, "seed": seed, "method": method,
                       "num_members": len(members),
-                      "member_seeds": [m.metadata.get("seed") for m in members],
-                      "best_val_accuracy": [m.metadata.get("monitor_value") for m in members],
-                      "ticket_epochs": [m.metadata.get("epoch") for m in members],
+                      "member_seeds": [m.get("seed") for m in metadata],
+                      "best_val_accuracy": [m.get("monitor_value") for m in metadata],
+                      "ticket_epochs": [m.get("epoch") for m in metadata],
+                      "member_density": [m.get("density") for m in metadata],
                       "train_epochs": method_epochs(self.settings, method, model_name),
                       "wall_time_s": float(sum(times)),
-                      "member_wall_time_s": [float(t) for t in times]}
-            record.update(evaluate(members, self.data))
-            record.update(cost_metrics(self.settings, self.data, method, model_name, members))
+                      "member_wall_time_s": [float(t) for t in times],
+                      "metrics": {k: v for k, v in result.metrics.items()
+                                  if not k.startswith("info/")},
+                      "reliability": {
+                          "counts": reliability["counts"].tolist(),
+                          "accuracy": [None if np.isnan(v) else float(v)
+                                       for v in reliability["accuracy"]],
+                          "confidence": [None if np.isnan(v) else float(v)
+                                         for v in reliability["confidence"]]}}
             self.records.append(record)
+            metrics = record["metrics"]
             logging.info("[%s, seed %d] %s: accuracy %.4f, NLL %.4f, ECE %.4f, training %.2fx, "
-                         "inference %.2fx", model_name, seed, method, record["accuracy"],
-                         record["nll"], record["ece"], record["training_macs_relative"],
-                         record["inference_macs_relative"])
+                         "inference %.2fx", model_name, seed, method, metrics["test/accuracy"],
+                         metrics["test/nll"], metrics["test/ece"],
+                         metrics["cost/training_macs_relative"],
+                         metrics["cost/inference_macs_relative"])
         del outputs
         keras.backend.clear_session()
         gc.collect()
 
 
 # ---------------------------------------------------------------------------- aggregation
+# Keys of ft_keras.evaluation ("{ood}": the OoD set's name), plus the record's wall time.
 COLUMNS = (
     # key, header, format, scale
-    ("accuracy", "Acc. (%)", "{:.2f}", 100.0),
-    ("nll", "NLL", "{:.4f}", 1.0),
-    ("ece", "ECE", "{:.4f}", 1.0),
-    ("brier", "Brier", "{:.4f}", 1.0),
-    ("disagreement", "Disagr.", "{:.4f}", 1.0),
-    ("ood_auroc_maxprob", "OoD AUROC (max-p)", "{:.4f}", 1.0),
-    ("ood_auroc_entropy", "OoD AUROC (entropy)", "{:.4f}", 1.0),
-    ("corrupt_accuracy", "Corr. acc. (%)", "{:.2f}", 100.0),
-    ("corrupt_nll", "Corr. NLL", "{:.4f}", 1.0),
-    ("training_macs_relative", "Train FLOPs (x dense)", "{:.3f}", 1.0),
-    ("inference_macs_relative", "Infer. FLOPs (x dense)", "{:.3f}", 1.0),
-    ("active_params", "Active params", "{:,.0f}", 1.0),
+    ("test/accuracy", "Acc. (%)", "{:.2f}", 100.0),
+    ("test/nll", "NLL", "{:.4f}", 1.0),
+    ("test/ece", "ECE", "{:.4f}", 1.0),
+    ("test/brier", "Brier", "{:.4f}", 1.0),
+    ("test/disagreement", "Disagr.", "{:.4f}", 1.0),
+    ("ood/{ood}/auroc_max_prob", "OoD AUROC (max-p)", "{:.4f}", 1.0),
+    ("ood/{ood}/auroc_entropy", "OoD AUROC (entropy)", "{:.4f}", 1.0),
+    ("corrupt/mean/accuracy", "Corr. acc. (%)", "{:.2f}", 100.0),
+    ("corrupt/mean/nll", "Corr. NLL", "{:.4f}", 1.0),
+    ("cost/training_macs_relative", "Train FLOPs (x dense)", "{:.3f}", 1.0),
+    ("cost/inference_macs_relative", "Infer. FLOPs (x dense)", "{:.3f}", 1.0),
+    ("cost/active_params", "Active params", "{:,.0f}", 1.0),
     ("wall_time_s", "Train time (s)", "{:.0f}", 1.0),
 )
+SUMMARY_KEYS = tuple(c[0] for c in COLUMNS) + (
+    "test/accuracy_member_mean", "test/kl_diversity", "corrupt/mean/ece",
+    "cost/active_params_relative") + tuple(f"corrupt/mean/{s}/accuracy" for s in SEVERITIES)
+
+# Summary keys of reports written before the evaluation module's key scheme (docs/results*.json
+# of earlier runs), for --render_only.
+_OLD_SUMMARY_KEYS = dict(
+    {"accuracy": "test/accuracy", "nll": "test/nll", "ece": "test/ece", "brier": "test/brier",
+     "disagreement": "test/disagreement", "ood_auroc_maxprob": "ood/{ood}/auroc_max_prob",
+     "ood_auroc_entropy": "ood/{ood}/auroc_entropy", "corrupt_accuracy": "corrupt/mean/accuracy",
+     "corrupt_nll": "corrupt/mean/nll", "corrupt_ece": "corrupt/mean/ece",
+     "training_macs_relative": "cost/training_macs_relative",
+     "inference_macs_relative": "cost/inference_macs_relative",
+     "active_params": "cost/active_params", "active_params_relative":
+     "cost/active_params_relative", "member_accuracy_mean": "test/accuracy_member_mean",
+     "kl_diversity": "test/kl_diversity", "wall_time_s": "wall_time_s"})
+
+
+def metric_key(template, ood):
+    """``template`` with the OoD set's name filled in (None for an OoD key without OoD set)."""
+    if "{ood}" in template:
+        return template.format(ood=ood) if ood else None
+    return template
 
 
 def _stats(values):
@@ -865,22 +754,43 @@ def _stats(values):
     return {"mean": float(array.mean()), "std": std, "n": len(array)}
 
 
+def _record_value(record, key):
+    return record["metrics"].get(key, record.get(key))
+
+
 def aggregate(records, settings):
-    """{model: {method: {key: {mean, std, n}}}} over seeds."""
-    keys = [c[0] for c in COLUMNS] + ["member_accuracy_mean", "kl_diversity", "corrupt_ece",
-                                      "active_params_relative"]
+    """{model: {method: {key: {mean, std, n}}}} over seeds, keys of `SUMMARY_KEYS`."""
+    keys = [k for k in (metric_key(t, settings.ood_dataset) for t in SUMMARY_KEYS) if k]
     out = {}
     for model in settings.models:
         out[model] = {}
         for method in settings.methods:
             rows = [r for r in records if r["model"] == model and r["method"] == method]
-            if not rows:
-                continue
-            out[model][method] = {k: _stats([r.get(k) for r in rows]) for k in keys}
-            out[model][method]["corrupt_accuracy_by_severity"] = {
-                s: _stats([r["corrupt_accuracy_by_severity"][s] for r in rows
-                           if "corrupt_accuracy_by_severity" in r]) for s in map(str, SEVERITIES)}
+            if rows:
+                out[model][method] = {k: _stats([_record_value(r, k) for r in rows])
+                                      for k in keys}
     return out
+
+
+def upgrade_report(report):
+    """A report of an earlier version (flat record keys) in the current key scheme, in place."""
+    if report.get("metric_keys") == evaluation.__name__:
+        return report
+    ood = report["settings"].get("ood_dataset")
+    for methods in report["summary"].values():
+        for name, stats in methods.items():
+            new = {}
+            for old_key, value in stats.items():
+                if old_key == "corrupt_accuracy_by_severity":
+                    for severity, stat in value.items():
+                        new[f"corrupt/mean/{severity}/accuracy"] = stat
+                elif old_key in _OLD_SUMMARY_KEYS:
+                    key = metric_key(_OLD_SUMMARY_KEYS[old_key], ood)
+                    if key:
+                        new[key] = value
+            methods[name] = new
+    report["metric_keys"] = evaluation.__name__
+    return report
 
 
 def _cell(stat, fmt, scale):
@@ -903,7 +813,9 @@ def _settings_lines(report):
             f"(cosine learning rate from {s['learning_rate']}); EDST {exploration} exploration "
             f"epochs at {s['learning_rate']} + {s['num_members']} x {refine} refinement epochs "
             f"(learning rate {s['refine_lr'][0]} then {s['refine_lr'][1]}) = "
-            f"{exploration + s['num_members'] * refine} epochs.")
+            f"{exploration + s['num_members'] * refine} epochs"
+            + (", the checkpoint ensemble's one DST run the same epochs and learning rates"
+               if "checkpoint_ensemble" in s["methods"] else "") + ".")
     data = report["data"]
     lines += [
         f"- Data: {s['dataset']}, {data['train_examples']:,d} training and "
@@ -911,7 +823,8 @@ def _settings_lines(report):
         f"{s['validation_fraction']:.0%} of the training split selects every ticket), "
         f"{data['test_examples']:,d} test examples; OoD set: "
         + (f"{s['ood_dataset']} test ({data['ood_examples']:,d} images)"
-           if s["ood_dataset"] else "none") + ".",
+           if s["ood_dataset"] else "none")
+        + (f" ({data['ood_skipped']})" if data.get("ood_skipped") else "") + ".",
         f"- M = {s['num_members']} members, sparsity S = {s['sparsity']} (ERK), DST: RigL "
         f"gradient growth, magnitude pruning every {s['update_every']} steps, drop fraction "
         f"{s['drop_fraction']} cosine-annealed to 0.005; EDST global exploration q = "
@@ -921,7 +834,10 @@ def _settings_lines(report):
         f"- Seeds {s['seeds']}: mean ± sample standard deviation over seeds (no ± where all "
         "seeds give the same number); member m of seed s "
         "uses seed 100 s + m. The dense single model is member 0 of the deep ensemble of the same "
-        "seed (trained once).",
+        "seed (trained once)."
+        + (" The checkpoint ensemble's snapshots are the best epoch of each of EDST's refinement "
+           "windows of one DST run without global exploration (seed 100 s)."
+           if "checkpoint_ensemble" in s["methods"] else ""),
         f"- Corruptions: {len(s['corruptions'])} types ({', '.join(s['corruptions']) or 'none'})"
         f" x severities 1-5 of `ft_keras.corruptions` (this project's own, not CIFAR-10-C) on a "
         f"fixed subset of {data['corrupted_examples']:,d} test images; corruption seed "
@@ -962,24 +878,24 @@ def markdown_region(report):
         "writing included); the masked layers run dense kernels, so sparse methods are not "
         "faster in wall time.",
     ]
+    ood = s.get("ood_dataset")
+    second = [("test/accuracy_member_mean", "{:.2f}", 100.0), ("test/kl_diversity", "{:.4f}", 1.0),
+              ("corrupt/mean/ece", "{:.4f}", 1.0)] + [
+                  (f"corrupt/mean/{v}/accuracy", "{:.2f}", 100.0) for v in SEVERITIES]
     for model, methods in report["summary"].items():
         lines += ["", f"### {MODELS[model][0]}", "",
                   "| Method | " + " | ".join(c[1] for c in COLUMNS) + " |",
                   "|---|" + "---|" * len(COLUMNS)]
         for method, stats in methods.items():
             lines.append(f"| {LABELS[method]} | " + " | ".join(
-                _cell(stats.get(key), fmt, scale) for key, _, fmt, scale in COLUMNS) + " |")
+                _cell(stats.get(metric_key(key, ood)), fmt, scale)
+                for key, _, fmt, scale in COLUMNS) + " |")
         lines += ["", "| Method | mean member acc. (%) | KL diversity | Corr. ECE | "
                   + " | ".join(f"Corr. acc. sev. {v} (%)" for v in SEVERITIES) + " |",
                   "|---|---|---|---|" + "---|" * len(SEVERITIES)]
         for method, stats in methods.items():
-            severity = stats["corrupt_accuracy_by_severity"]
-            lines.append(
-                f"| {LABELS[method]} | {_cell(stats['member_accuracy_mean'], '{:.2f}', 100.0)} | "
-                f"{_cell(stats['kl_diversity'], '{:.4f}', 1.0)} | "
-                f"{_cell(stats['corrupt_ece'], '{:.4f}', 1.0)} | "
-                + " | ".join(_cell(severity[str(v)], "{:.2f}", 100.0) for v in SEVERITIES)
-                + " |")
+            lines.append(f"| {LABELS[method]} | " + " | ".join(
+                _cell(stats.get(key), fmt, scale) for key, fmt, scale in second) + " |")
     if report.get("plots"):
         lines += ["", "Plots:", ""]
         for path in report["plots"]:
@@ -992,7 +908,7 @@ def markdown_region(report):
 DEFAULT_DISCUSSION = """
 ## Discussion
 
-(Not written yet: compare the numbers above with the paper's claims, SPEC.md section 8.)
+(Not written yet: compare the numbers above with the paper's claims.)
 """
 
 
@@ -1023,7 +939,8 @@ def _atomic_write(path, text):
 
 # ------------------------------------------------------------------------------------ plots
 COLORS = {"dense": "black", "deep_ensemble": "tab:blue", "dst_ensemble": "tab:orange",
-          "edst": "tab:red", "static_sparse_ensemble": "tab:green"}
+          "edst": "tab:red", "static_sparse_ensemble": "tab:green",
+          "checkpoint_ensemble": "tab:purple"}
 
 
 def _pyplot():
@@ -1040,8 +957,10 @@ def _pyplot():
 
 def _save(fig, plt, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
@@ -1053,7 +972,7 @@ def plot_accuracy_vs_flops(plt, report, path):
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         for method, stats in report["summary"][model].items():
-            x, y = stats["training_macs_relative"], stats["accuracy"]
+            x, y = stats["cost/training_macs_relative"], stats["test/accuracy"]
             ax.errorbar(x["mean"], 100 * y["mean"], yerr=100 * y["std"], fmt="o", capsize=3,
                         color=COLORS[method], label=LABELS[method])
         ax.set_xscale("log")
@@ -1085,7 +1004,7 @@ def best_ensemble(summary_model, among=ENSEMBLE_METHODS):
     candidates = [m for m in summary_model if m in among]
     if not candidates:
         return None
-    return min(candidates, key=lambda m: summary_model[m]["nll"]["mean"])
+    return min(candidates, key=lambda m: summary_model[m]["test/nll"]["mean"])
 
 
 def plot_reliability(plt, report, path):
@@ -1112,7 +1031,7 @@ def plot_reliability(plt, report, path):
             filled = counts > 0
             ax.plot(confidence[filled], accuracy[filled], "o-", markersize=4,
                     color=COLORS[method],
-                    label=f"{LABELS[method]} (ECE {summary[method]['ece']['mean']:.4f})")
+                    label=f"{LABELS[method]} (ECE {summary[method]['test/ece']['mean']:.4f})")
             ax_count.bar(centres + offset, counts / counts.sum(), width=bar,
                          color=COLORS[method])
         ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin",
@@ -1124,15 +1043,15 @@ def plot_reliability(plt, report, path):
 
 def plot_corruption(plt, report, path):
     models = [m for m in report["summary"]
-              if any(s["corrupt_accuracy"] for s in report["summary"][m].values())]
+              if any(s.get("corrupt/mean/accuracy") for s in report["summary"][m].values())]
     if not models:
         return None
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         for method, stats in report["summary"][model].items():
             xs = [0] + list(SEVERITIES)
-            ys = [stats["accuracy"]["mean"]] + [
-                stats["corrupt_accuracy_by_severity"][str(s)]["mean"] for s in SEVERITIES]
+            ys = [stats["test/accuracy"]["mean"]] + [
+                stats[f"corrupt/mean/{s}/accuracy"]["mean"] for s in SEVERITIES]
             ax.plot(xs, [100 * y for y in ys], "o-", color=COLORS[method], label=LABELS[method],
                     markersize=4)
         ax.set(xlabel="corruption severity (0: clean test set)", ylabel="accuracy (%)",
@@ -1163,7 +1082,8 @@ def _output_dir():
 
 
 def _add_shared_data():
-    """Adds ../shared/data (beside the repository) to ft_keras.data's search path."""
+    """Adds ../shared/data (beside the repository, or $FT_KERAS_SHARED_DATA) to ft_keras.data's
+    search path."""
     if FLAGS.data_dir is None and os.path.isdir(SHARED_DATA):
         current = os.environ.get(ftk.data.DATA_DIR_ENV, "")
         paths = [p for p in current.split(os.pathsep) if p]
@@ -1177,8 +1097,10 @@ def _write_json(path, value):
 
 def build_report(settings, data, records, command, start, meter, machine, output_name,
                  complete, training_s, plots=()):
+    sets = data.eval
     return {
         "output_name": output_name,
+        "metric_keys": evaluation.__name__,
         "complete": complete,
         "command": command,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1188,10 +1110,12 @@ def build_report(settings, data, records, command, start, meter, machine, output
         "settings": settings.as_dict(),
         "data": {"train_examples": data.num_train, "validation_examples": data.num_validation,
                  "steps_per_epoch": data.steps_per_epoch,
-                 "test_examples": int(len(data.test_labels)),
-                 "ood_examples": None if data.ood_images is None else int(len(data.ood_images)),
-                 "corrupted_examples": int(len(data.corrupted_labels)),
-                 "corrupted_sets": len(data.corrupted)},
+                 "test_examples": int(len(sets.test_labels)),
+                 "ood_examples": int(len(sets.ood[data.ood_name])) if data.ood_name else None,
+                 "ood_skipped": data.ood_skipped,
+                 "corrupted_examples": int(len(sets.corruption_subset)) if sets.corruptions
+                 else 0,
+                 "corrupted_sets": sets.num_corrupted_sets},
         "summary": aggregate(records, settings),
         "records": records,
         "plots": [os.path.basename(p) for p in plots],
@@ -1199,6 +1123,7 @@ def build_report(settings, data, records, command, start, meter, machine, output
             "Costs are multiply-accumulates (FLOPs = 2 x MACs); ratios are the same in FLOPs.",
             "The dense single model is member 0 of the deep ensemble of the same seed.",
             "Ensemble prediction: mean of member softmax probabilities.",
+            "Metric keys: ft_keras.evaluation's scheme (see its module doc).",
         ],
     }
 
@@ -1221,6 +1146,7 @@ def render_only(json_path):
         raise _usage("render_only", f"cannot read {json_path!r}: {error}") from None
     if not report.get("complete"):
         raise _usage("render_only", f"{json_path!r} is from an unfinished run.")
+    upgrade_report(report)
     output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(json_path))
     os.makedirs(output_dir, exist_ok=True)
     plots = write_plots(report, output_dir) if FLAGS.plots else []
@@ -1255,7 +1181,8 @@ def main(argv):
     machine = machine_info()
     logging.info("settings: %s", json.dumps(settings.as_dict()))
     logging.info("outputs: %s/%s.{json,md}; tickets under %s", output_dir, output_name, work_dir)
-    data = Data(settings)
+    data = Data(settings, ood_required=FLAGS.ood_dataset is not None)
+    settings = dataclasses.replace(settings, ood_dataset=data.ood_name)
     json_path = os.path.join(output_dir, output_name + ".json")
 
     def checkpoint(records):
@@ -1284,9 +1211,10 @@ def main(argv):
     for model, methods in report["summary"].items():
         for method, stats in methods.items():
             logging.info("%-14s %-24s accuracy %s  NLL %s  ECE %s  training %s x dense", model,
-                         method, _cell(stats["accuracy"], "{:.4f}", 1.0),
-                         _cell(stats["nll"], "{:.4f}", 1.0), _cell(stats["ece"], "{:.4f}", 1.0),
-                         _cell(stats["training_macs_relative"], "{:.3f}", 1.0))
+                         method, _cell(stats["test/accuracy"], "{:.4f}", 1.0),
+                         _cell(stats["test/nll"], "{:.4f}", 1.0),
+                         _cell(stats["test/ece"], "{:.4f}", 1.0),
+                         _cell(stats["cost/training_macs_relative"], "{:.3f}", 1.0))
 
 
 if __name__ == "__main__":

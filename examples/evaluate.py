@@ -1,18 +1,17 @@
 """Evaluates an ensemble of tickets: accuracy, calibration, diversity, OoD, corruptions and cost.
 
 Loads ``ftk.Ensemble.from_directory(--ticket_dir)`` (the tickets ``examples/train.py`` or the
-library's callbacks wrote), predicts every member once per data set, and writes to
-``--output_dir``:
+library's callbacks wrote), runs the library's evaluation suite (``evaluation.evaluate``: every
+member predicted once per data set) and writes to ``--output_dir``:
 
-* ``metrics.json``: a flat dict with uncertainty-baselines style keys (SPEC.md section 7):
-  ``test/accuracy``, ``test/nll``, ``test/ece`` (15 bins), ``test/brier``, ``test/disagreement``,
-  ``test/kl_diversity``, ``test/accuracy_member_<i>``, ``test/nll_member_<i>``, ensembles of the
-  first k tickets ``test/accuracy_first_<k>`` (also ``nll``, ``ece``); out-of-distribution
-  detection ``ood/<name>_auroc``, ``ood/<name>_aupr`` (AUPR with the in-distribution set as
-  positives), ``ood/<name>_aupr_out``, ``ood/<name>_fpr95`` scored by the maximum probability, the
-  same with ``_entropy`` (predictive entropy) and, with two or more members, ``_mi`` (mutual
-  information); corrupted test sets ``corrupt/<corruption>_<severity>/{accuracy,nll,ece}``,
-  ``corrupt/mean/{accuracy,nll,ece}`` and ``corrupt/severity_<s>/accuracy``; cost
+* ``metrics.json``: the suite's flat dict, keys in its uncertainty-baselines style scheme (see
+  ``ft_keras/evaluation.py``): ``test/accuracy``, ``test/nll``, ``test/ece`` (15 bins),
+  ``test/brier``, ``test/disagreement``, ``test/kl_diversity``, ``test/accuracy_member_<i>``,
+  ``test/nll_member_<i>``, ensembles of the first k tickets ``test/accuracy_first_<k>``;
+  out-of-distribution detection ``ood/<name>/auroc_max_prob``, ``ood/<name>/aupr_in_entropy``,
+  ... (scores ``max_prob``, ``entropy`` and, with two or more members, ``mutual_information``);
+  corrupted test sets ``corrupt/<corruption>/<severity>/accuracy`` (also ``nll``, ``ece``,
+  ``brier``), ``corrupt/mean/<severity>/accuracy`` and ``corrupt/mean/accuracy``; cost
   ``cost/inference_macs`` (+ ``_relative`` to one dense model), ``cost/active_params`` and, with
   ``--train_summary``, ``cost/training_macs`` and ``cost/training_macs_relative``; ``info/*``
   entries describe the evaluation.
@@ -43,13 +42,14 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import ft_keras as ftk  # noqa: E402
+from ft_keras import evaluation  # noqa: E402
 
 DEFAULT_OOD = {"fashion_mnist": "mnist", "mnist": "fashion_mnist", "cifar10": "none"}
-NUM_BINS = 15
-CORRUPTION_SUBSET_SEED = 0
+NUM_BINS = evaluation.NUM_BINS
+OOD_SCORES = (("max_prob", "max probability"), ("entropy", "predictive entropy"),
+              ("mutual_information", "mutual information"))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ticket_dir", None, "Folder of ticket_<i>/ folders.")
@@ -92,140 +92,6 @@ flags.register_validator(
     "--severities must be a list of integers in 1..5, e.g. 1,3,5.")
 
 
-# ------------------------------------------------------------------------------ prediction
-class Predictor:
-    """Member probabilities ``(M, N, K)`` of uint8 images, one compiled function for all sets."""
-
-    def __init__(self, ensemble):
-        spec = tf.TensorSpec((None,) + tuple(ensemble.member_input_shape), tf.float32)
-        self._logits = tf.function(lambda x: ensemble.member_logits(x, training=False),
-                                   input_signature=[spec])
-        self.combine = ensemble.combine
-
-    def member_logits(self, images):
-        out = []
-        for start in range(0, len(images), FLAGS.batch_size):
-            batch = images[start:start + FLAGS.batch_size].astype(np.float32) / 255.0
-            out.append(self._logits(tf.constant(batch)).numpy())
-        return np.concatenate(out, axis=1).astype(np.float64)
-
-    def __call__(self, images):
-        """``(member_probs, ensemble_probs)`` of ``images``."""
-        logits = self.member_logits(images)
-        member_probs = ftk.metrics.logits_to_probs(logits)
-        return member_probs, combined_probs(logits, member_probs, self.combine)
-
-
-def combined_probs(member_logits, member_probs, combine, num_members=None):
-    """The ensemble's probabilities from its first ``num_members`` members (default: all)."""
-    k = num_members or member_probs.shape[0]
-    if combine == "logits":
-        return ftk.metrics.logits_to_probs(member_logits[:k].mean(axis=0))
-    return member_probs[:k].mean(axis=0)
-
-
-def _calibration(labels, probs, prefix):
-    return {
-        f"{prefix}accuracy": ftk.metrics.accuracy(labels, probs),
-        f"{prefix}nll": ftk.metrics.nll(labels, probs),
-        f"{prefix}ece": ftk.metrics.ece(labels, probs, NUM_BINS),
-    }
-
-
-# ----------------------------------------------------------------------------- evaluations
-def evaluate_test(predictor, images, labels):
-    logits = predictor.member_logits(images)
-    member_probs = ftk.metrics.logits_to_probs(logits)
-    probs = combined_probs(logits, member_probs, predictor.combine)
-    metrics = ftk.metrics.summary(labels, member_probs, prefix="test/", num_bins=NUM_BINS)
-    metrics.update(_calibration(labels, probs, "test/"))  # the --combine prediction
-    metrics["test/brier"] = ftk.metrics.brier(labels, probs)
-    metrics["test/predictive_entropy"] = float(ftk.metrics.predictive_entropy(probs).mean())
-    if member_probs.shape[0] >= 2:
-        metrics["test/mutual_information"] = float(
-            ftk.metrics.mutual_information(member_probs).mean())
-    for k in range(1, member_probs.shape[0] + 1):
-        first = combined_probs(logits, member_probs, predictor.combine, k)
-        for key, value in _calibration(labels, first, "").items():
-            metrics[f"test/{key}_first_{k}"] = value
-    return metrics, member_probs, probs
-
-
-def _scores(member_probs, probs):
-    scores = {"": ftk.metrics.max_prob_score(probs),
-              "_entropy": ftk.metrics.neg_entropy_score(probs)}
-    if member_probs.shape[0] >= 2:
-        scores["_mi"] = 0.0 - ftk.metrics.mutual_information(member_probs)
-    return scores
-
-
-def evaluate_ood(name, in_scores, member_probs, probs):
-    metrics = {}
-    for suffix, out_score in _scores(member_probs, probs).items():
-        s_in, s_out = in_scores[suffix], out_score
-        metrics[f"ood/{name}_auroc{suffix}"] = ftk.metrics.ood_auroc(s_in, s_out)
-        metrics[f"ood/{name}_aupr{suffix}"] = ftk.metrics.ood_aupr(s_in, s_out, positive="in")
-        metrics[f"ood/{name}_aupr_out{suffix}"] = ftk.metrics.ood_aupr(s_in, s_out,
-                                                                       positive="out")
-        metrics[f"ood/{name}_fpr95{suffix}"] = ftk.metrics.fpr_at_tpr(s_in, s_out, 0.95)
-    return metrics
-
-
-def evaluate_corruptions(predictor, images, labels, names, severities):
-    metrics, per_severity = {}, {s: [] for s in severities}
-    for name, severity, corrupted in ftk.corruptions.suite(images, severities, names,
-                                                          seed=FLAGS.corruption_seed):
-        _, probs = predictor(corrupted)
-        values = _calibration(labels, probs, f"corrupt/{name}_{severity}/")
-        metrics.update(values)
-        per_severity[severity].append(values)
-        logging.info("corrupt %s %d: accuracy %.4f", name, severity,
-                     values[f"corrupt/{name}_{severity}/accuracy"])
-    every = [v for rows in per_severity.values() for v in rows]
-    for stat in ("accuracy", "nll", "ece"):
-        metrics[f"corrupt/mean/{stat}"] = float(np.mean(
-            [next(val for key, val in row.items() if key.endswith("/" + stat)) for row in every]))
-    for severity, rows in per_severity.items():
-        metrics[f"corrupt/severity_{severity}/accuracy"] = float(np.mean(
-            [next(val for key, val in row.items() if key.endswith("/accuracy")) for row in rows]))
-    return metrics
-
-
-def evaluate_cost(ensemble, summary):
-    metadata = ensemble.metadata
-    members = ensemble.members
-    inference = []
-    for member, meta in zip(members, metadata):
-        flops = meta.get("forward_flops")
-        inference.append(flops // 2 if flops else ftk.flops.forward_macs(member))
-    try:
-        dense = ftk.flops.forward_macs(members[0], dense=True)
-    except (TypeError, ValueError):
-        dense = 0
-    if not dense and summary:
-        dense = summary["dense_reference"]["forward_macs"]
-    metrics = {"cost/inference_macs": int(sum(inference)),
-               "cost/inference_flops": ftk.flops.macs_to_flops(int(sum(inference)))}
-    if dense:
-        metrics["cost/dense_inference_macs"] = int(dense)
-        metrics["cost/inference_macs_relative"] = ftk.flops.relative_cost(sum(inference), dense)
-    active = [meta.get("num_active_params") for meta in metadata]
-    if all(a is not None for a in active):
-        metrics["cost/active_params"] = int(sum(active))
-        params = metadata[0].get("num_params")
-        if params:
-            metrics["cost/dense_params"] = int(params)
-            metrics["cost/active_params_relative"] = float(sum(active)) / params
-    if summary:
-        reference = summary["dense_reference"]["training_macs"]
-        metrics["cost/training_macs"] = int(summary["training_macs"])
-        metrics["cost/training_flops"] = ftk.flops.macs_to_flops(int(summary["training_macs"]))
-        metrics["cost/dense_training_macs"] = int(reference)
-        metrics["cost/training_macs_relative"] = ftk.flops.relative_cost(
-            summary["training_macs"], reference)
-    return metrics
-
-
 # ---------------------------------------------------------------------------------- output
 def write_markdown(path, metrics, num_members, names, severities, summary):
     info = {k[5:]: v for k, v in metrics.items() if k.startswith("info/")}
@@ -235,12 +101,11 @@ def write_markdown(path, metrics, num_members, names, severities, summary):
     lines += ["", "## Test set", "", "| metric | ensemble | "
               + " | ".join(f"member {i}" for i in range(num_members)) + " |",
               "|---|---|" + "---|" * num_members]
-    for stat in ("accuracy", "nll"):
+    for stat in ("accuracy", "nll", "ece", "brier"):
         members = " | ".join(f"{metrics[f'test/{stat}_member_{i}']:.4f}"
                              for i in range(num_members))
         lines.append(f"| {stat} | {metrics[f'test/{stat}']:.4f} | {members} |")
-    for stat in ("ece", "brier", "disagreement", "kl_diversity", "predictive_entropy",
-                 "mutual_information"):
+    for stat in ("disagreement", "kl_diversity", "predictive_entropy", "mutual_information"):
         if f"test/{stat}" in metrics:
             lines.append(f"| {stat} | {metrics[f'test/{stat}']:.4f} |" + " |" * num_members)
     cumulative = _cumulative_training(summary, num_members)
@@ -258,35 +123,38 @@ def write_markdown(path, metrics, num_members, names, severities, summary):
     if ood and ood != "none":
         lines += ["", f"## Out-of-distribution detection: {info['dataset']} vs {ood}", "",
                   "| score | AUROC | AUPR (in) | AUPR (out) | FPR@95 |", "|---|---|---|---|---|"]
-        for suffix, label in (("", "max probability"), ("_entropy", "predictive entropy"),
-                              ("_mi", "mutual information")):
-            if f"ood/{ood}_auroc{suffix}" in metrics:
-                lines.append(
-                    f"| {label} | {metrics[f'ood/{ood}_auroc{suffix}']:.4f} | "
-                    f"{metrics[f'ood/{ood}_aupr{suffix}']:.4f} | "
-                    f"{metrics[f'ood/{ood}_aupr_out{suffix}']:.4f} | "
-                    f"{metrics[f'ood/{ood}_fpr95{suffix}']:.4f} |")
+        for score, label in OOD_SCORES:
+            if f"ood/{ood}/auroc_{score}" in metrics:
+                lines.append("| " + label + " | " + " | ".join(
+                    f"{metrics[f'ood/{ood}/{stat}_{score}']:.4f}"
+                    for stat in ("auroc", "aupr_in", "aupr_out", "fpr95")) + " |")
     if names:
         lines += ["", f"## Corrupted test sets ({info.get('corruption_examples')} examples; "
                   "accuracy)", "", "| corruption | " + " | ".join(
                       f"severity {s}" for s in severities) + " |",
                   "|---|" + "---|" * len(severities)]
-        for name in names:
+        for name in names + ["mean"]:
             lines.append(f"| {name} | " + " | ".join(
-                f"{metrics[f'corrupt/{name}_{s}/accuracy']:.4f}" for s in severities) + " |")
-        lines.append("| mean | " + " | ".join(
-            f"{metrics[f'corrupt/severity_{s}/accuracy']:.4f}" for s in severities) + " |")
+                f"{metrics[f'corrupt/{name}/{s}/accuracy']:.4f}" for s in severities) + " |")
         lines += ["", f"Mean over all corrupted sets: accuracy "
                   f"{metrics['corrupt/mean/accuracy']:.4f}, NLL {metrics['corrupt/mean/nll']:.4f}, "
-                  f"ECE {metrics['corrupt/mean/ece']:.4f}."]
+                  f"ECE {metrics['corrupt/mean/ece']:.4f}, Brier "
+                  f"{metrics['corrupt/mean/brier']:.4f}."]
     lines += ["", "## Cost (multiply-accumulates; FLOPs = 2 x MACs)", "", "| quantity | value |",
               "|---|---|"]
     for key, value in metrics.items():
         if key.startswith("cost/"):
             text = f"{value:.4f}" if isinstance(value, float) else f"{value:,d}"
             lines.append(f"| {key[5:]} | {text} |")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+    _write_text(path, "\n".join(lines))
+
+
+def _write_text(path, text):
+    """Writes ``text`` (plus a final newline) to ``path`` through a temporary file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    os.replace(tmp, path)
 
 
 def _cumulative_training(summary, num_members):
@@ -300,7 +168,7 @@ def _cumulative_training(summary, num_members):
     return macs, [m / reference for m in macs]
 
 
-def write_plots(output_dir, labels, probs, member_probs, metrics, summary):
+def write_plots(output_dir, result, metrics, summary):
     """Writes the PNG plots; returns their paths ([] without matplotlib)."""
     try:
         import matplotlib  # pylint: disable=import-outside-toplevel
@@ -311,10 +179,10 @@ def write_plots(output_dir, labels, probs, member_probs, metrics, summary):
         logging.warning("matplotlib is not installed: no plots (pip install matplotlib).")
         return []
     paths = []
-    num_members = member_probs.shape[0]
+    num_members = result.member_probs.shape[0]
     title = f"{metrics.get('info/method', 'ensemble')} ({num_members} tickets)"
 
-    data = ftk.metrics.reliability_diagram_data(labels, probs, NUM_BINS)
+    data = result.reliability
     edges = data["edges"]
     centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
     fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5, 6.5), sharex=True,
@@ -367,8 +235,10 @@ def write_plots(output_dir, labels, probs, member_probs, metrics, summary):
 
 def _save(fig, plt, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
@@ -420,14 +290,13 @@ def main(argv):
     methods = {meta.get("method") for meta in metadata}
     method = summary["method"] if summary else "/".join(sorted(str(m) for m in methods))
 
-    predictor = Predictor(ensemble)
     images, labels = _load(dataset, "test", FLAGS.test_examples)
     logging.info("%d tickets (%s), %d %s test examples", num_members, method, len(labels),
                  dataset)
-    metrics, member_probs, probs = evaluate_test(predictor, images, labels)
+    ood_sets = {}
     if ood != "none":
         try:
-            ood_images, _ = _load(ood, "test", FLAGS.ood_examples or len(labels))
+            ood_sets[ood], _ = _load(ood, "test", FLAGS.ood_examples or len(labels))
         except FileNotFoundError as error:
             if FLAGS.ood_dataset:  # asked for explicitly
                 raise app.UsageError(f"--ood_dataset={ood}: {error}") from None
@@ -435,38 +304,26 @@ def main(argv):
                             "(%s). Pass --ood_dataset=none to silence this.", ood,
                             str(error).splitlines()[0])
             ood = "none"
-    if ood != "none":
-        in_scores = _scores(member_probs, probs)
-        ood_member_probs, ood_probs = predictor(ood_images)
-        metrics.update(evaluate_ood(ood, in_scores, ood_member_probs, ood_probs))
-        metrics["info/ood_examples"] = int(len(ood_images))
-    if names:
-        subset = np.arange(len(labels))
-        if FLAGS.corruption_examples and FLAGS.corruption_examples < len(labels):
-            rng = np.random.default_rng(CORRUPTION_SUBSET_SEED)
-            subset = np.sort(rng.choice(len(labels), FLAGS.corruption_examples, replace=False))
-        metrics.update(evaluate_corruptions(predictor, images[subset], labels[subset], names,
-                                            severities))
-        metrics["info/corruption_examples"] = int(len(subset))
-    metrics.update(evaluate_cost(ensemble, summary))
+    data = evaluation.make_data(
+        images, labels, ood=ood_sets, corruptions=names, severities=severities,
+        corruption_examples=FLAGS.corruption_examples, corruption_seed=FLAGS.corruption_seed,
+        keep_corrupted=False)  # generated once, one set at a time
+    result = evaluation.evaluate(
+        ensemble, data, combine=FLAGS.combine, num_bins=NUM_BINS, batch_size=FLAGS.batch_size,
+        training_macs=summary["training_macs"] if summary else None,
+        dense_training_macs=summary["dense_reference"]["training_macs"] if summary else None)
+    metrics = dict(result.metrics)
     metrics.update({
         "info/ticket_dir": os.path.abspath(FLAGS.ticket_dir),
         "info/method": method,
         "info/dataset": dataset,
         "info/ood_dataset": ood,
-        "info/combine": FLAGS.combine,
-        "info/num_members": num_members,
-        "info/test_examples": int(len(labels)),
-        "info/ece_bins": NUM_BINS,
         "info/eval_time_s": time.time() - start,
     })
     metrics = dict(sorted(metrics.items()))
-    plots = write_plots(FLAGS.output_dir, labels, probs, member_probs, metrics,
-                        summary) if FLAGS.plots else []
+    plots = write_plots(FLAGS.output_dir, result, metrics, summary) if FLAGS.plots else []
     json_path = os.path.join(FLAGS.output_dir, "metrics.json")
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(metrics, handle, indent=2)
-        handle.write("\n")
+    _write_text(json_path, json.dumps(metrics, indent=2))
     write_markdown(os.path.join(FLAGS.output_dir, "metrics.md"), metrics, num_members, names,
                    severities, summary)
     logging.info("test accuracy %.4f, NLL %.4f, ECE %.4f; wrote %s, metrics.md and %d plots",

@@ -17,6 +17,7 @@ from ft_keras import data
 from ft_keras import densities
 from ft_keras import distribute
 from ft_keras import ensemble
+from ft_keras import evaluation
 from ft_keras import flops
 from ft_keras import free_tickets
 from ft_keras import keras_metrics
@@ -33,7 +34,14 @@ from ft_keras.ensemble import Ensemble
 from ft_keras.ensemble import ensemble_outputs
 from ft_keras.free_tickets import FreeTickets
 from ft_keras.free_tickets import TicketCheckpoint
+from ft_keras.recipes import RecipeResult
+from ft_keras.recipes import train_checkpoint_ensemble
+from ft_keras.recipes import train_deep_ensemble
+from ft_keras.recipes import train_dense
 from ft_keras.recipes import train_dst_ensemble
+from ft_keras.recipes import train_edst
+from ft_keras.recipes import train_pf_ensemble
+from ft_keras.recipes import train_static_sparse_ensemble
 from ft_keras.sparsify import masked_layers_of as masked_layers
 from ft_keras.sparsify import sparsify
 from ft_keras.sparsify import sparsity_report
@@ -74,6 +82,7 @@ def __getattr__(name):
 __all__ = [
     "DynamicSparsity",
     "Ensemble",
+    "RecipeResult",
     "FreeTickets",
     "SparseTraining",
     "StaticSparsity",
@@ -85,6 +94,7 @@ __all__ = [
     "distribute",
     "ensemble",
     "ensemble_outputs",
+    "evaluation",
     "flops",
     "free_tickets",
     "keras_metrics",
@@ -103,6 +113,13 @@ __all__ = [
     "sparsity_report",
     "strip",
     "tickets",
+    "train_checkpoint_ensemble",
+    "train_deep_ensemble",
+    "train_dense",
+    "train_dst_ensemble",
+    "train_edst",
+    "train_pf_ensemble",
+    "train_static_sparse_ensemble",
     "training",
     "write_ticket",
 ]

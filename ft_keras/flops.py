@@ -6,8 +6,8 @@ counted here FLOPs = 2 x MACs (`FLOPS_PER_MAC`, `macs_to_flops`). Ratios (`relat
 the same under either convention. Hand anchor: LeNet-300-100 on 28x28 inputs costs
 784*300 + 300*100 + 100*10 = 266,200 MACs per example dense.
 
-What is counted (SPEC.md section 7: "forward FLOPs of a sparse network = sum over layers of
-density_l * dense FLOPs_l"):
+What is counted (the forward cost of a sparse network is the sum over layers of density_l times
+the layer's dense cost; see docs/method.md):
 
 - ``Dense``: ``n_in * n_out`` per position; an input with more than two axes, ``(batch, d_1, ...,
   d_k, n_in)``, applies the kernel at ``d_1 * ... * d_k`` positions.
@@ -35,7 +35,7 @@ shapes of that call. For subclassed models, which have no graph, each layer is c
 the input shape it was built with. Non-batch dimensions must be known (build the model with
 concrete input shapes).
 
-Training cost (SPEC.md section 7; RigL, Evci et al. 2020, section 4 / appendix H). With ``f_s``
+Training cost (RigL, Evci et al. 2020, section 4 / appendix H; docs/method.md). With ``f_s``
 the sparse and ``f_d`` the dense forward MACs per example, ``B`` the batch size and ``T`` the
 number of optimizer steps:
 
@@ -49,8 +49,19 @@ number of optimizer steps:
 - ``grow="random"`` (SET): no dense gradient, ``3 * f_s * B`` at every step.
 
 The prune/grow selection itself (sorting magnitudes) is not counted. Active counts per layer are
-constant during DST (SPEC.md section 3, step 5), so ``f_s`` is the same at every step; pass the
-sparsified model.
+constant during DST (the update rule keeps each layer's count; docs/method.md), so ``f_s`` is the
+same at every step; pass the sparsified model.
+
+The recipes of `ft_keras.recipes` report their cost with these functions:
+
+- dense model and deep ensemble: `training_macs_dense`, `training_macs_deep_ensemble`;
+- DST Ensemble: M x `training_macs_dst`;
+- static sparse ensemble (masks fixed, never a dense gradient): `training_macs_static_sparse`,
+  ``3 * f_s * B * T`` per member;
+- EDST: `training_macs_edst` (``cumulative=True``: the cost spent when each ticket is complete);
+- checkpoint ensemble (snapshots of one DST run at EDST's ticket epochs):
+  `training_macs_checkpoint_ensemble`, i.e. one `training_macs_dst` run of EDST's length;
+- PF ensemble (a dense run, pruned, then M fixed-mask fine-tunings): `training_macs_pf_ensemble`.
 
 Example:
 
@@ -65,11 +76,12 @@ Example:
 
 import collections
 import dataclasses
-import numbers
 
 import keras
 import numpy as np
 
+from ft_keras import _checks
+from ft_keras import _keras_compat
 from ft_keras import layers as masked_layers
 from ft_keras import schedules
 from ft_keras.masks import GROW_MODES
@@ -89,37 +101,24 @@ _CONV_TYPES = (
 
 
 # ------------------------------------------------------------------------------ validation
+
+
 def _check_int(argument, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{argument} must be an int; got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{argument}={value!r} must be an integer >= {minimum}.")
-    return int(value)
+    return _checks.check_int(argument, value, minimum=minimum)
 
 
 def _check_model(model, argument="model"):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"{argument} must be a keras.Model; got {type(model).__name__}.")
-    if not model.built:
-        raise ValueError(
-            f"{argument}={model.name!r} is not built; give it an Input or call it on data first."
-        )
+    """A built keras.Model (kept for `ft_keras.tickets`, which imports it; prefer
+    ``_checks.check_model``)."""
+    return _checks.check_model(argument, model)
 
 
 def _check_grow(grow):
-    if not isinstance(grow, str) or grow not in GROW_MODES:
-        raise ValueError(f"grow={grow!r} is not supported; allowed values are {GROW_MODES}.")
-    return grow
+    return _checks.check_choice("grow", grow, GROW_MODES)
 
 
 def _check_density(density):
-    if density is None:
-        return None
-    if isinstance(density, (bool, np.bool_)) or not isinstance(density, numbers.Real):
-        raise TypeError(f"density must be a real number in [0, 1]; got {density!r}.")
-    if not 0.0 <= float(density) <= 1.0:
-        raise ValueError(f"density={density!r} is outside the allowed range [0, 1].")
-    return float(density)
+    return _checks.check_real("density", density, low=0.0, high=1.0, allow_none=True)
 
 
 # ------------------------------------------------------------------------------ one layer
@@ -224,16 +223,7 @@ def layer_forward_macs(layer, density=None, input_shape=None):
 # ------------------------------------------------------------------------------ a model
 def _graph_of(model):
     """The Functional graph of a model: itself, a Sequential's inner graph, or None."""
-    if isinstance(model, keras.Sequential):
-        graph = getattr(model, "_functional", None)
-        if graph is None:
-            raise ValueError(
-                f"model {model.name!r} is not built; give it an Input or call it on data first."
-            )
-        return graph
-    if hasattr(model, "_nodes_by_depth") and hasattr(model, "_operations"):
-        return model
-    return None
+    return _keras_compat.layer_graph(model)
 
 
 @dataclasses.dataclass
@@ -265,8 +255,9 @@ def _collect(model, dense, entries, prefix):
             else:
                 entries.setdefault(id(layer), _Entry(layer, prefix + layer.name))
         return
-    for depth in sorted(graph._nodes_by_depth, reverse=True):  # pylint: disable=protected-access
-        for node in graph._nodes_by_depth[depth]:  # pylint: disable=protected-access
+    by_depth = _keras_compat.nodes_by_depth(graph)
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
             op = node.operation
             if isinstance(op, keras.Model):
                 _collect(op, dense, entries, prefix + op.name + "/")
@@ -477,13 +468,19 @@ def edst_update_steps(exploration_epochs, refine_epochs, num_tickets, steps_per_
     return sorted(set(regular) | set(jumps))
 
 
-def _sparse_training(model, steps, batch_size, num_updates, grow):
+def _sparse_step_macs(model, batch_size, grow):
+    """(MACs of one sparse training step, extra MACs of a mask-update step) for ``grow``."""
     f_s = forward_macs(model)
     f_d = forward_macs(model, dense=True)
     if grow == "momentum":
-        return (2 * f_s + f_d) * batch_size * steps
-    extra = (f_d - f_s) * batch_size * num_updates if grow == "gradient" else 0
-    return 3 * f_s * batch_size * steps + extra
+        return (2 * f_s + f_d) * batch_size, 0
+    return 3 * f_s * batch_size, (f_d - f_s) * batch_size if grow == "gradient" else 0
+
+
+def _sparse_training(model, boundaries, batch_size, updates, grow):
+    """Training MACs of one sparse run spent by each step in ``boundaries`` (cumulative)."""
+    step, extra = _sparse_step_macs(model, batch_size, grow)
+    return [step * end + extra * sum(1 for u in updates if u <= end) for end in boundaries]
 
 
 def training_macs_dense(model, steps, batch_size):
@@ -499,6 +496,23 @@ def training_macs_dense(model, steps, batch_size):
     steps = _check_int("steps", steps, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     return 3 * forward_macs(model, dense=True) * batch_size * steps
+
+
+def training_macs_static_sparse(model, steps, batch_size):
+    """Training MACs of sparse training with fixed masks (`ft_keras.StaticSparsity`).
+
+    ``3 * f_s * batch_size * steps``: the masks never change, so no step needs the dense
+    gradient. Used for the static sparse ensemble and the PF ensemble's fine-tuning.
+
+    Args:
+        model: the sparsified model (its masks give ``f_s``).
+        steps: optimizer steps, >= 0.
+        batch_size: examples per step, >= 1.
+    """
+    _check_model(model)
+    steps = _check_int("steps", steps, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    return 3 * forward_macs(model) * batch_size * steps
 
 
 def training_macs_dst(model, steps, batch_size, update_every, end_step=None, grow="gradient",
@@ -524,11 +538,19 @@ def training_macs_dst(model, steps, batch_size, update_every, end_step=None, gro
     batch_size = _check_int("batch_size", batch_size, 1)
     grow = _check_grow(grow)
     updates = dst_update_steps(steps, update_every, end_step, start_step)
-    return _sparse_training(model, steps, batch_size, len(updates), grow)
+    return _sparse_training(model, [steps], batch_size, updates, grow)[0]
+
+
+def _ticket_boundaries(exploration_epochs, refine_epochs, num_tickets, steps_per_epoch):
+    """The last step of each refinement phase of the EDST plan (where ticket i is complete)."""
+    plan = schedules.edst_plan(exploration_epochs, refine_epochs, num_tickets)
+    steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
+    return [p.end_epoch * steps_per_epoch for p in plan if p.kind == "refinement"]
 
 
 def training_macs_edst(model, exploration_epochs, refine_epochs, num_tickets, steps_per_epoch,
-                       batch_size, update_every, end_step=None, grow="gradient", start_step=0):
+                       batch_size, update_every, end_step=None, grow="gradient", start_step=0,
+                       cumulative=False):
     """Training MACs of one EDST run (`ft_keras.FreeTickets`) that yields ``num_tickets`` tickets.
 
     One DST run over ``(exploration_epochs + num_tickets * refine_epochs) * steps_per_epoch``
@@ -540,20 +562,88 @@ def training_macs_edst(model, exploration_epochs, refine_epochs, num_tickets, st
         exploration_epochs, refine_epochs, num_tickets: the plan (`ft_keras.schedules.edst_plan`).
         steps_per_epoch: optimizer steps per epoch, >= 1.
         batch_size, update_every, end_step, grow, start_step: as in `training_macs_dst`.
+        cumulative: if True, return a list: the MACs spent when ticket i is complete (at the
+            end of refinement phase i, update steps up to it included); the last item is the
+            whole run's cost, and ``list[k - 1]`` the cost of an ensemble of the first k tickets.
+
+    Returns:
+        An int (or a list of ``num_tickets`` ints with ``cumulative=True``).
     """
     _check_model(model)
     batch_size = _check_int("batch_size", batch_size, 1)
     grow = _check_grow(grow)
+    cumulative = _checks.check_bool("cumulative", cumulative)
+    boundaries = _ticket_boundaries(exploration_epochs, refine_epochs, num_tickets,
+                                    steps_per_epoch)
     updates = edst_update_steps(exploration_epochs, refine_epochs, num_tickets, steps_per_epoch,
                                 update_every, end_step, start_step)
-    epochs = exploration_epochs + num_tickets * refine_epochs
-    return _sparse_training(model, epochs * steps_per_epoch, batch_size, len(updates), grow)
+    costs = _sparse_training(model, boundaries, batch_size, updates, grow)
+    return costs if cumulative else costs[-1]
+
+
+def training_macs_checkpoint_ensemble(model, exploration_epochs, refine_epochs, num_snapshots,
+                                      steps_per_epoch, batch_size, update_every, end_step=None,
+                                      grow="gradient", start_step=0, cumulative=False):
+    """Training MACs of a checkpoint ensemble: snapshots of ONE DST run at EDST's ticket epochs.
+
+    The run is as long as the EDST run of the same plan
+    (``exploration_epochs + num_snapshots * refine_epochs`` epochs) but has only the regular
+    DST updates (`dst_update_steps`), no global exploration; the formula is `training_macs_dst`'s.
+
+    Args:
+        model: the sparsified model.
+        exploration_epochs, refine_epochs, num_snapshots: the EDST plan whose ticket windows the
+            snapshots follow.
+        steps_per_epoch, batch_size, update_every, end_step, grow, start_step: as in
+            `training_macs_edst`.
+        cumulative: if True, a list: the MACs spent when snapshot i is taken (end of window i).
+
+    Returns:
+        An int (or a list of ``num_snapshots`` ints with ``cumulative=True``).
+    """
+    _check_model(model)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    grow = _check_grow(grow)
+    cumulative = _checks.check_bool("cumulative", cumulative)
+    num_snapshots = _check_int("num_snapshots", num_snapshots, 1)
+    boundaries = _ticket_boundaries(exploration_epochs, refine_epochs, num_snapshots,
+                                    steps_per_epoch)
+    updates = dst_update_steps(boundaries[-1], update_every, end_step, start_step)
+    costs = _sparse_training(model, boundaries, batch_size, updates, grow)
+    return costs if cumulative else costs[-1]
 
 
 def training_macs_deep_ensemble(model, num_members, steps, batch_size):
     """Training MACs of a deep ensemble: ``num_members`` dense runs of ``steps`` steps each."""
     num_members = _check_int("num_members", num_members, 1)
     return num_members * training_macs_dense(model, steps, batch_size)
+
+
+def training_macs_pf_ensemble(model, num_members, dense_steps, finetune_steps, batch_size,
+                              cumulative=False):
+    """Training MACs of a prune-and-fine-tune (PF) ensemble.
+
+    One dense run of ``dense_steps`` (``3 * f_d * B`` per step), then ``num_members`` fine-tuning
+    runs of ``finetune_steps`` with the pruned mask fixed (``3 * f_s * B`` per step,
+    `training_macs_static_sparse`).
+
+    Args:
+        model: the pruned (sparsified) model: ``f_s`` from its masks, ``f_d`` with them ignored.
+        num_members: M >= 1.
+        dense_steps, finetune_steps: optimizer steps of the dense run and of each fine-tuning.
+        batch_size: examples per step.
+        cumulative: if True, a list: the MACs spent when member i is complete (the dense run is
+            paid before the first member).
+
+    Returns:
+        An int (or a list of ``num_members`` ints with ``cumulative=True``).
+    """
+    num_members = _check_int("num_members", num_members, 1)
+    cumulative = _checks.check_bool("cumulative", cumulative)
+    dense = training_macs_dense(model, dense_steps, batch_size)
+    finetune = training_macs_static_sparse(model, finetune_steps, batch_size)
+    costs = [dense + (i + 1) * finetune for i in range(num_members)]
+    return costs if cumulative else costs[-1]
 
 
 def inference_macs_ensemble(members_or_macs):
@@ -579,7 +669,7 @@ def inference_macs_ensemble(members_or_macs):
         count += 1
         if isinstance(item, keras.Model):
             total += forward_macs(item)
-        elif isinstance(item, numbers.Real) and not isinstance(item, (bool, np.bool_)):
+        elif _checks.is_real(item):
             if item < 0:
                 raise ValueError(f"members_or_macs[{i}]={item!r} must be >= 0.")
             total += item
@@ -595,11 +685,7 @@ def inference_macs_ensemble(members_or_macs):
 
 def relative_cost(x, dense_reference):
     """``x / dense_reference`` as a float, e.g. a run's training MACs over one dense run's."""
-    for argument, value in (("x", x), ("dense_reference", dense_reference)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{argument} must be a number; got {value!r}.")
-    if x < 0:
-        raise ValueError(f"x={x!r} must be >= 0.")
-    if dense_reference <= 0:
-        raise ValueError(f"dense_reference={dense_reference!r} must be > 0.")
-    return float(x) / float(dense_reference)
+    x = _checks.check_real("x", x, low=0.0)
+    dense_reference = _checks.check_real("dense_reference", dense_reference, low=0.0,
+                                         low_open=True)
+    return x / dense_reference

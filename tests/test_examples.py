@@ -1,7 +1,7 @@
 """End-to-end runs of examples/train.py and examples/evaluate.py in subprocesses.
 
 Tiny settings (1,024 Fashion-MNIST training images, LeNet-300-100, one epoch per phase, M = 2)
-for the EDST, DST and PF ensembles: the ticket layout, train_summary.json, metrics.json /
+for the EDST, DST, PF and checkpoint ensembles: the ticket layout, train_summary.json, metrics.json /
 metrics.md / plots of the evaluation, and the scripts' refusal of bad flag combinations.
 """
 
@@ -16,13 +16,16 @@ import pytest
 
 import ft_keras as ftk
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.abspath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+# MNIST (the OoD set) lives beside the repository; FT_KERAS_SHARED_DATA points elsewhere (an empty
+# folder simulates a machine without it).
+SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
+    os.path.join(REPO_ROOT, "..", "shared", "data"))
 TRAIN = os.path.join(REPO_ROOT, "examples", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "examples", "evaluate.py")
-METHODS = ("edst", "dst_ensemble", "pf_ensemble")
+METHODS = ("edst", "dst_ensemble", "pf_ensemble", "checkpoint_ensemble")
 NUM_MEMBERS = 2
 SPARSITY = 0.8
 TRAIN_FLAGS = [
@@ -35,7 +38,7 @@ EVAL_FLAGS = [
     "--corruptions=gaussian_noise,contrast", "--severities=1,3", "--corruption_examples=200",
     "--test_examples=500",
 ]
-CORRUPTED = ("gaussian_noise_1", "gaussian_noise_3", "contrast_1", "contrast_3")
+CORRUPTED = ("gaussian_noise/1", "gaussian_noise/3", "contrast/1", "contrast/3")
 PLOTS = ("reliability_diagram.png", "accuracy_vs_num_tickets.png",
          "accuracy_vs_training_flops.png")
 
@@ -79,7 +82,8 @@ def _available(name):
 def runs(tmp_path_factory):
     """Trains the three methods, then evaluates them (each stage's runs side by side)."""
     if not _available("fashion_mnist"):
-        pytest.skip("Fashion-MNIST is not available (install dataset-fashion-mnist)")
+        pytest.skip("Fashion-MNIST is not available: install the Debian package "
+                    "dataset-fashion-mnist or set FT_KERAS_DATA_DIR to a folder with its IDX files")
     root = tmp_path_factory.mktemp("examples")
     out = {m: str(root / m) for m in METHODS}
     processes = {m: _start(TRAIN, [f"--method={m}", f"--output_dir={out[m]}"] + TRAIN_FLAGS)
@@ -91,6 +95,8 @@ def runs(tmp_path_factory):
         "edst": ["--dataset=fashion_mnist", f"--train_summary={out['edst']}/train_summary.json"],
         "dst_ensemble": [f"--train_summary={out['dst_ensemble']}/train_summary.json"],
         "pf_ensemble": [],
+        "checkpoint_ensemble": [
+            f"--train_summary={out['checkpoint_ensemble']}/train_summary.json"],
     }
     processes = {
         m: _start(EVALUATE, [f"--ticket_dir={out[m]}/tickets", f"--output_dir={out[m]}/eval"]
@@ -157,7 +163,7 @@ def test_train_summary(runs, method):
 
 def test_training_macs_follow_the_flops_formulas(runs):
     spe, batch = 922 // 128, 128
-    edst, dst, pf = (_summary(runs, m) for m in METHODS)
+    edst, dst, pf, checkpoints = (_summary(runs, m) for m in METHODS)
     model, _ = ftk.read_ticket(os.path.join(runs["edst"], "tickets", "ticket_0"))
     assert edst["training_macs"] == ftk.flops.training_macs_edst(
         model, 1, 1, NUM_MEMBERS, spe, batch, update_every=4, grow="gradient")
@@ -170,6 +176,14 @@ def test_training_macs_follow_the_flops_formulas(runs):
     assert pf["training_macs"] == 3 * 266_200 * batch * spe + NUM_MEMBERS * (
         3 * sparse_forward * batch * spe)
     assert edst["training_macs_relative_to_dense"] < 1.0 < pf["training_macs_relative_to_dense"]
+    # The checkpoint ensemble: one DST run as long as EDST's, regular updates only.
+    model, _ = ftk.read_ticket(os.path.join(runs["checkpoint_ensemble"], "tickets", "ticket_0"))
+    assert checkpoints["training_macs"] == ftk.flops.training_macs_dst(
+        model, (1 + NUM_MEMBERS) * spe, batch, update_every=4, grow="gradient")
+    assert [m["cumulative_training_macs"] for m in checkpoints["members"]] == (
+        ftk.flops.training_macs_checkpoint_ensemble(model, 1, 1, NUM_MEMBERS, spe, batch, 4,
+                                                    cumulative=True))
+    assert [m["epoch"] for m in checkpoints["members"]] == [1, 2]  # one epoch per window
 
 
 def test_pf_members_share_the_global_magnitude_mask(runs):
@@ -200,7 +214,7 @@ def test_metrics(runs, method):
     fractions += [f"test/accuracy_member_{i}" for i in range(NUM_MEMBERS)]
     fractions += [f"test/accuracy_first_{k}" for k in range(1, NUM_MEMBERS + 1)]
     fractions += [f"corrupt/{c}/accuracy" for c in CORRUPTED]
-    fractions += [f"corrupt/severity_{s}/accuracy" for s in (1, 3)]
+    fractions += [f"corrupt/mean/{s}/accuracy" for s in (1, 3)]
     eces = ["test/ece", "corrupt/mean/ece"] + [f"corrupt/{c}/ece" for c in CORRUPTED]
     positive = ["test/nll", "test/brier", "corrupt/mean/nll"]
     positive += [f"test/nll_member_{i}" for i in range(NUM_MEMBERS)]
@@ -226,10 +240,14 @@ def test_metrics(runs, method):
     else:
         assert "cost/training_macs" not in metrics
     if _available("mnist"):
-        for suffix in ("", "_entropy", "_mi"):
-            for stat in ("auroc", "aupr", "aupr_out", "fpr95"):
-                key = f"ood/mnist_{stat}{suffix}"
+        for score in ("max_prob", "entropy", "mutual_information"):
+            for stat in ("auroc", "aupr_in", "aupr_out", "fpr95"):
+                key = f"ood/mnist/{stat}_{score}"
                 assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+        assert metrics["info/ood_dataset"] == "mnist"
+    else:  # the default OoD set is skipped, with a warning
+        assert metrics["info/ood_dataset"] == "none"
+        assert not any(key.startswith("ood/") for key in metrics)
     with open(os.path.join(runs[method], "eval", "metrics.md"), encoding="utf-8") as handle:
         text = handle.read()
     assert "## Test set" in text and "## Corrupted test sets" in text and "| contrast |" in text

@@ -285,6 +285,49 @@ def test_edst_and_ensembles(lenet, lenet_sparse):
     assert flops.inference_macs_ensemble(ensemble) == 2 * f_s + flops.forward_macs(other)
 
 
+def test_static_sparse_checkpoint_and_pf_formulas(lenet, lenet_sparse):
+    f_d, f_s = LENET_DENSE, LENET_SPARSE
+    # fixed masks: never a dense gradient
+    assert flops.training_macs_static_sparse(lenet_sparse, 10, 2) == 3 * f_s * 2 * 10
+    assert flops.training_macs_static_sparse(lenet_sparse, 10, 2) == flops.training_macs_dst(
+        lenet_sparse, 10, 2, 5, grow="random")
+    assert flops.training_macs_static_sparse(lenet, 10, 2) == flops.training_macs_dense(
+        lenet, 10, 2)
+
+    # EDST 1 + 3 x 2 epochs of 5 steps: tickets complete at steps 15, 25, 35; update steps
+    # 10, 16, 20, 26, 30 (see test_update_steps_follow_the_callback).
+    step, extra = 3 * f_s * 4, (f_d - f_s) * 4
+    edst = flops.training_macs_edst(lenet_sparse, 1, 2, 3, 5, 4, 10, cumulative=True)
+    assert edst == [step * 15 + 1 * extra, step * 25 + 3 * extra, step * 35 + 5 * extra]
+    assert edst[-1] == flops.training_macs_edst(lenet_sparse, 1, 2, 3, 5, 4, 10)
+    # ... the same as an EDST run of i tickets whose updates run to the full run's end
+    for i in (1, 2, 3):
+        assert edst[i - 1] == flops.training_macs_edst(lenet_sparse, 1, 2, i, 5, 4, 10,
+                                                       end_step=35)
+
+    # the checkpoint ensemble: one DST run as long, regular updates only (10, 20, 30)
+    checkpoints = flops.training_macs_checkpoint_ensemble(lenet_sparse, 1, 2, 3, 5, 4, 10,
+                                                          cumulative=True)
+    assert checkpoints == [step * 15 + 1 * extra, step * 25 + 2 * extra, step * 35 + 3 * extra]
+    assert checkpoints[-1] == flops.training_macs_dst(lenet_sparse, 35, 4, 10)
+    assert edst[-1] - checkpoints[-1] == 2 * extra  # EDST's two global explorations
+    assert flops.training_macs_checkpoint_ensemble(lenet_sparse, 1, 2, 3, 5, 4, 10,
+                                                   grow="momentum") == (2 * f_s + f_d) * 4 * 35
+
+    # PF: one dense run, then M fixed-mask fine-tunings
+    pf = flops.training_macs_pf_ensemble(lenet_sparse, 3, 20, 5, 2, cumulative=True)
+    dense, finetune = 3 * f_d * 2 * 20, 3 * f_s * 2 * 5
+    assert pf == [dense + finetune, dense + 2 * finetune, dense + 3 * finetune]
+    assert flops.training_macs_pf_ensemble(lenet_sparse, 3, 20, 5, 2) == pf[-1]
+
+
+def test_grow_is_case_insensitive(lenet_sparse):
+    assert flops.training_macs_dst(lenet_sparse, 10, 2, 5, grow="Gradient") == (
+        flops.training_macs_dst(lenet_sparse, 10, 2, 5, grow="gradient"))
+    assert flops.training_macs_edst(lenet_sparse, 1, 1, 1, 5, 2, 5, grow="RANDOM") == (
+        3 * LENET_SPARSE * 2 * 10)
+
+
 # ---------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "call, error, pattern",
@@ -314,6 +357,16 @@ def test_edst_and_ensembles(lenet, lenet_sparse):
         (lambda m: flops.inference_macs_ensemble([-1]), ValueError, r"members_or_macs\[0\]"),
         (lambda m: flops.relative_cost(1, 0), ValueError, "dense_reference"),
         (lambda m: flops.relative_cost("1", 2), TypeError, "x"),
+        (lambda m: flops.training_macs_dst(m, 10, 2, 5, grow=3), TypeError, "grow"),
+        (lambda m: flops.training_macs_static_sparse(m, -1, 2), ValueError, "steps=-1"),
+        (lambda m: flops.training_macs_static_sparse(m, 1, 2.0), TypeError, "batch_size"),
+        (lambda m: flops.training_macs_edst(m, 1, 1, 2, 5, 2, 5, cumulative="yes"), TypeError,
+         "cumulative"),
+        (lambda m: flops.training_macs_checkpoint_ensemble(m, 1, 1, 0, 5, 2, 5), ValueError,
+         "num_snapshots=0"),
+        (lambda m: flops.training_macs_pf_ensemble(m, 0, 10, 5, 2), ValueError, "num_members"),
+        (lambda m: flops.training_macs_pf_ensemble(m, 2, 10, -5, 2), ValueError, "steps=-5"),
+        (lambda m: flops.layer_forward_macs(m.get_layer("fc1"), "0.5"), TypeError, "density"),
     ],
 )
 def test_argument_validation(lenet, call, error, pattern):
