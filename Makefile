@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast demo bench reproduce clean
+.PHONY: venv data test test-fast test-unit demo bench reproduce clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: venv data
 
 test-fast: venv data
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+
+# The unit tier: synthetic data only (no data set needed).
+test-unit: venv
+	$(PY) -m pytest -q -ra -m "not real_data and not slow" $(PYTEST_ARGS) tests
 
 demo: venv data
 	$(PY) examples/demo.py
