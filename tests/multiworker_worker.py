@@ -74,22 +74,28 @@ def _state(model, prefix):
     return out
 
 
+# (name, grow, optimizer_state) of the DST runs.
+RUNS = (("random", "random", "masked"), ("gradient", "gradient", "masked"),
+        ("momentum", "momentum", "masked"), ("dense_state", "gradient", "dense"))
+
+
 def run_dst(strategy, out_dir, task):
     x, y = _data()
     arrays = {}
-    for grow in ("random", "gradient", "momentum"):
+    for name, grow, optimizer_state in RUNS:
         with strategy.scope():
             model = _model(seed=3)
-        before = _state(model, "before_" + grow)
+        before = _state(model, "before_" + name)
         model.fit(
             _dataset(x, y),
             epochs=2,
             verbose=0,
-            callbacks=[ftk.DynamicSparsity(update_every=4, drop_fraction=0.5, grow=grow, seed=7)],
+            callbacks=[ftk.DynamicSparsity(update_every=4, drop_fraction=0.5, grow=grow, seed=7,
+                                           optimizer_state=optimizer_state)],
         )
         arrays.update({k: v for k, v in before.items() if k.endswith("/mask")})
-        arrays.update(_state(model, grow))
-        arrays[f"{grow}/iterations"] = np.asarray(model.optimizer.iterations.numpy())
+        arrays.update(_state(model, name))
+        arrays[f"{name}/iterations"] = np.asarray(model.optimizer.iterations.numpy())
     np.savez(os.path.join(out_dir, f"worker_{task}.npz"), **arrays)
 
 

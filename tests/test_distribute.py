@@ -198,7 +198,7 @@ def test_two_workers_train_dst_bit_identically(tmp_path):
     assert sorted(chief.files) == sorted(other.files)
     for key in chief.files:
         np.testing.assert_array_equal(chief[key], other[key], err_msg=key)
-    for grow in ("random", "gradient", "momentum"):
+    for grow in ("random", "gradient", "momentum", "dense_state"):
         assert int(chief[f"{grow}/iterations"]) == 2 * (512 // 32)
         changed = 0
         for layer in ("fc1", "fc2", "logits"):

@@ -161,12 +161,14 @@ def test_random_growth_is_seeded(fashion_mnist_small):
         assert (a[name][0] != c[name][0]).any()
 
 
-def test_steps_per_execution_gives_the_same_run(fashion_mnist_small):
+@pytest.mark.parametrize("optimizer_state", ["masked", "dense"])
+def test_steps_per_execution_gives_the_same_run(fashion_mnist_small, optimizer_state):
     (x, y), _ = fashion_mnist_small
     states, callbacks = [], []
     for spe in (1, 3):
         model = _compile(_sparse_lenet(0.9), steps_per_execution=spe)
-        callback = ftk.DynamicSparsity(update_every=4, drop_fraction=0.5, grow="gradient")
+        callback = ftk.DynamicSparsity(update_every=4, drop_fraction=0.5, grow="gradient",
+                                       optimizer_state=optimizer_state)
         model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
                   callbacks=[callback])
         states.append(masked_state(model))
@@ -179,11 +181,13 @@ def test_steps_per_execution_gives_the_same_run(fashion_mnist_small):
     assert callbacks[0].updates[-1]["step"] == callbacks[1].updates[-1]["step"] == 12
 
 
-def test_xla_train_step(fashion_mnist_small):
+@pytest.mark.parametrize("optimizer_state", ["masked", "dense"])
+def test_xla_train_step(fashion_mnist_small, optimizer_state):
     (x, y), _ = fashion_mnist_small
     model = _compile(_sparse_lenet(0.8), jit_compile=True, steps_per_execution=4)
     before = masked_state(model)
-    callback = ftk.DynamicSparsity(update_every=4, drop_fraction=0.3, grow="random")
+    callback = ftk.DynamicSparsity(update_every=4, drop_fraction=0.3, grow="random",
+                                   optimizer_state=optimizer_state)
     model.fit(x[:512], y[:512], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
     after = masked_state(model)
     for name in before:
@@ -409,13 +413,16 @@ def test_cosine_needs_known_length(fashion_mnist_small):
                   callbacks=[ftk.DynamicSparsity(decay="cosine")])
 
 
-@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
-def test_mirrored_replicas_stay_identical(fashion_mnist_small, two_cpus, grow):
+@pytest.mark.parametrize("grow, optimizer_state", [
+    ("gradient", "masked"), ("random", "masked"), ("momentum", "masked"),
+    ("gradient", "dense"), ("momentum", "dense")])
+def test_mirrored_replicas_stay_identical(fashion_mnist_small, two_cpus, grow, optimizer_state):
     (x, y), _ = fashion_mnist_small
     with two_cpus.scope():
         model = _compile(_sparse_lenet(0.9, distribution="uniform"))
     initial = masked_state(model)
-    callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=2)
+    callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=2,
+                                   optimizer_state=optimizer_state)
     model.fit(x[:768], y[:768], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
     assert callback.updates and callback.updates[-1]["step"] == 9
     for layer in ftk.masked_layers(model):
@@ -430,7 +437,8 @@ def test_mirrored_replicas_stay_identical(fashion_mnist_small, two_cpus, grow):
         for slot in _slots(model, layer):
             values = [v.numpy() for v in slot.value.values]
             np.testing.assert_array_equal(values[0], values[1])
-            assert not values[0][~masks[0]].any()
+            # masked state: zero off-mask; dense state: fed by the dense gradient
+            assert values[0][~masks[0]].any() == (optimizer_state == "dense")
 
 
 class _Crash(keras.callbacks.Callback):
