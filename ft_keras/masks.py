@@ -16,6 +16,7 @@ Example:
 6
 """
 
+import collections
 import math
 
 import tensorflow as tf
@@ -160,14 +161,21 @@ def select_largest(scores, candidates, num_selected):
     return _select_keys(_keys(scores), candidates, num_selected, _widths(scores.shape[0]))
 
 
+_NON_FINITE_KEY = 0x7F800000  # magnitude keys at or above this are Inf or NaN
+
+
 def largest_indices(scores, candidates, num_selected):
     """The positions `select_largest` selects by ``|scores|``, as an ascending int64 vector.
 
-    Ranks by magnitude (for scores >= 0, exactly `select_largest`'s choice), with fewer passes
-    over a long vector: one 2**16-bin histogram of the keys' leading
-    16 bits over all candidates finds the bin of the ``num_selected``-th largest score; only the
+    Ranks by magnitude (for scores >= 0, exactly `select_largest`'s choice: same ties rule),
+    with few passes over a long vector: one 2**16-bin histogram of the keys' leading 16 bits
+    over all candidates finds the bin of the ``num_selected``-th largest score; only the
     candidates in that bin or above (about ``num_selected`` plus one bin's worth) are gathered,
     and the exact selection runs on them. Dynamic shapes: not for XLA (use `select_largest`).
+
+    (A sampled estimate of the cut followed by one comparison pass was measured as fast as this
+    histogram on this project's CPU, 4.4 ms per 1M candidates either way: the cost is in the
+    full-length passes TensorFlow makes, e.g. ``tf.where`` over 1M booleans takes 2-4 ms.)
     """
     bins = 1 << _WIDE_DIGITS[0]
     # One full-length int32 temporary at a time: the leading digits, with non-candidates moved
@@ -265,18 +273,26 @@ def update_mask(mask, weights, grow_scores, drop_fraction, num_active):
     return new_mask, keep
 
 
-def update_mask_sparse(mask, weights, grow_scores, drop_fraction, num_active):
-    """`update_mask` that also returns the changed positions, computed on compacted vectors.
+class SparseUpdate(collections.namedtuple(
+        "SparseUpdate", ["new_mask", "keep", "dropped", "grown", "num_nonfinite"])):
+    """What `update_mask_compacted` returns (see there)."""
+
+    __slots__ = ()
+
+
+def update_mask_compacted(mask, weights, grow_scores, drop_fraction, num_active):
+    """`update_mask` computed on compacted vectors, with the changed positions.
 
     The prune step gathers the ``num_active`` active weights and selects among them only; the
-    grow step finds the candidates near the cut with one histogram pass (`largest_indices`).
-    ``grow_scores`` are ranked by magnitude, so a raw gradient can be passed as it is; for
-    scores >= 0 the result equals `update_mask`'s (same ties rule). Dynamic shapes: not for XLA.
+    grow step finds the candidates near the cut with one histogram pass (`largest_indices`). ``grow_scores`` are ranked by magnitude, so a raw gradient can be
+    passed as it is; for scores >= 0 the result equals `update_mask`'s (same ties rule).
+    Dynamic shapes: not for XLA.
 
     Returns:
-        ``(new_mask, keep, dropped, grown)``: the new mask and the kept positions (bool, the
-        shape of ``mask``), and the flat int64 positions that were dropped and grown (each
-        ``num_to_drop`` long, ascending; a position can be in both).
+        A `SparseUpdate`: ``new_mask`` and ``keep`` (bool, the shape of ``mask``), ``dropped``
+        and ``grown`` (the flat int64 positions that were dropped and grown, each
+        ``num_to_drop`` long, ascending; a position can be in both) and ``num_nonfinite`` (how
+        many active weights were NaN or Inf, read from the keys the prune step computes anyway).
     """
     k = num_to_drop(drop_fraction, num_active)
     flat_mask = tf.reshape(mask, [-1])
@@ -290,7 +306,15 @@ def update_mask_sparse(mask, weights, grow_scores, drop_fraction, num_active):
     new_mask = tf.tensor_scatter_nd_update(
         flat_keep, grown[:, None], tf.ones_like(grown, tf.bool))
     shape = tf.shape(mask)
-    return tf.reshape(new_mask, shape), tf.reshape(flat_keep, shape), dropped, grown
+    num_nonfinite = tf.reduce_sum(tf.cast(keys >= _NON_FINITE_KEY, tf.int32))
+    return SparseUpdate(tf.reshape(new_mask, shape), tf.reshape(flat_keep, shape), dropped,
+                        grown, num_nonfinite)
+
+
+def update_mask_sparse(mask, weights, grow_scores, drop_fraction, num_active):
+    """`update_mask_compacted` as a tuple ``(new_mask, keep, dropped, grown)``."""
+    return tuple(update_mask_compacted(mask, weights, grow_scores, drop_fraction,
+                                       num_active)[:4])
 
 
 def zero_off_mask(mask, values):

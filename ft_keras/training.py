@@ -374,7 +374,8 @@ def _update_with_writes_outside(config, engine, items, step):
             new_mask, keep = masks.update_mask(mask, weights, scores, fraction,
                                                kernel.num_active)
             outputs += [new_mask, keep, _stats(step, masks.changed_positions(mask, new_mask),
-                                               new_mask, fraction, weights)]
+                                               masks.count_active(new_mask), fraction,
+                                               _count_nonfinite(weights))]
         return tuple(outputs)
 
     def keep_all():
@@ -397,20 +398,19 @@ def _update_with_writes_outside(config, engine, items, step):
     return effective
 
 
-def _stats(step, flipped, new_mask, fraction, weights):
-    """A layer's update statistics: [step, flipped positions, nnz, drop fraction, non-finite]."""
-    return tf.stack(
-        [
-            tf.cast(step, tf.float32),
-            tf.cast(flipped, tf.float32),
-            tf.cast(masks.count_active(new_mask), tf.float32),
-            tf.cast(fraction, tf.float32),
-            # Weights the update read that were NaN or Inf (the loss can stay finite while
-            # weights are not: ReLU maps NaN to 0): checked by the callback when it reads the
-            # statistics.
-            tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.float32)),
-        ]
-    )
+def _stats(step, flipped, num_active, fraction, num_nonfinite):
+    """A layer's update statistics: [step, flipped positions, nnz, drop fraction, non-finite].
+
+    ``num_nonfinite`` counts the weights the update read that were NaN or Inf (the loss can
+    stay finite while weights are not: ReLU maps NaN to 0); the callback checks it when it reads
+    the statistics.
+    """
+    return tf.stack([tf.cast(v, tf.float32)
+                     for v in (step, flipped, num_active, fraction, num_nonfinite)])
+
+
+def _count_nonfinite(weights):
+    return tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.int32))
 
 
 def _accumulate_momentum(kind, kernel, gradient):
@@ -453,11 +453,13 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
     if config.static_shapes:  # XLA: whole-kernel passes with static shapes
         new_mask, keep = masks.update_mask(mask, weights, scores, fraction, kernel.num_active)
         flipped = masks.changed_positions(mask, new_mask)
+        nonfinite = _count_nonfinite(weights)
     else:  # the selections work on compacted positions (dynamic shapes)
-        new_mask, keep, _, grown = masks.update_mask_sparse(
-            mask, weights, scores, fraction, kernel.num_active)
+        update = masks.update_mask_compacted(mask, weights, scores, fraction, kernel.num_active)
+        new_mask, keep, grown = update.new_mask, update.keep, update.grown
         regrown = tf.reduce_sum(tf.cast(tf.gather(tf.reshape(mask, [-1]), grown), tf.int32))
         flipped = 2 * (tf.size(grown, out_type=tf.int32) - regrown)
+        nonfinite = update.num_nonfinite
     # Resets by a dense `where`, not a scatter into the variables: a scatter op switches a TF
     # resource variable to copy-on-read for good, which then costs a copy of the kernel at
     # every read (measured: +1 ms per MLP step).
@@ -476,7 +478,7 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
             value = tf.convert_to_tensor(slot.value)
             slot.value.assign(masks.zero_off_mask(keep, value))
     kernel.mask.value.assign(new_mask)
-    kernel.stats.assign(_stats(step, flipped, new_mask, fraction, weights))
+    kernel.stats.assign(_stats(step, flipped, kernel.num_active, fraction, nonfinite))
     if config.random_grown:  # the grown weights' random start stays through this step
         return new_mask
     return keep

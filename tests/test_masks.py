@@ -604,3 +604,42 @@ if __name__ == "__main__":  # bazel test / python tests/test_topology.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------ compacted selection, exact result
+def _expected_indices(scores, candidates, k):
+    chosen = topology.select_largest(tf.abs(scores), candidates, k)
+    return tf.reshape(tf.where(chosen), [-1]).numpy()
+
+
+@pytest.mark.parametrize("case", ["normal", "many_zeros", "ties", "periodic", "few_candidates"])
+def test_largest_indices_equals_exact_selection(case):
+    rng = np.random.default_rng(7)
+    size = 40_000
+    scores = rng.normal(size=size).astype("float32")
+    candidates = rng.random(size) < 0.9
+    if case == "many_zeros":
+        scores[rng.random(size) < 0.7] = 0.0
+    elif case == "ties":
+        scores = np.round(scores, 1)
+    elif case == "periodic":  # large values everywhere but at every 17th position
+        scores = np.full(size, 1e-3, "float32")
+        scores[np.arange(size) % 17 != 0] = rng.uniform(1.0, 2.0, size - size // 17 - 1)[
+            : int(np.sum(np.arange(size) % 17 != 0))]
+    elif case == "few_candidates":
+        candidates = rng.random(size) < 0.01
+    for k in (0, 1, 37, 1200, int(candidates.sum()) // 2, int(candidates.sum())):
+        got = topology.largest_indices(tf.constant(scores), tf.constant(candidates), k).numpy()
+        np.testing.assert_array_equal(got, _expected_indices(tf.constant(scores),
+                                                             tf.constant(candidates), k))
+
+
+def test_update_mask_compacted_counts_nonfinite_active_weights():
+    mask = np.zeros((20, 10), bool)
+    mask[:, :3] = True
+    weights = np.where(mask, 1.0, 0.0).astype("float32")
+    weights[0, 0], weights[1, 1], weights[2, 2] = np.nan, np.inf, -np.inf
+    update = topology.update_mask_compacted(tf.constant(mask), tf.constant(weights),
+                                            tf.ones((20, 10)), 0.5, 60)
+    assert int(update.num_nonfinite) == 3
+    assert int(tf.reduce_sum(tf.cast(update.new_mask, tf.int32))) == 60
