@@ -109,7 +109,27 @@ def update_steps(total_steps, update_every, end_step=None, start_step=0):
 
 
 # ------------------------------------------------------------------------- schedule objects
-class DropSchedule(abc.ABC):
+class _Configurable:
+    """Objects defined by ``get_config()``: rebuilt by ``from_config``, equal when their configs
+    are, printed as their constructor call."""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self).__name__,
+                     tuple(sorted((k, str(v)) for k, v in self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class DropSchedule(_Configurable, abc.ABC):
     """When the masks change and by how much: ``schedule(step) -> (is_update, drop_fraction)``.
 
     The base of `ConstantDrop` and `CosineDrop`. A mask update happens at every multiple of
@@ -179,20 +199,6 @@ class DropSchedule(abc.ABC):
             "end_step": self.end_step,
             "start_step": self.start_step,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
 
 class ConstantDrop(DropSchedule):
@@ -361,7 +367,7 @@ def edst_learning_rate(plan, epoch, exploration_lr=0.1, refine_lr=(0.01, 0.001),
     return float(refine_lr[0] if into < switch * phase.num_epochs else refine_lr[1])
 
 
-class EDSTPlan:
+class EDSTPlan(_Configurable):
     """The plan of an EDST run: its phases and learning rates (docs/method.md), serialisable.
 
     >>> plan = EDSTPlan(exploration_epochs=2, refine_epochs=4, num_tickets=2)
@@ -441,17 +447,3 @@ class EDSTPlan:
             "jump_lr": self.jump_lr,
             "jump_lr_epochs": self.jump_lr_epochs,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash(tuple(sorted((k, str(v)) for k, v in self.get_config().items())))
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"EDSTPlan({args})"
