@@ -207,6 +207,8 @@ SPARSIFY = [
          lambda e: ftk.strip(_Subclassed())),
     case("sparsity_report/model_not_a_model", TypeError, r"model must be a keras\.Model.*str",
          lambda e: ftk.sparsity_report("mlp")),
+    case("masked_layers/model_not_a_model", TypeError, r"model must be a keras\.Model.*str",
+         lambda e: ftk.masked_layers("mlp")),
     case("layer_densities/shapes_not_a_mapping", TypeError, r"shapes",
          lambda e: ftk.layer_densities([(4, 4)], 0.5)),
     case("layer_densities/shapes_empty", ValueError, r"shapes must name at least one layer",
@@ -920,7 +922,7 @@ def test_catalogue_ids_are_unique_and_cover_every_public_module():
     assert len(ids) == len(set(ids))
     assert len(ids) >= 80
     groups = {case_id.split("/")[0] for case_id in ids}
-    assert {"sparsify", "strip", "sparsity_report", "layer_densities",
+    assert {"sparsify", "strip", "sparsity_report", "masked_layers", "layer_densities",
             "dynamic_sparsity", "static_sparsity", "free_tickets", "ticket_checkpoint",
             "schedules", "masks", "layers", "training", "metrics", "keras_metrics",
             "evaluation", "recipes", "flops", "data", "corruptions", "models", "distribute",
