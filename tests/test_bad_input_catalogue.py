@@ -277,6 +277,8 @@ DYNAMIC = [
          r"fraction=2\.0 is not allowed",
          lambda e: ftk.DynamicSparsity().set_global_explorations(1, 1, 1, 2.0)),
     # errors seen when fit starts
+    case("dynamic_sparsity/fit_uncompiled_model", ValueError, r"model='mlp' .*compile",
+         lambda e: _uncompiled_fit_start(e, ftk.DynamicSparsity())),
     case("dynamic_sparsity/fit_model_without_masked_layers", ValueError,
          r"model='dense', which has no masked layer",
          lambda e: ftk.DynamicSparsity().set_model(e.mlp(name="dense"))),
@@ -307,6 +309,8 @@ STATIC = [
          lambda e: ftk.StaticSparsity(verbose=0.5)),
     case("static_sparsity/dst_argument", TypeError, r"update_every",
          lambda e: ftk.StaticSparsity(update_every=10)),
+    case("static_sparsity/fit_uncompiled_model", ValueError, r"model='mlp' .*compile",
+         lambda e: _uncompiled_fit_start(e, ftk.StaticSparsity())),
     case("static_sparsity/fit_model_without_masked_layers", ValueError,
          r"model='dense', which has no masked layer",
          lambda e: ftk.StaticSparsity().set_model(e.mlp(name="dense"))),
