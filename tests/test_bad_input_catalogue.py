@@ -504,6 +504,9 @@ MASKS_LAYERS_TRAINING = [
     case("training/register_optimizer_slots_attributes_str", TypeError,
          r"attributes must be a sequence of attribute names; got '_momentums'",
          lambda e: training.register_optimizer_slots(_PlainOptimizer, "_momentums")),
+    case("training/register_optimizer_slots_attributes_int", TypeError,
+         r"attributes must be a sequence of attribute names; got 3",
+         lambda e: training.register_optimizer_slots(_PlainOptimizer, 3)),
 ]
 
 # ==================================================================================== metrics
