@@ -406,6 +406,14 @@ TICKET_CHECKPOINT = [
     case("ticket_checkpoint/overwrite_str", TypeError, r"overwrite must be True or False",
          lambda e: ftk.TicketCheckpoint(e.path("t"), 0, overwrite="no")),
     # errors seen when fit starts
+    case("ticket_checkpoint/metadata_computed_key", ValueError,
+         r"metadata sets \['index'\], which ft_keras sets itself",
+         lambda e: ftk.TicketCheckpoint(e.path("t"), 0, metadata={"index": 3})),
+    case("ticket_checkpoint/metadata_sets_method", ValueError, r"metadata sets \['method'\]",
+         lambda e: ftk.TicketCheckpoint(e.path("t"), 0, metadata={"method": "edst"})),
+    case("ticket_checkpoint/metadata_not_json", TypeError,
+         r"metadata must be JSON-serialisable: object is not JSON-serialisable",
+         lambda e: ftk.TicketCheckpoint(e.path("t"), 0, metadata={"note": object()})),
     case("ticket_checkpoint/fit_without_validation_data", ValueError,
          r"monitor='val_accuracy' needs validation data",
          lambda e: e.fit(e.compiled_sparse(), [ftk.TicketCheckpoint(e.path("t"), 0)],
@@ -419,6 +427,9 @@ TICKET_CHECKPOINT = [
          lambda e: e.fit(e.compiled_sparse(), [ftk.TicketCheckpoint(e.path("t"), 0,
                                                                     monitor="val_score",
                                                                     mode="max")])),
+    case("ticket_checkpoint/fit_ticket_dir_is_a_file", ValueError,
+         r"ticket_dir='.*a_file\.txt' exists and is not a folder",
+         lambda e: e.fit(e.compiled_sparse(), [ftk.TicketCheckpoint(e.file(), 0)])),
 ]
 
 # ================================================================================= schedules
