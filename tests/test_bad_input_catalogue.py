@@ -584,6 +584,8 @@ KERAS_METRICS = [
          lambda e: keras_metrics.BrierScore(from_logits=1)),
     case("keras_metrics/ece_num_bins_zero", ValueError, r"num_bins=0 is not allowed",
          lambda e: keras_metrics.ExpectedCalibrationError(num_bins=0)),
+    case("keras_metrics/brier_name_int", TypeError, r"name must be a str; got 5",
+         lambda e: keras_metrics.BrierScore(name=5)),
     case("keras_metrics/nll_update_rank_one_predictions", ValueError,
          r"y_pred must have shape \(batch, \.\.\., K\)",
          lambda e: keras_metrics.NegativeLogLikelihood().update_state([0, 1], [0.5, 0.5])),
