@@ -621,6 +621,9 @@ EVALUATION = [
     case("evaluation/make_data_corruption_seed_float", TypeError,
          r"corruption_seed must be an int; got 0\.5",
          lambda e: evaluation.make_data(e.images(), [0, 1], corruption_seed=0.5)),
+    case("evaluation/make_data_keep_corrupted_str", TypeError,
+         r"keep_corrupted must be True or False; got 'no'",
+         lambda e: evaluation.make_data(e.images(), [0, 1], keep_corrupted="no")),
     case("evaluation/predict_model_not_a_model", TypeError, r"models\[0\] must be a keras\.Model",
          lambda e: evaluation.predict(["mlp"], evaluation.make_data(e.images(), [0, 1]))),
     case("evaluation/predict_data_not_evaluation_data", TypeError,
@@ -628,6 +631,10 @@ EVALUATION = [
     case("evaluation/predict_batch_size_zero", ValueError, r"batch_size=0 is not allowed",
          lambda e: evaluation.predict([e.mlp()], evaluation.make_data(e.images(), [0, 1]),
                                       batch_size=0)),
+    case("evaluation/predict_model_input_shape_differs", ValueError,
+         r"models\[0\]='mlp' takes inputs of shape \(None, 16\); the images of data have "
+         r"shape \(None, 8, 8, 1\)",
+         lambda e: evaluation.predict([e.mlp()], evaluation.make_data(e.images(), [0, 1]))),
     case("evaluation/evaluate_members_empty", ValueError, r"members is empty",
          lambda e: evaluation.evaluate([], (e.images(), [0, 1]))),
     case("evaluation/evaluate_members_str", TypeError, r"members must be",
@@ -636,6 +643,10 @@ EVALUATION = [
          lambda e: evaluation.evaluate([e.mlp()], (e.images(), [0, 1]), combine="median")),
     case("evaluation/evaluate_num_bins_zero", ValueError, r"num_bins=0 is not allowed",
          lambda e: evaluation.evaluate([e.mlp()], (e.images(), [0, 1]), num_bins=0)),
+    case("evaluation/evaluate_training_macs_negative", ValueError,
+         r"training_macs=-1 is not allowed",
+         lambda e: evaluation.evaluate([_raise_if_predicted()], (e.images(), [0, 1]),
+                                       training_macs=-1)),
 ]
 
 
