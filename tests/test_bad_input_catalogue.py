@@ -938,6 +938,9 @@ DISTRIBUTE = [
     case("distribute/is_chief_strategy_str", TypeError,
          r"strategy must be a tf\.distribute\.Strategy or None; got str",
          lambda e: distribute.is_chief("chief")),
+    case("distribute/check_steps_per_execution_not_a_model", TypeError,
+         r"model must be a keras\.Model; got str",
+         lambda e: distribute.check_steps_per_execution("mlp")),
 ]
 
 # ===================================================== ft_keras.tickets and ft_keras.Ensemble
