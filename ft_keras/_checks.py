@@ -16,6 +16,7 @@ Only the standard library, numpy and (for `check_model`) Keras: no ft_keras modu
 here, so every module may import this one.
 """
 
+import json
 import numbers
 import os
 
@@ -181,6 +182,43 @@ def check_model(argument, model, built=True):
             "call it on data)."
         )
     return model
+
+
+def _json_value(value):
+    """JSON form of the numpy / tensor / tuple values that metadata may hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "numpy"):  # TF tensors and variables
+        return _json_value(np.asarray(value.numpy()))
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def check_metadata(argument, value, reserved=()):
+    """A dict of extra values to store as JSON (or None: ``{}``); returns a copy.
+
+    Keys must be str and none of ``reserved`` (keys ft_keras sets itself); values must be
+    JSON-serialisable (numpy scalars and arrays, tensors and tuples are accepted).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{argument} must be a dict or None; got {_describe(value)}.")
+    bad = [key for key in value if not isinstance(key, str)]
+    if bad:
+        raise TypeError(f"{argument} keys must be str; got {bad!r}.")
+    taken = sorted(key for key in value if key in reserved)
+    if taken:
+        raise ValueError(f"{argument} sets {taken}, which ft_keras sets itself; store these "
+                         "values under other keys.")
+    try:
+        json.dumps(value, default=_json_value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{argument} must be JSON-serialisable: {error}.") from None
+    return dict(value)
 
 
 def check_names(argument, value):

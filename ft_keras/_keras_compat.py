@@ -148,9 +148,15 @@ def register_optimizer_slots(optimizer_class, attributes):
             f"optimizer_class must be a subclass of keras.optimizers.Optimizer; got "
             f"{optimizer_class!r}."
         )
-    if isinstance(attributes, str) or not all(isinstance(a, str) for a in attributes):
+    names = None
+    if not isinstance(attributes, (str, bytes)):
+        try:
+            names = tuple(attributes)
+        except TypeError:  # not iterable
+            pass
+    if names is None or not all(isinstance(a, str) for a in names):
         raise TypeError(f"attributes must be a sequence of attribute names; got {attributes!r}.")
-    _registered_slots[optimizer_class] = tuple(attributes)
+    _registered_slots[optimizer_class] = names
 
 
 def _slot_attributes(optimizer):

@@ -96,6 +96,7 @@ def check_steps_per_execution(model):
     deep inside the train loop ("You must feed a value for placeholder tensor ... while/cond").
     On accelerators it is only warned about (not measured on these machines).
     """
+    _checks.check_model("model", model, built=False)
     spe = int(getattr(model, "steps_per_execution", 1) or 1)
     strategy = model.distribute_strategy
     if spe <= 1 or _is_default(strategy):

@@ -178,13 +178,14 @@ def make_data(test_images, test_labels, *, ood=None, corruptions=(),
         raise TypeError(f"corruptions need uint8 test images; got {test_images.dtype}.")
     count = _checks.check_int("corruption_examples", corruption_examples or 0, minimum=0)
     corruption_seed = _checks.check_seed("corruption_seed", corruption_seed)
+    keep_corrupted = _checks.check_bool("keep_corrupted", keep_corrupted)
     subset = np.arange(len(labels))
     if count and count < len(labels):
         rng = np.random.default_rng(CORRUPTION_SUBSET_SEED)
         subset = np.sort(rng.choice(len(labels), count, replace=False))
     data = EvaluationData(test_images, labels, dict(ood), names, severities if names else (),
                           corruption_seed, subset)
-    if names and _checks.check_bool("keep_corrupted", keep_corrupted):
+    if names and keep_corrupted:
         data = dataclasses.replace(data, corrupted=tuple(data.corrupted_sets()))
     return data
 
@@ -240,6 +241,17 @@ def _cost_of(model):
                 num_active_params=report.num_active_params)
 
 
+def _input_shape(model):
+    """The shape of a model's one input without the batch axis (None when it is not known)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs or len(inputs) != 1:
+        return None
+    return tuple(inputs[0].shape[1:])
+
+
 def predict(models, data, batch_size=1000):
     """Every model's logits on every set of ``data``, each corrupted set generated once.
 
@@ -259,6 +271,14 @@ def predict(models, data, batch_size=1000):
         raise TypeError(f"data must be an EvaluationData (see make_data); got "
                         f"{type(data).__name__}.")
     batch_size = _checks.check_positive_int("batch_size", batch_size)
+    image_shape = tuple(data.test_images.shape[1:])
+    for i, model in enumerate(models):
+        expected = _input_shape(model)
+        if expected is not None and (len(expected) != len(image_shape) or any(
+                e is not None and e != d for e, d in zip(expected, image_shape))):
+            raise ValueError(f"models[{i}]={model.name!r} takes inputs of shape "
+                             f"{(None,) + expected}; the images of data have shape "
+                             f"{(None,) + image_shape}.")
     logits = [_Logits(model, batch_size) for model in models]
     test = [fn(data.test_images) for fn in logits]
     ood = [{name: fn(images) for name, images in data.ood.items()} for fn in logits]
@@ -441,6 +461,10 @@ def evaluate(members, data, *, combine="probs", num_bins=NUM_BINS, batch_size=10
                         f"tuple; got {type(data).__name__}.")
     combine = _checks.check_choice("combine", combine, COMBINE_MODES)
     num_bins = _checks.check_positive_int("num_bins", num_bins)
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
+    training_macs = _checks.check_int("training_macs", training_macs, minimum=0, allow_none=True)
+    dense_training_macs = _checks.check_int("dense_training_macs", dense_training_macs, minimum=1,
+                                            allow_none=True)
     models = [m for m in members if isinstance(m, keras.Model)]
     predicted = iter(predict(models, data, batch_size)) if models else iter(())
     predictions = [next(predicted) if isinstance(m, keras.Model) else m for m in members]

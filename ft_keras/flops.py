@@ -272,8 +272,9 @@ def _collect(model, dense, entries, prefix):
 def _entries(model, dense):
     """Per-layer totals of a model, in `walk_layers` order (layers outside it last)."""
     _check_model(model)
+    dense = _checks.check_bool("dense", dense)
     entries = collections.OrderedDict()
-    _collect(model, bool(dense), entries, "")
+    _collect(model, dense, entries, "")
     order = {id(layer): i for i, layer in enumerate(walk_layers(model))}
     return sorted(entries.values(), key=lambda e: order.get(id(e.layer), len(order)))
 
@@ -322,7 +323,7 @@ def forward_macs(model, dense=False):
 
 def macs_to_flops(macs):
     """FLOPs of a MAC count (``FLOPS_PER_MAC * macs``)."""
-    return FLOPS_PER_MAC * macs
+    return FLOPS_PER_MAC * _checks.check_int("macs", macs, minimum=0)
 
 
 # ------------------------------------------------------------------------------ report
@@ -446,6 +447,9 @@ def dst_update_steps(steps, update_every, end_step=None, start_step=0):
     if end_step is not None:
         end_step = _check_int("end_step", end_step, 1)
     start_step = _check_int("start_step", start_step, 0)
+    if end_step is not None and start_step >= end_step:
+        raise ValueError(f"start_step={start_step} must be smaller than end_step={end_step}: with "
+                         "start_step >= end_step the masks never change.")
     return schedules.update_steps(
         steps, update_every, steps if end_step is None else end_step, start_step
     )

@@ -491,14 +491,16 @@ class TicketCheckpoint(keras.callbacks.Callback):
         self.monitor = _checks.check_str("monitor", monitor)
         self.mode = _checks.check_choice("mode", mode, MODES)
         self.method = _checks.check_str("method", method)
-        if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a dict or None; got {type(metadata).__name__}.")
-        self.metadata = dict(metadata or {})
+        self.metadata = _checks.check_metadata(
+            "metadata", metadata, reserved=tickets.COMPUTED_KEYS + (
+                "method", "epoch", "step", "monitor", "monitor_value"))
         self.overwrite = _checks.check_bool("overwrite", overwrite)
         self.path = None
         self._best = None
 
     def on_train_begin(self, logs=None):
+        if os.path.exists(self.ticket_dir) and not os.path.isdir(self.ticket_dir):
+            raise ValueError(f"ticket_dir={self.ticket_dir!r} exists and is not a folder.")
         check_validation_data(self, self.monitor)
         self._best = _BestSnapshot(self.ticket_dir, self.index, self.monitor,
                                    resolve_mode(self.model, self.monitor, self.mode))

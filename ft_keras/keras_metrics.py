@@ -182,6 +182,8 @@ class _ProbabilityMetric(keras.metrics.Metric):
     """
 
     def __init__(self, from_logits=False, name=None, dtype=None):
+        if name is not None:
+            _checks.check_str("name", name)
         super().__init__(name=name, dtype=dtype)
         self.from_logits = _check_from_logits(from_logits)
 

@@ -23,6 +23,7 @@ Example:
 import keras
 import numpy as np
 
+from ft_keras import _checks
 from ft_keras import _keras_compat
 from ft_keras import masks
 
@@ -217,10 +218,7 @@ def register_maskable(layer_class, masked_class=None, kernel_attribute="kernel")
     if issubclass(layer_class, MaskedKernelMixin):
         raise ValueError(f"layer_class={layer_class.__name__} is already a masked layer class.")
     if masked_class is None:
-        if not isinstance(kernel_attribute, str) or not kernel_attribute:
-            raise TypeError(
-                f"kernel_attribute must be an attribute name (str); got {kernel_attribute!r}."
-            )
+        kernel_attribute = _checks.check_str("kernel_attribute", kernel_attribute)
         masked_class = _masked(
             layer_class,
             f"`{layer_class.__name__}` with a boolean `kernel_mask` (see ft_keras.layers).",

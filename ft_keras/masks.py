@@ -21,6 +21,8 @@ import math
 
 import tensorflow as tf
 
+from ft_keras import _checks
+
 #: How active weights are chosen for removal: the smallest |w| ("magnitude").
 PRUNE_MODES = ("magnitude",)
 #: How inactive positions are chosen for growth: "random" (SET), "gradient" (RigL: largest
@@ -204,7 +206,11 @@ def random_mask(shape, num_active, seed):
         num_active: Python int in ``[0, prod(shape)]``.
         seed: an int64 tensor of shape (2,), e.g. from `rng_seed`.
     """
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a tuple of ints; got {shape!r} ({type(shape).__name__}).")
+    shape = tuple(_checks.check_int(f"shape[{i}]", d, minimum=0) for i, d in enumerate(shape))
     size = math.prod(shape)
+    num_active = _checks.check_int("num_active", num_active)
     if not 0 <= num_active <= size:
         raise ValueError(
             f"num_active={num_active} is outside [0, {size}] for a kernel of shape {shape}."

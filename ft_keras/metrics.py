@@ -263,6 +263,7 @@ def logits_to_probs(logits, axis=-1):
     array = _as_array(logits, "logits")
     if array.ndim == 0:
         raise ValueError(f"logits must have a class axis; got a scalar of shape {array.shape}.")
+    axis = _checks.check_int("axis", axis, minimum=-array.ndim, maximum=array.ndim - 1)
     out_dtype = np.float32 if array.dtype == np.float32 else np.float64
     array = array.astype(np.float64)
     if np.any(np.isnan(array)) or np.any(array == np.inf):

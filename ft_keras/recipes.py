@@ -59,7 +59,9 @@ Example:
 """
 
 import dataclasses
+import inspect
 import itertools
+import numbers
 import os
 import shutil
 import tempfile
@@ -225,6 +227,13 @@ def make_compile_fn(optimizer="sgd", learning_rate=0.05, schedule="constant", de
     learning_rate_schedule(schedule, learning_rate, decay_steps)  # checks the arguments
     momentum = _checks.check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
     weight_decay = _checks.check_real("weight_decay", weight_decay, low=0.0, allow_none=True)
+    allowed = set(inspect.signature(keras.Model.compile).parameters) - {"self", "optimizer",
+                                                                         "loss"}
+    unknown = sorted(set(compile_kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"make_compile_fn got {unknown}, which model.compile does not take here; "
+                        f"allowed: {sorted(allowed)} (the optimizer and the loss are set by the "
+                        "compile_fn).")
     compile_kwargs.setdefault("metrics", ["accuracy"])
 
     def compile_fn(model):
@@ -314,6 +323,19 @@ def _check_sparse(sparsity, distribution, keep_dense):
     return sparsity, distribution, _checks.check_names("keep_dense", keep_dense)
 
 
+_TRAIN_DATA_TYPES = ("train_data must be a tf.data.Dataset of (x, y) batches, an (x, y) tuple of "
+                     "arrays, or a callable seed -> either")
+
+
+# Ticket metadata keys that the recipes (and write_ticket) set themselves.
+_RESERVED_METADATA = tickets.COMPUTED_KEYS + (
+    "member", "seed", "num_members", "sparsity", "phase", "method", "epoch", "step", "monitor",
+    "monitor_value")
+# FreeTickets arguments that train_edst sets from its own arguments.
+_EDST_ARGUMENTS = ("ticket_dir", "num_tickets", "exploration_epochs", "refine_epochs",
+                   "explore_fraction", "monitor", "exploration_lr", "refine_lr", "overwrite")
+
+
 class _Common:
     """The arguments every recipe shares, checked once."""
 
@@ -321,13 +343,25 @@ class _Common:
                  compile_fn, seed, monitor, batch_size, strategy, callbacks, fit_kwargs,
                  metadata, overwrite):
         self.method = method
+        if isinstance(build_fn, keras.Model):  # a model is callable, but on inputs
+            raise TypeError(f"build_fn must be a callable returning a keras.Model (e.g. a function "
+                            f"that builds it); got the model {build_fn.name!r} itself.")
         self.build_fn = _checks.check_callable("build_fn", build_fn,
                                                "a callable returning a keras.Model")
         self.num_members = _checks.check_positive_int("num_members", num_members)
         if train_data is None:
             raise ValueError("train_data=None: give a tf.data.Dataset of (x, y) batches, an "
                              "(x, y) tuple of arrays, or a callable seed -> either.")
+        if not (callable(train_data) or isinstance(train_data, tf.data.Dataset) or (
+                isinstance(train_data, (tuple, list)) and len(train_data) == 2)):
+            raise TypeError(_TRAIN_DATA_TYPES + f"; got {type(train_data).__name__}.")
         self.train_data = train_data
+        if isinstance(validation_data, (tuple, list)) and len(validation_data) not in (2, 3):
+            raise ValueError(f"validation_data must be (x, y) or (x, y, sample_weight); got a "
+                             f"{type(validation_data).__name__} of {len(validation_data)} items.")
+        if isinstance(validation_data, (str, bytes, numbers.Number, dict, np.ndarray)):
+            raise TypeError(f"validation_data must be an (x, y) tuple, a tf.data.Dataset or None; "
+                            f"got {type(validation_data).__name__}.")
         self.validation_data = validation_data
         self.ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
         self.compile_fn = _checks.check_callable("compile_fn", compile_fn,
@@ -358,9 +392,8 @@ class _Common:
         for key in ("x", "y", "epochs", "validation_data", "callbacks"):
             if key in self.fit_kwargs:
                 raise ValueError(f"fit_kwargs sets {key!r}, which the recipe sets itself.")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a dict or None; got {type(metadata).__name__}.")
-        self.metadata = dict(metadata or {})
+        self.metadata = _checks.check_metadata("metadata", metadata,
+                                               reserved=_RESERVED_METADATA)
         self.overwrite = _checks.check_bool("overwrite", overwrite)
         self.chief = distribute.is_chief(self.strategy)
         self.fit_seconds = []
@@ -411,9 +444,7 @@ class _Common:
         if isinstance(data, tf.data.Dataset):
             kwargs.setdefault("shuffle", False)  # a dataset brings its own order
             return data, kwargs, self.batch_size or _dataset_batch_size(data)
-        raise TypeError(
-            f"train_data must be a tf.data.Dataset of (x, y) batches, an (x, y) tuple of arrays, "
-            f"or a callable seed -> either; got {type(data).__name__}.")
+        raise TypeError(_TRAIN_DATA_TYPES + f"; got {type(data).__name__} from the callable.")
 
     def fit(self, model, data_seed, epochs, callbacks, name):
         """Fits ``model``; returns (optimizer steps taken, examples per step)."""
@@ -582,6 +613,7 @@ def train_dst_ensemble(build_fn, num_members, train_data, *, validation_data, ep
                      fit_kwargs, metadata, overwrite)
     sparse = _check_sparse(sparsity, distribution, keep_dense)
     dst_kwargs = _dst_kwargs(dst_kwargs)
+    DynamicSparsity(**dst_kwargs)  # refuses bad arguments before anything is built
     return _independent(common, epochs, sparse, dst_kwargs)
 
 
@@ -664,13 +696,18 @@ def train_edst(build_fn, num_members, train_data, *, validation_data, exploratio
     plan = _check_plan(exploration_epochs, refine_epochs, common.num_members)
     exploration_lr, refine_lr = _check_learning_rates(exploration_lr, refine_lr)
     explore_fraction = _checks.check_fraction("explore_fraction", explore_fraction)
-    common.prepare()
-    model = common.build(common.seed, sparse)
-    free_tickets = FreeTickets(
+    dst_kwargs = _dst_kwargs(dst_kwargs)
+    clash = sorted(set(dst_kwargs) & set(_EDST_ARGUMENTS))
+    if clash:
+        raise ValueError(f"dst_kwargs sets {clash}, which train_edst sets from its own arguments "
+                         "(num_members, exploration_epochs, refine_epochs, ...).")
+    free_tickets = FreeTickets(  # before anything is written or built: checks dst_kwargs
         common.ticket_dir, num_tickets=common.num_members, exploration_epochs=exploration_epochs,
         refine_epochs=refine_epochs, explore_fraction=explore_fraction, monitor=common.monitor,
         exploration_lr=exploration_lr, refine_lr=refine_lr, overwrite=True, seed=common.seed,
-        **_dst_kwargs(dst_kwargs))
+        **dst_kwargs)
+    common.prepare()
+    model = common.build(common.seed, sparse)
     epochs = schedules.plan_epochs(plan)
     steps, batch = common.fit(model, common.seed, epochs, [free_tickets], "edst")
     paths = list(free_tickets.tickets) if common.chief else [
@@ -769,9 +806,9 @@ def train_checkpoint_ensemble(build_fn, num_members, train_data, *, validation_d
     sparse = _check_sparse(sparsity, distribution, keep_dense)
     plan = _check_plan(exploration_epochs, refine_epochs, common.num_members)
     exploration_lr, refine_lr = _check_learning_rates(exploration_lr, refine_lr, allow_none=True)
+    dynamic = DynamicSparsity(seed=common.seed, **_dst_kwargs(dst_kwargs, _EDST_DST_DEFAULTS))
     common.prepare()
     model = common.build(common.seed, sparse)
-    dynamic = DynamicSparsity(seed=common.seed, **_dst_kwargs(dst_kwargs, _EDST_DST_DEFAULTS))
     callbacks = [dynamic]
     if exploration_lr is not None:
         callbacks.append(keras.callbacks.LearningRateScheduler(

@@ -65,10 +65,16 @@ def drop_fraction(step, initial, decay="cosine", end_step=None, final=0.0):
         final: the cosine's floor.
     """
     decay = check_decay(decay)
+    if not tf.is_tensor(initial):
+        initial = _checks.check_fraction("initial", initial)
+    if not tf.is_tensor(final):
+        final = _checks.check_fraction("final", final, low_open=False)
     if decay == "constant":
         return initial if not tf.is_tensor(step) else _float64(initial)
-    if end_step is None or (not tf.is_tensor(end_step) and end_step <= 0):
+    if end_step is None:
         raise ValueError(f"end_step={end_step!r}: the cosine decay needs a positive end_step.")
+    if not tf.is_tensor(end_step):
+        end_step = _checks.check_positive_int("end_step", end_step)
     if tf.is_tensor(step):
         end = tf.maximum(tf.cast(end_step, tf.float64), 1.0)
         t = tf.clip_by_value(tf.cast(step, tf.float64), 0.0, end)
@@ -95,12 +101,15 @@ def is_update_step(step, update_every, end_step=None, start_step=0):
             end = tf.cast(end_step, tf.int64)
             ok = tf.logical_and(ok, tf.logical_or(step < end, end < 0))
         return ok
+    update_every = _checks.check_positive_int("update_every", update_every)
     ok = step % update_every == 0 and step > start_step
     return ok and (end_step is None or step < end_step)
 
 
 def update_steps(total_steps, update_every, end_step=None, start_step=0):
     """All update steps in ``[1, total_steps]`` as a Python list (for reports and FLOP counts)."""
+    total_steps = _checks.check_int("total_steps", total_steps, minimum=0)
+    update_every = _checks.check_positive_int("update_every", update_every)
     return [
         t
         for t in range(update_every, total_steps + 1, update_every)
@@ -274,7 +283,13 @@ def get(identifier):
     """A schedule from a schedule object (returned as is) or a `serialize` dict."""
     if isinstance(identifier, DropSchedule):
         return identifier
-    if isinstance(identifier, dict) and identifier.get("class_name") in _SCHEDULES:
+    if not isinstance(identifier, dict):
+        raise TypeError(
+            f"identifier must be a DropSchedule or a dict {{'class_name': one of "
+            f"{sorted(_SCHEDULES)}, 'config': {{...}}}}; got {identifier!r} "
+            f"({type(identifier).__name__})."
+        )
+    if identifier.get("class_name") in _SCHEDULES and isinstance(identifier.get("config"), dict):
         return _SCHEDULES[identifier["class_name"]].from_config(dict(identifier["config"]))
     raise ValueError(
         f"identifier={identifier!r} is not a schedule: pass a DropSchedule or a dict "
@@ -336,6 +351,7 @@ def plan_epochs(plan):
 
 def phase_at(plan, epoch):
     """The phase that contains ``epoch`` (0-based); None past the plan's end."""
+    epoch = _checks.check_int("epoch", epoch, minimum=0)
     for phase in plan:
         if phase.start_epoch <= epoch < phase.end_epoch:
             return phase

@@ -65,6 +65,8 @@ def walk_layers(model):
 
 def masked_layers_of(model):
     """The masked layers of a model, in `walk_layers` order (their index keys the RNG)."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model; got {type(model).__name__}.")
     return [layer for layer in walk_layers(model) if masked_layers.is_masked(layer)]
 
 

@@ -593,7 +593,8 @@ class SparseTraining(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         if getattr(model, "optimizer", None) is None:
-            raise ValueError("The model must be compiled (with an optimizer) before fit().")
+            raise ValueError(f"model={model.name!r} is not compiled; compile it with an optimizer "
+                             "before fit().")
         distribute.check_steps_per_execution(model)
         optimizer = _keras_compat.base_optimizer(model.optimizer)
         if (self._optimizer is not optimizer or self._engine is None

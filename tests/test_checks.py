@@ -77,3 +77,18 @@ def test_check_model():
         _checks.check_model("model", 3)
     with pytest.raises(ValueError, match="is not built"):
         _checks.check_model("model", keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_check_metadata_copies_json_dicts_and_refuses_the_rest():
+    given = {"dataset": "mnist", "lr": np.float32(0.5), "sizes": np.arange(2), "pair": (1, 2)}
+    got = _checks.check_metadata("metadata", given, reserved=("index",))
+    assert got == given and got is not given
+    assert _checks.check_metadata("metadata", None) == {}
+    with pytest.raises(TypeError, match=r"metadata must be a dict or None; got \['a'\] \(list\)"):
+        _checks.check_metadata("metadata", ["a"])
+    with pytest.raises(TypeError, match=r"metadata keys must be str; got \[1\]"):
+        _checks.check_metadata("metadata", {1: "a"})
+    with pytest.raises(ValueError, match=r"metadata sets \['index'\], which ft_keras sets itself"):
+        _checks.check_metadata("metadata", {"index": 3, "a": 1}, reserved=("index", "seed"))
+    with pytest.raises(TypeError, match="metadata must be JSON-serialisable: object is not"):
+        _checks.check_metadata("metadata", {"a": object()})
