@@ -173,6 +173,7 @@ MASKED_CLASSES = {
     keras.layers.DepthwiseConv2D: MaskedDepthwiseConv2D,
 }
 PLAIN_CLASSES = {masked: plain for plain, masked in MASKED_CLASSES.items()}
+_BUILT_IN = frozenset(cls.__name__ for cls in MASKED_CLASSES.values())
 
 
 def register_maskable(layer_class, masked_class=None, kernel_attribute="kernel"):
@@ -231,6 +232,14 @@ def register_maskable(layer_class, masked_class=None, kernel_attribute="kernel")
             f"masked_class must subclass both MaskedKernelMixin and {layer_class.__name__}; "
             f"got {masked_class!r}."
         )
+    registered = MASKED_CLASSES.get(layer_class)
+    if registered is not None and registered is not masked_class:
+        if registered.__module__ == __name__ and registered.__name__ in _BUILT_IN:
+            raise ValueError(
+                f"layer_class={layer_class.__name__} is maskable already (as "
+                f"{registered.__name__}); ft_keras's own masked layers cannot be replaced."
+            )
+        del PLAIN_CLASSES[registered]
     MASKED_CLASSES[layer_class] = masked_class
     PLAIN_CLASSES[masked_class] = layer_class
     return masked_class

@@ -803,6 +803,9 @@ def test_register_maskable_refuses_bad_classes():
         ftk.layers.register_maskable(ftk.layers.MaskedDense)
     with pytest.raises(TypeError, match="masked_class"):
         ftk.layers.register_maskable(Bilinear, masked_class=ftk.layers.MaskedDense)
+    with pytest.raises(ValueError, match="Dense is maskable already"):
+        ftk.layers.register_maskable(keras.layers.Dense)
+    assert ftk.layers.MASKED_CLASSES[keras.layers.Dense] is ftk.layers.MaskedDense
 
 
 def test_unknown_optimizer_is_refused_with_a_way_out(fashion_mnist_small):
