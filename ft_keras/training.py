@@ -59,7 +59,6 @@ Example:
 """
 
 import dataclasses
-import math
 import numbers
 import os
 
@@ -229,12 +228,10 @@ class _Engine:
         """The drop fraction at ``step``, a float64 scalar tensor (float64: exact ceil(p n))."""
         ints = tf.convert_to_tensor(self.schedule_int)
         floats = tf.convert_to_tensor(self.schedule_float)
-        end = tf.cast(ints[_I_END], tf.float64)
-        t = tf.clip_by_value(tf.cast(step, tf.float64), 0.0, tf.maximum(end, 1.0))
-        cosine = 0.5 * (1.0 + tf.cos(math.pi * t / tf.maximum(end, 1.0)))
-        decay = tf.where(tf.logical_and(floats[_F_COSINE] > 0.5, end > 0), cosine,
-                         tf.constant(1.0, tf.float64))
-        regular = floats[_F_FINAL] + (floats[_F_INITIAL] - floats[_F_FINAL]) * decay
+        cosine = schedules.drop_fraction(step, floats[_F_INITIAL], "cosine", ints[_I_END],
+                                         floats[_F_FINAL])
+        use_cosine = tf.logical_and(floats[_F_COSINE] > 0.5, ints[_I_END] > 0)
+        regular = tf.where(use_cosine, cosine, floats[_F_INITIAL])
         return tf.where(self._is_jump(step, ints), floats[_F_JUMP], regular)
 
     def seed(self):
@@ -616,20 +613,26 @@ class SparseTraining(keras.callbacks.Callback):
 
     def _use_train_function(self, model):
         """Reuses a train function traced by an earlier fit for the same configuration."""
-        key = (self._graph_config(), self._engine) + _keras_compat.compile_token(model)
+        key = self._stash_key(self._graph_config(), model)
         for stashed_key, function in model.__dict__.get("_ftk_train_functions", ()):
             if len(stashed_key) == len(key) and all(
-                    a is b or (isinstance(a, (_GraphConfig, bool, int)) and a == b)
+                    a is b or (isinstance(a, (_GraphConfig, bool, int, tuple)) and a == b)
                     for a, b in zip(stashed_key, key)):
                 model.train_function = function
                 return
         # fit() made its train function before calling us; make one that sees the hook.
         model.make_train_function(force=True)
 
+    def _stash_key(self, config, model):
+        """What a traced train function depends on: the graph configuration, the engine (its
+        variables), the layers' active counts (static in the graph) and the compile call."""
+        counts = tuple(kernel.num_active for kernel in self._engine.kernels)
+        return (config, self._engine, counts) + _keras_compat.compile_token(model)
+
     def _stash_train_function(self, model):
         if self._hook.config is None or model.train_function is None:
             return  # never traced (e.g. no step ran)
-        key = (self._hook.config, self._engine) + _keras_compat.compile_token(model)
+        key = self._stash_key(self._hook.config, model)
         stash = model.__dict__.setdefault("_ftk_train_functions", [])
         stash[:] = [entry for entry in stash if entry[1] is not model.train_function]
         stash.append((key, model.train_function))
