@@ -228,14 +228,17 @@ class _ForceStaticShapes(keras.callbacks.Callback):
         self.sparsity_callback._static_shapes = True  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
-def test_compacted_update_equals_static_shape_update(fashion_mnist_small, grow):
-    """The default (compacted, scatter-reset) update path and the XLA one train identically."""
+@pytest.mark.parametrize("grow, optimizer_state", [
+    ("gradient", "masked"), ("random", "masked"), ("momentum", "masked"), ("gradient", "dense")])
+def test_compacted_update_equals_static_shape_update(fashion_mnist_small, grow, optimizer_state):
+    """The default (compacted, writes inside the conditional) update path and the XLA one
+    (static shapes, writes outside the conditional) train identically."""
     (x, y), _ = fashion_mnist_small
     states = []
     for force_static in (False, True):
         model = _compile(_sparse_lenet(0.8), keras.optimizers.Adam(1e-3))
-        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=4)
+        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=4,
+                                       optimizer_state=optimizer_state)
         extra = [_ForceStaticShapes(callback)] if force_static else []
         model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
                   callbacks=[callback] + extra)
