@@ -78,7 +78,7 @@ SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "inputs"
 SPARSE_KERNELS = ("auto", "dense", "csr", "coo")
 STORAGE_MODES = ("compact", "dense")
-FUSE_MODES = ("auto", "never")
+FUSE_MODES = ("auto", "never", "always")
 
 # Microseconds for one Dense layer y = x @ W inside a loaded SavedModel (x: `batch` rows of
 # n_in; W: n_in x n_out with `nnz` active weights), fitted by `bench/serving.py --calibrate`
@@ -193,6 +193,7 @@ def _walk_layers(model):
 
 
 def check_fuse(fuse):
+    """``fuse`` as one of `FUSE_MODES` (True means "auto", False "never")."""
     if isinstance(fuse, (bool, np.bool_)):
         return "auto" if fuse else "never"
     return _checks.check_choice("fuse", fuse, FUSE_MODES)
@@ -729,9 +730,9 @@ class _DenseStep:
         self.activation = first.activation
         self.nnz = sum(segment.nnz for segment in self.segments)
         masked = any(_is_masked(layer) for layer in self.layers)
-        can_fuse = fuse == "auto" and self.members > 1
         self.schedule = _step_schedule(self.n_in, self.n_out, self.nnz // self.members,
-                                       masked and self.nnz > 0, sparse_kernels, can_fuse)
+                                       masked and self.nnz > 0, sparse_kernels,
+                                       fuse if self.members > 1 else "never")
         strategies = {strategy for _, strategy in self.schedule}
         cache = module.float_cache
         self.dense_index = self.fused_index = self.sparse_index = None
@@ -863,17 +864,19 @@ def _transposed_coo(segment, decoded):
     return where, tf.gather_nd(transposed, where)
 
 
-def _step_schedule(n_in, n_out, nnz, masked, sparse_kernels, can_fuse):
+def _step_schedule(n_in, n_out, nnz, masked, sparse_kernels, fuse):
     """``[(min_batch, strategy)]`` of a Dense position (see `_DenseStep`)."""
     mode = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
     if masked and mode in ("csr", "coo"):
         return [(1, mode)]
+    if fuse == "always":
+        return [(1, "fused")]
     schedule = []
     for batch in range(1, _MAX_MODELLED_BATCH + 1):
         kernel = "dense"
         if masked and mode == "auto":
             kernel = _best_kernel(n_in, n_out, nnz, batch)
-        if kernel == "dense" and can_fuse and FUSE_MIN_BATCH is not None and (
+        if kernel == "dense" and fuse == "auto" and FUSE_MIN_BATCH is not None and (
                 batch >= FUSE_MIN_BATCH):
             kernel = "fused"
         if not schedule or schedule[-1][1] != kernel:
@@ -977,7 +980,12 @@ def _program(module, models, sparse_kernels, fuse):
 
 
 def _request_checks(inputs, input_shape):
-    """Asserts that ``inputs`` is (batch,) + input_shape and finite; returns it."""
+    """Asserts that ``inputs`` is (batch,) + input_shape and finite; returns it.
+
+    The shape is checked twice: an Assert whose message names the signature (Grappler may fold
+    its rank test away, using the signature's static rank) and `tf.ensure_shape`, which it
+    keeps ("... is not compatible with expected shape [?, ...]").
+    """
     rank = len(input_shape) + 1
     shape = tf.shape(inputs)
     padded = tf.concat([shape, tf.zeros([rank], tf.int32)], axis=0)[:rank]
@@ -989,26 +997,27 @@ def _request_checks(inputs, input_shape):
     check_shape = tf.debugging.Assert(
         shape_ok,
         [
-            f"{SERVING_SIGNATURE}: input '{SERVING_INPUT}' must be float32 of shape {expected} "
-            "(a batch of examples); got shape",
+            f"{SERVING_SIGNATURE} expects {SERVING_INPUT}: float32 of shape {expected} (a batch "
+            "of examples); got shape",
             shape,
         ],
         name="check_request_shape",
     )
     with tf.control_dependencies([check_shape]):
+        inputs = tf.ensure_shape(inputs, expected, name="check_request_rank")
         flat = tf.reshape(inputs, [shape[0], -1])
         finite_rows = tf.reduce_all(tf.math.is_finite(flat), axis=1)
         bad_rows = tf.where(tf.logical_not(finite_rows))[:10, 0]
         check_finite = tf.debugging.Assert(
             tf.reduce_all(finite_rows),
             [
-                f"{SERVING_SIGNATURE}: input '{SERVING_INPUT}' holds NaN or Inf; requests must "
-                "be finite. Offending rows (first 10):",
+                f"{SERVING_SIGNATURE}: {SERVING_INPUT} holds NaN or Inf; requests must be "
+                "finite. Offending rows (first 10):",
                 bad_rows,
             ],
             name="check_request_finite",
         )
-    with tf.control_dependencies([check_shape, check_finite]):
+    with tf.control_dependencies([check_finite]):
         return tf.identity(inputs)
 
 

@@ -285,6 +285,37 @@ def test_from_directory_errors(tmp_path, ticket_dir):
         Ensemble.from_directory(str(broken))
 
 
+@pytest.mark.parametrize("damage", ["missing_metadata", "corrupt_model", "empty_folder"])
+def test_from_directory_refuses_a_damaged_ticket(ticket_dir, members, images, tmp_path, damage):
+    """Issue: a damaged ticket used to give a warning and an ensemble with fewer members."""
+    copy = tmp_path / "tickets"
+    shutil.copytree(ticket_dir, str(copy))
+    victim = copy / "ticket_1"
+    if damage == "missing_metadata":
+        os.remove(victim / "metadata.json")
+        reason = r"ticket_1.*missing metadata\.json"
+    elif damage == "corrupt_model":
+        data = (victim / "model.keras").read_bytes()
+        (victim / "model.keras").write_bytes(data[: len(data) // 3])
+        reason = r"ticket_1.*is damaged.*model\.keras' is corrupt"
+    else:
+        shutil.rmtree(victim)
+        victim.mkdir()
+        reason = r"ticket_1.*missing metadata\.json and model\.keras"
+    with pytest.raises(ValueError, match=reason + r".*allow_partial=True"):
+        Ensemble.from_directory(str(copy))
+    ens = Ensemble.from_directory(str(copy), combine="probs", allow_partial=True)
+    assert [meta["index"] for meta in ens.metadata] == [0, 2]
+    x, _ = images
+    np.testing.assert_allclose(
+        ens.predict(x[:16], verbose=0),
+        Ensemble([members[0], members[2]], combine="probs").predict(x[:16], verbose=0),
+        atol=1e-6,
+    )
+    with pytest.raises(TypeError, match="allow_partial"):
+        Ensemble.from_directory(str(copy), allow_partial="yes")
+
+
 def test_from_directory_with_saved_models_only(ticket_dir, members, images, tmp_path):
     """Tickets without model.keras load from their SavedModels (inference only)."""
     x, _ = images

@@ -362,6 +362,46 @@ def test_read_and_list_errors_name_the_file(written, tmp_path):
         tickets.read_ticket(str(broken))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "empty"])
+def test_corrupt_model_keras_is_reported_as_corrupt(written, tmp_path, damage):
+    """Issue: a truncated model.keras was reported as "File not found"."""
+    _, path = written
+    copy = tmp_path / "ticket_0"
+    shutil.copytree(path, str(copy))
+    model_file = copy / "model.keras"
+    data = model_file.read_bytes()
+    if damage == "truncated":
+        model_file.write_bytes(data[: len(data) // 2])
+    elif damage == "bit_flip":
+        model_file.write_bytes(data[:2000] + bytes([data[2000] ^ 0xFF]) + data[2001:])
+    else:
+        model_file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ticket_0/model\.keras' is corrupt") as info:
+        tickets.read_ticket(str(copy))
+    assert "not found" not in str(info.value).lower()
+
+
+def test_scan_tickets_reports_incomplete_folders(written, tmp_path):
+    _, path = written
+    ticket_dir = tmp_path / "dir"
+    ticket_dir.mkdir()
+    shutil.copytree(path, str(ticket_dir / "ticket_0"))
+    shutil.copytree(path, str(ticket_dir / "ticket_2"))
+    os.remove(ticket_dir / "ticket_2" / "metadata.json")
+    (ticket_dir / "ticket_5").mkdir()
+    shutil.copytree(path, str(ticket_dir / ".tmp-ticket_3-abcd"))  # a write in progress
+    complete, incomplete = tickets.scan_tickets(str(ticket_dir))
+    assert complete == [str(ticket_dir / "ticket_0")]
+    assert incomplete == [
+        (str(ticket_dir / "ticket_2"), "missing metadata.json"),
+        (str(ticket_dir / "ticket_5"),
+         "missing metadata.json and model.keras (and saved_model/<version>/saved_model.pb)"),
+    ]
+    assert tickets.list_tickets(str(ticket_dir)) == complete
+    with pytest.raises(ValueError, match="nope"):
+        tickets.scan_tickets(str(tmp_path / "nope"))
+
+
 def test_argument_errors(sparse_model, tmp_path):
     ticket_dir = str(tmp_path)
     with pytest.raises(TypeError, match="model must be a keras.Model"):
