@@ -9,45 +9,51 @@ their outputs).
 **Storage.** A masked kernel is stored as its active values (float32) plus their positions,
 in whichever of two encodings is smaller: a packed bitmask (1 bit per kernel position) or
 compressed rows (an int32 row pointer per kernel row and a uint16 column index per active
-weight, int32 when a row has more than 65,536 columns). A kernel dense enough that neither
-saves bytes is stored whole. Biases and layers without a mask are stored as they are. Nothing
-else of size goes to disk: what the kernels need at serving time is rebuilt from this storage
-once, when the SavedModel is loaded (by ``tf.saved_model.load`` or TF Serving), into an
-in-memory cache (`_Cache`, a TensorList held by a resource variable and filled by a resource
-initializer). So an M-member ensemble at density d stores about ``M * d * (4 + 1/8)`` bytes
-per dense-kernel position, against 4 for one dense model.
+weight; int32 when a row has more than 65,536 columns). A kernel dense enough that neither
+saves bytes is stored whole, as are biases and other weights. All of it goes into four
+variables (`_Storage`). What the kernels need at serving time (dense kernels, or the indices of
+sparse ones) is rebuilt from them once, when the SavedModel is loaded (``tf.saved_model.load``
+or TF Serving), into an in-memory cache: a TensorList held by a resource variable and filled by
+a resource initializer (`_Cache`); nothing of it is written to disk, and reading it copies
+nothing. An M-member ensemble at density d thus stores about ``M * d * 4 + M / 8`` bytes per
+dense-kernel position (bitmask), against 4 for one dense model.
 
 **Kernels.** Each masked Dense layer is computed by one of three kernels:
 
-- ``"dense"``: ``x @ W`` with the kernel rebuilt dense in the cache (the masks baked in);
-- ``"csr"``: TensorFlow's CSR sparse matrix product (``SparseMatrixMatMul``); the CSR matrix
-  is built at every call from indices cached at load time (``SparseTensorToCSRSparseMatrix``:
-  a CSR matrix cannot be kept between calls in a SavedModel that ``tf.saved_model.load``
-  accepts, because its shape inference needs handle data that only the building op gives);
-- ``"coo"``: ``tf.sparse.sparse_dense_matmul`` on the same cached indices (no build step;
-  fast for one example at a time, slow for large batches).
+- ``"dense"``: ``x @ W`` with W rebuilt dense in the cache (masks baked in);
+- ``"csr"``: TensorFlow's CSR sparse matrix product (``SparseMatrixMatMul``); the CSR matrix is
+  built at every call from indices cached at load time (``SparseTensorToCSRSparseMatrix``, about
+  3.6 ns per active weight): a CSR matrix cannot be kept between calls in a SavedModel that
+  ``tf.saved_model.load`` accepts (its shape inference needs handle data that only the
+  building op gives, and the loader re-infers every function);
+- ``"coo"``: ``tf.sparse.sparse_dense_matmul`` on the same cached indices (no build step; the
+  fastest for one example at a time, slow for large batches).
 
-``sparse_kernels="auto"`` (the default) chooses per layer *and per call*: a cost model of the
-three kernels (`KERNEL_COST_US`, fitted by ``bench/serving.py --calibrate`` on this project's
-2-core CPU; see docs/benchmarks.md, "Serving") gives, for the layer's shape and number of
-active weights, the batch sizes at which each kernel is the fastest; the serving graph switches
-on the request's batch size. Small layers stay dense at every batch size. Convolutions are
-always computed dense: im2col patches + a sparse product never won on this CPU (the
-calibration's convolution rows). ``"dense"``, ``"csr"`` and ``"coo"`` force one kernel for
-every masked Dense layer.
+``sparse_kernels="auto"`` (the default) chooses per layer *and per request*: a cost model of
+the three kernels (`KERNEL_COST_US`, fitted by ``bench/serving.py --calibrate`` on this
+project's 2-core CPU; see docs/benchmarks.md, "Serving") gives, for the layer's shape and
+number of active weights, the batch sizes at which each kernel is the fastest, and the serving
+graph switches on the request's batch size. Small layers stay dense at every batch size.
+A masked Conv2D can be computed as im2col patches (``tf.image.extract_patches``) times a sparse
+matrix; "auto" weighs it with the same model plus the cost of the patches (`CONV_PATCH_US`)
+and, on this CPU, keeps convolutions dense (the patches path won only for a wide 3x3 conv at
+density 0.02 and batch 1, by 0.76x, and lost by 1.6x to 8.2x elsewhere). Conv1D, Conv3D and
+depthwise convolutions are always dense (stored compactly). ``"dense"``, ``"csr"`` and
+``"coo"`` force one kernel for every masked Dense and Conv2D layer.
 
-**Fusion.** Members that are the same chain of layers (the tickets of one run always are) are
-evaluated together (``fuse="auto"``): the first Dense layer of all members is one product with
-the kernels side by side; later Dense layers are one batched product (dense kernel) or one
-product with a block-diagonal sparse matrix (sparse kernels); layers without weights run once
-on the members stacked along the batch axis. Other members (residual connections, several
-inputs) are evaluated one after the other by their own Keras layers, with the masked kernels
-read from the cache.
+**Members.** Each member's products are separate ops, so that the runtime runs members in
+parallel (on 2 cores that beats one big product). Members that are the same chain of layers (the
+tickets of one run always are) can also be evaluated together: ``fuse="always"`` computes each
+Dense position of all members as one product (kernels side by side for the shared input, one
+batched product after); ``fuse="auto"`` does so from the batch size `FUSE_MIN_BATCH` (None:
+fusion never paid on this CPU, see the calibration). Members that are not chains (residual
+connections) are evaluated by their own Keras layers with the kernels read from the cache.
 
-**Requests.** The serving function refuses (an InvalidArgumentError whose message names the
-signature) a request whose shape is not ``(batch,) + input_shape`` or that holds NaN or Inf
-(listing the first offending rows). A request of another dtype is refused by TensorFlow before
-the graph runs. An empty batch returns empty outputs.
+**Requests.** The serving function refuses a request whose shape is not ``(batch,) +
+input_shape`` (an InvalidArgumentError whose message names the signature and the expected
+shape) or that holds NaN or Inf (the message lists the first offending rows). A request of
+another dtype is refused by TensorFlow before the graph runs. An empty batch returns empty
+outputs.
 
 Example:
 
@@ -55,7 +61,7 @@ Example:
 >>> export_models([sparse_model], "/tmp/sm/1", head)                 # doctest: +SKIP
 '/tmp/sm/1'
 >>> [(r.layer, r.kernels) for r in kernel_plan([sparse_model])]       # doctest: +SKIP
-[('fc1', 'dense'), ('fc2', 'dense'), ('logits', 'dense')]
+[('fc1', 'dense'), ('fc2', 'coo<2<=dense<8<=csr'), ('logits', 'dense')]
 """
 
 import dataclasses
@@ -80,24 +86,32 @@ SPARSE_KERNELS = ("auto", "dense", "csr", "coo")
 STORAGE_MODES = ("compact", "dense")
 FUSE_MODES = ("auto", "never", "always")
 
-# Microseconds for one Dense layer y = x @ W inside a loaded SavedModel (x: `batch` rows of
-# n_in; W: n_in x n_out with `nnz` active weights), fitted by `bench/serving.py --calibrate`
-# (min of alternating rounds on this project's 2-core CPU, TF 2.21; the fit and its data are in
-# docs/serving_calibration.json):
+# Microseconds for one Dense layer y = x @ W called through a serving function (x: `batch`
+# rows of n_in; W: n_in x n_out with `nnz` active weights), fitted by
+# `bench/serving.py --calibrate` on this project's 2-core CPU (TF 2.21; 92 points, shapes
+# 256x256 to 4096x4096, densities 0.01 to 0.3, batch 1 to 256; min of alternating rounds;
+# median relative error 13-21%; the data and the fit are in docs/serving_calibration.json):
 #   dense: c[0] + c[1] * n_in * n_out + c[2] * n_in * n_out * batch
 #   csr:   c[0] + c[1] * nnz + c[2] * nnz * batch + c[3] * (n_in + n_out) * batch
 #   coo:   c[0] + c[1] * nnz + c[2] * nnz * batch
+# The constant terms hold the call's own overhead (~0.25 ms); only their differences matter.
 KERNEL_COST_US = {
-    "dense": (12.0, 1.25e-4, 1.0e-5),
-    "csr": (40.0, 3.6e-3, 8.5e-5, 2.0e-3),
-    "coo": (15.0, 1.6e-3, 1.2e-3),
+    "dense": (267.0, 1.31e-4, 9.20e-6),
+    "csr": (349.0, 6.45e-3, 4.37e-5, 1.76e-3),
+    "coo": (253.0, 8.16e-4, 9.35e-4),
 }
 # A sparse kernel is used only where the model predicts it at least this much faster.
 SPARSE_MARGIN = 0.8
-# Smallest batch at which one product for all members (kernels side by side or batched) beats
-# one product per member for dense kernels; None: never (measured by `bench/serving.py
-# --calibrate`: the per-member products run in parallel on the 2 cores).
-FUSE_MIN_BATCH = 256
+# Smallest batch from which one product for all members (kernels side by side or batched)
+# beats one product per member, for dense kernels; None: never. Measured by
+# `bench/serving.py --calibrate`: never on this 2-core CPU, where the members' products run in
+# parallel (LeNet-300-100 and MLP-1024 ensembles, batch 1 to 1,024: fused / per member 0.94 to
+# 1.74, and at no batch size below 1 for every larger one).
+FUSE_MIN_BATCH = None
+# Microseconds per patch value (batch * output positions * kernel_h * kernel_w * in_channels)
+# of the im2col patches a Conv2D computed by a sparse product needs, from the same
+# calibration's convolution rows (0.8e-3 to 3.2e-3; dense convolutions never pay it).
+CONV_PATCH_US = 2.0e-3
 # Batch sizes above which the cost model is not trusted (not measured): the kernel chosen for
 # this batch size is used for all larger batches.
 _MAX_MODELLED_BATCH = 4096
@@ -549,21 +563,22 @@ def kernel_schedule(n_in, n_out, nnz, sparse_kernels="auto"):
 
 
 # --------------------------------------------------------------------------------------------
-# What each member computes: chains of layers, and Dense steps.
+# What each member computes: chains of layers, Dense and Conv2D steps.
 
 
 @dataclasses.dataclass
 class LayerPlan:
-    """One Dense layer of an export, as `kernel_plan` reports it.
+    """One Dense position (or masked Conv2D) of an export, as `kernel_plan` reports it.
 
     Attributes:
-        layer: the layer name (members' names joined with "+" when fused).
-        members: how many members this step computes at once (1 unless fused).
-        shape: (n_in, n_out) of the matrix applied (the side-by-side or block-diagonal matrix
-            when fused).
-        nnz: active weights in it.
-        storage: the encodings of its kernels ("full", "bitmask", "rows").
-        kernels: the schedule as text, e.g. "dense" or "dense<64<=csr".
+        layer: the layer name (members' names joined with "+" when they differ).
+        members: how many members this step covers (the members of an aligned ensemble; 1
+            for a single model, a member that is not aligned, or a Conv2D).
+        shape: (n_in, n_out) of one member's kernel (for a Conv2D: kh * kw * in_channels, out).
+        nnz: active weights of all the members covered.
+        storage: the encoding of each member's kernel ("full", "bitmask", "rows").
+        kernels: the kernel by batch size, e.g. "dense" or "coo<2<=dense<8<=csr" (COO for
+            batch 1, dense from 2, CSR from 8); "fused": one product for all members.
     """
 
     layer: str
@@ -592,6 +607,20 @@ def _is_plain_dense(layer):
     """A Dense layer (masked or not) that `_DenseStep` computes exactly like Keras."""
     return (
         _plain_class(layer) is keras.layers.Dense
+        and not getattr(layer, "lora_enabled", False)
+        and not getattr(layer, "quantization_mode", None)
+        and _is_float32(layer)
+    )
+
+
+def _is_sparse_conv2d(layer):
+    """A masked Conv2D that `_ConvStep` can compute as im2col patches + a sparse product."""
+    return (
+        _is_masked(layer)
+        and _plain_class(layer) is keras.layers.Conv2D
+        and getattr(layer, "groups", 1) == 1
+        and getattr(layer, "data_format", "channels_last") == "channels_last"
+        and str(getattr(layer, "padding", "")).lower() in ("valid", "same")
         and not getattr(layer, "lora_enabled", False)
         and not getattr(layer, "quantization_mode", None)
         and _is_float32(layer)
@@ -763,21 +792,8 @@ class _DenseStep:
 
     # -- serving-time graph
     def _sparse_product(self, x2d, member, kernel):
-        index_i, value_i = self.sparse_index[member]
-        indices = self.module.index_cache.get(index_i, [None, 2])
-        values = self.module.float_cache.get(value_i, [None])
-        dense_shape = tf.constant([self.n_out, self.n_in], tf.int64)
-        if kernel == "csr":
-            matrix = sparse_csr_matrix_ops.sparse_tensor_to_csr_sparse_matrix(
-                indices, values, dense_shape
-            )
-            return sparse_csr_matrix_ops.sparse_matrix_mat_mul(
-                matrix, x2d, transpose_b=True, transpose_output=True
-            )
-        product = tf.sparse.sparse_dense_matmul(
-            tf.SparseTensor(indices, values, dense_shape), x2d, adjoint_b=True
-        )
-        return tf.transpose(product)
+        return _sparse_product(self.module, self.sparse_index[member], x2d, self.n_in,
+                               self.n_out, kernel)
 
     def _products(self, xs2d, strategy, bias):
         """M outputs (rows, n_out) before activation, from M inputs (rows, n_in)."""
@@ -884,6 +900,118 @@ def _step_schedule(n_in, n_out, nnz, masked, sparse_kernels, fuse):
     return schedule
 
 
+def _sparse_product(module, sparse_index, x2d, n_in, n_out, kernel):
+    """Graph code: x2d (rows, n_in) @ W with W^T cached sparse (indices, values)."""
+    index_i, value_i = sparse_index
+    indices = module.index_cache.get(index_i, [None, 2])
+    values = module.float_cache.get(value_i, [None])
+    dense_shape = tf.constant([n_out, n_in], tf.int64)
+    if kernel == "csr":
+        matrix = sparse_csr_matrix_ops.sparse_tensor_to_csr_sparse_matrix(
+            indices, values, dense_shape
+        )
+        return sparse_csr_matrix_ops.sparse_matrix_mat_mul(
+            matrix, x2d, transpose_b=True, transpose_output=True
+        )
+    product = tf.sparse.sparse_dense_matmul(
+        tf.SparseTensor(indices, values, dense_shape), x2d, adjoint_b=True
+    )
+    return tf.transpose(product)
+
+
+class _ConvStep:
+    """A masked Conv2D of one member: the dense convolution, or im2col patches + a sparse
+    product (``schedule`` by batch size, as for Dense layers; see `conv_schedule`)."""
+
+    def __init__(self, module, layer, sparse_kernels):
+        self.module = module
+        self.layer = layer
+        kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
+        mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+        self.segment = module.storage.add(kernel, mask)
+        self.kernel_shape = tuple(int(d) for d in kernel.shape)
+        kh, kw, c_in, self.n_out = self.kernel_shape
+        self.n_in = kh * kw * c_in
+        self.nnz = self.segment.nnz
+        out_shape = tuple(layer.output.shape[1:3])
+        self.positions = int(np.prod(out_shape)) if None not in out_shape else None
+        self.schedule = conv_schedule(self.n_in, self.n_out, self.nnz, self.positions,
+                                      sparse_kernels)
+        strategies = {strategy for _, strategy in self.schedule}
+        cache = module.float_cache
+        self.dense_index = None
+        if "dense" in strategies:
+            self.dense_index = cache.add(lambda d: _Storage.tensor(self.segment, d))
+        self.sparse_index = None
+        if strategies & {"csr", "coo"}:
+            flat = _Segment(self.segment.group, (self.n_in, self.n_out), self.nnz,
+                            self.segment.index, self.segment.base)
+            self.sparse_index = (module.index_cache.add(lambda d: _transposed_coo(flat, d)[0]),
+                                 cache.add(lambda d: _transposed_coo(flat, d)[1]))
+        self.bias_index = None
+        if layer.use_bias:
+            bias = module.storage.add(keras.ops.convert_to_numpy(layer.bias))
+            self.bias_index = cache.add(lambda d: _Storage.tensor(bias, d))
+
+    def _apply(self, x, strategy):
+        layer = self.layer
+        if strategy == "dense":
+            kernel = self.module.float_cache.get(self.dense_index, self.kernel_shape)
+            return keras.ops.conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                  data_format="channels_last",
+                                  dilation_rate=layer.dilation_rate)
+        kh, kw = self.kernel_shape[:2]
+        patches = tf.image.extract_patches(
+            x, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
+            rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+        lead = tf.shape(patches)[:3]
+        y = _sparse_product(self.module, self.sparse_index, tf.reshape(patches, [-1, self.n_in]),
+                            self.n_in, self.n_out, strategy)
+        return tf.reshape(y, tf.concat([lead, [self.n_out]], 0))
+
+    def __call__(self, x):
+        if len(self.schedule) == 1:
+            y = self._apply(x, self.schedule[0][1])
+        else:
+            batch = tf.shape(x)[0]
+            branches = [(batch >= start, (lambda s=strategy: self._apply(x, s)))
+                        for start, strategy in reversed(self.schedule[1:])]
+            first = self.schedule[0][1]
+            y = tf.case(branches, default=lambda: self._apply(x, first), exclusive=False)
+        if self.bias_index is not None:
+            y = y + self.module.float_cache.get(self.bias_index, (self.n_out,))
+        if self.layer.activation is not None:
+            y = self.layer.activation(y)
+        return y
+
+    def plan(self):
+        text = "".join((f"<{start}<=" if i else "") + strategy
+                       for i, (start, strategy) in enumerate(self.schedule))
+        return LayerPlan(layer=self.layer.name, members=1, shape=(self.n_in, self.n_out),
+                         nnz=self.nnz, storage=(self.segment.group,), kernels=text)
+
+
+def conv_schedule(n_in, n_out, nnz, positions, sparse_kernels="auto"):
+    """``[(min_batch, kernel)]`` of a masked Conv2D with ``positions`` output positions per
+    example, as a product of (batch * positions) patches of n_in values with an n_in x n_out
+    kernel: the Dense cost model plus the patches' extraction (`CONV_PATCH_US`)."""
+    mode = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
+    if mode != "auto":
+        return [(1, mode)]
+    if positions is None:
+        return [(1, "dense")]
+    schedule = []
+    for batch in range(1, _MAX_MODELLED_BATCH + 1):
+        rows = batch * positions
+        costs = kernel_costs(n_in, n_out, nnz, rows)
+        sparse = min(("csr", "coo"), key=lambda k: costs[k])
+        patches = CONV_PATCH_US * rows * n_in
+        kernel = sparse if costs[sparse] + patches <= SPARSE_MARGIN * costs["dense"] else "dense"
+        if not schedule or schedule[-1][1] != kernel:
+            schedule.append((batch, kernel))
+    return schedule
+
+
 class _KerasStep:
     """A layer (or a whole model) evaluated by Keras, its float weights read from the cache."""
 
@@ -949,6 +1077,11 @@ def _program(module, models, sparse_kernels, fuse):
                 step = _DenseStep(module, layers, shared, sparse_kernels, fuse)
                 dense_steps.append(step)
                 steps.append(("dense", step))
+                shared = False
+            elif all(_is_sparse_conv2d(layer) for layer in layers):
+                convs = [_ConvStep(module, layer, sparse_kernels) for layer in layers]
+                dense_steps.extend(convs)
+                steps.append(("keras", convs))
                 shared = False
             elif not any(layer.weights for layer in layers) and not any(
                     isinstance(layer, keras.Model) for layer in layers):

@@ -140,12 +140,18 @@ def test_dense_layers_every_kernel_and_encoding(tmp_path, kernels, sparsity, enc
         assert np.max(np.abs(got - _predict(members, x))) <= 1e-5
 
 
-@pytest.mark.parametrize("kernels", ["dense", "csr"])
+@pytest.mark.parametrize("kernels", ["auto", "dense", "csr", "coo"])
 def test_convolutions_depthwise_batchnorm(tmp_path, kernels):
     for i, net in enumerate(_conv_nets(3)):
         _set_bn_statistics(net)
         sparse = ftk.sparsify(net, sparsity=0.6, distribution="uniform", seed=i)
         assert len(ftk.masked_layers(sparse)) >= 2
+        plan = {p.layer: p.kernels for p in export.kernel_plan([sparse], sparse_kernels=kernels)}
+        # Conv2D runs as patches + a sparse product when asked; Conv1D/3D and depthwise
+        # convolutions are always dense (their kernels still stored compactly).
+        want_conv = kernels if kernels != "auto" else "dense"
+        assert plan == ({"conv": want_conv, "logits": want_conv} if net.name == "conv2d"
+                        else {"logits": want_conv})
         shape = (4,) + tuple(net.inputs[0].shape[1:])
         x = RNG.random(shape).astype(np.float32)
         serve, _ = _serve([sparse], tmp_path, name=f"{net.name}_{kernels}",
@@ -230,6 +236,13 @@ def test_auto_switches_kernels_on_the_batch_size(tmp_path, monkeypatch):
         x = RNG.random((batch, 6, 5)).astype(np.float32)
         got = serve(inputs=tf.constant(x))["member_logits"].numpy()
         assert np.max(np.abs(got - _predict([model], x))) <= 1e-5, batch
+
+
+def test_conv_schedule():
+    # LeNet-5's conv2 (5x5x6 -> 16, 10x10 outputs) stays dense at every batch size.
+    assert export.conv_schedule(150, 16, 240, 100) == [(1, "dense")]
+    assert export.conv_schedule(150, 16, 240, 100, "csr") == [(1, "csr")]
+    assert export.conv_schedule(150, 16, 240, None) == [(1, "dense")]
 
 
 def test_kernel_schedule_from_the_cost_model():
