@@ -5,7 +5,8 @@ it writes four SavedModels and measures them side by side in this process:
 
   (a) one dense model of the architecture, exported by ft_keras (`ft_keras.tickets.write_ticket`
       of the plain model: its weights stored as they are);
-  (b) one ticket: ``write_ticket`` of one sparse member (compact storage, ``sparse_kernels="auto"``);
+  (b) one ticket: ``write_ticket`` of one sparse member (compact storage,
+      ``sparse_kernels="auto"``);
   (c) the M = 3 ensemble exported the old way: ``Ensemble.export(storage="dense")`` (members
       stripped, full kernels, evaluated one after the other);
   (d) the M = 3 ensemble exported by ft_keras: ``Ensemble.export()`` (compact storage, kernels
@@ -314,6 +315,14 @@ def _fit_nonnegative(x, y):
                            "p90_rel_error": float(np.percentile(rel, 90))}
 
 
+def _by_point(points):
+    """{(n_in, n_out, nnz, batch): {kernel: us}}."""
+    out = {}
+    for p in points:
+        out.setdefault((p["n_in"], p["n_out"], p["nnz"], p["batch"]), {})[p["kernel"]] = p["us"]
+    return out
+
+
 def _fit(points):
     fits = {}
     for kernel in ("dense", "csr", "coo"):
@@ -322,15 +331,14 @@ def _fit(points):
                                          [p["us"] for p in rows])
         fits[kernel] = {"coefficients": coef, **quality}
     # How often the fitted rule picks the measured fastest kernel (or one within 10% of it).
-    by_point = {}
-    for p in points:
-        by_point.setdefault((p["n_in"], p["n_out"], p["nnz"], p["batch"]), {})[p["kernel"]] = p["us"]
+    by_point = _by_point(points)
     saved = dict(export_lib.KERNEL_COST_US)
     try:
         export_lib.KERNEL_COST_US.update({k: tuple(v["coefficients"]) for k, v in fits.items()})
         good = 0
         for (n_in, n_out, nnz, batch), measured in by_point.items():
-            choice = export_lib._best_kernel(n_in, n_out, nnz, batch)  # pylint: disable=protected-access
+            # pylint: disable-next=protected-access
+            choice = export_lib._best_kernel(n_in, n_out, nnz, batch)
             good += measured[choice] <= 1.1 * min(measured.values())
     finally:
         export_lib.KERNEL_COST_US.clear()
@@ -460,14 +468,15 @@ def _markdown(report):
         f"`{report['host']['git_commit']}`, run time {report['seconds'] / 60:.1f} min.",
         "",
         "(a) one dense model exported by ft_keras; (b) one ticket (`write_ticket` of one "
-        "member); (c) the M = 3 ensemble exported the old way (`Ensemble.export(storage=\"dense\")`:"
-        " stripped members, full kernels, one after the other); (d) the M = 3 ensemble exported "
-        "by ft_keras (`Ensemble.export()`: compact storage, kernels chosen per layer and batch "
-        "size). Members are untrained, randomly sparsified models (`ftk.sparsify`, ERK): size "
-        "and latency depend on shapes and densities, not on weight values. Every SavedModel is "
-        "loaded with `tf.saved_model.load` and called through `serving_default`; the four are "
-        f"timed in alternating rounds ({report['rounds']} rounds of {report['seconds_per_round']}"
-        " s each), p50 / p99 over the calls of a round, min over rounds; ratios are to (a). "
+        "member); (c) the M = 3 ensemble exported the old way "
+        "(`Ensemble.export(storage=\"dense\")`: stripped members, full kernels, one after the "
+        "other); (d) the M = 3 ensemble exported by ft_keras (`Ensemble.export()`: compact "
+        "storage, kernels chosen per layer and batch size). Members are untrained, randomly "
+        "sparsified models (`ftk.sparsify`, ERK): size and latency depend on shapes and "
+        "densities, not on weight values. Every SavedModel is loaded with "
+        "`tf.saved_model.load` and called through `serving_default`; the four are timed in "
+        f"alternating rounds ({report['rounds']} rounds of {report['seconds_per_round']} s "
+        "each), p50 / p99 over the calls of a round, min over rounds; ratios are to (a). "
         "*Keras export* is the size of `model.export()` of the dense model (Keras writes every "
         "variable twice). *cores used by others*: CPU taken by other processes during the row.",
         "",
@@ -542,9 +551,7 @@ def _calibration_markdown(cal):
                   f"at {fit['rule_within_10pct_of_fastest']} of the calibration points.", "",
               "| n_in x n_out | active | batch | dense µs | CSR µs | COO µs | fastest |",
               "|---|---:|---:|---:|---:|---:|---|"]
-    by_point = {}
-    for p in cal["points"]:
-        by_point.setdefault((p["n_in"], p["n_out"], p["nnz"], p["batch"]), {})[p["kernel"]] = p["us"]
+    by_point = _by_point(cal["points"])
     for (n_in, n_out, nnz, batch), m in sorted(by_point.items()):
         fastest = min(m, key=m.get)
         lines.append(f"| {n_in}x{n_out} | {nnz:,} | {batch} | {m['dense']:.0f} | {m['csr']:.0f} "
@@ -632,7 +639,8 @@ def _write_json(path, data):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
+        json.dump(data, f, indent=1,
+                  default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
         f.write("\n")
     os.replace(tmp, path)
 

@@ -141,13 +141,7 @@ def model_input_shape(model, argument="model"):
             f"{argument}={model.name!r} has {len(inputs)} inputs; only single-input models are "
             "supported."
         )
-    shape = tuple(inputs[0].shape[1:])
-    if any(dim is None for dim in shape):
-        raise ValueError(
-            f"{argument}={model.name!r} has input shape {(None,) + shape}; serving needs every "
-            "dimension but the batch known."
-        )
-    return shape
+    return tuple(inputs[0].shape[1:])
 
 
 def model_output_shape(model, argument="model"):
@@ -573,7 +567,7 @@ class LayerPlan:
     Attributes:
         layer: the layer name (members' names joined with "+" when they differ).
         members: how many members this step covers (the members of an aligned ensemble; 1
-            for a single model, a member that is not aligned, or a Conv2D).
+            for a single model or a member that is not aligned).
         shape: (n_in, n_out) of one member's kernel (for a Conv2D: kh * kw * in_channels, out).
         nnz: active weights of all the members covered.
         storage: the encoding of each member's kernel ("full", "bitmask", "rows").
@@ -991,6 +985,26 @@ class _ConvStep:
                          nnz=self.nnz, storage=(self.segment.group,), kernels=text)
 
 
+class _PlanGroup:
+    """The `LayerPlan` of one position computed by a step per member (Conv2D)."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def plan(self):
+        plans = [step.plan() for step in self.steps]
+        first = plans[0]
+        return LayerPlan(
+            layer="+".join(dict.fromkeys(p.layer for p in plans)),
+            members=len(plans),
+            shape=first.shape,
+            nnz=sum(p.nnz for p in plans),
+            storage=tuple(p.storage[0] for p in plans),
+            kernels=first.kernels if len({p.kernels for p in plans}) == 1
+            else " / ".join(p.kernels for p in plans),
+        )
+
+
 def conv_schedule(n_in, n_out, nnz, positions, sparse_kernels="auto"):
     """``[(min_batch, kernel)]`` of a masked Conv2D with ``positions`` output positions per
     example, as a product of (batch * positions) patches of n_in values with an n_in x n_out
@@ -1080,7 +1094,7 @@ def _program(module, models, sparse_kernels, fuse):
                 shared = False
             elif all(_is_sparse_conv2d(layer) for layer in layers):
                 convs = [_ConvStep(module, layer, sparse_kernels) for layer in layers]
-                dense_steps.extend(convs)
+                dense_steps.append(_PlanGroup(convs))
                 steps.append(("keras", convs))
                 shared = False
             elif not any(layer.weights for layer in layers) and not any(
@@ -1122,9 +1136,11 @@ def _request_checks(inputs, input_shape):
     rank = len(input_shape) + 1
     shape = tf.shape(inputs)
     padded = tf.concat([shape, tf.zeros([rank], tf.int32)], axis=0)[:rank]
+    known = [i + 1 for i, dim in enumerate(input_shape) if dim is not None]  # None: any size
     shape_ok = tf.logical_and(
         tf.equal(tf.size(shape), rank),
-        tf.reduce_all(tf.equal(padded[1:], tf.constant(input_shape, tf.int32))),
+        tf.reduce_all(tf.equal(tf.gather(padded, known),
+                               tf.constant([input_shape[i - 1] for i in known], tf.int32))),
     )
     expected = (None,) + tuple(input_shape)
     check_shape = tf.debugging.Assert(

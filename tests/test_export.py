@@ -146,7 +146,10 @@ def test_convolutions_depthwise_batchnorm(tmp_path, kernels):
         _set_bn_statistics(net)
         sparse = ftk.sparsify(net, sparsity=0.6, distribution="uniform", seed=i)
         assert len(ftk.masked_layers(sparse)) >= 2
-        plan = {p.layer: p.kernels for p in export.kernel_plan([sparse], sparse_kernels=kernels)}
+        twin = ftk.sparsify(net, sparsity=0.6, distribution="uniform", seed=i + 10)
+        rows = export.kernel_plan([sparse, twin], sparse_kernels=kernels)
+        assert {p.members for p in rows} == {2}  # aligned: one row per position
+        plan = {p.layer: p.kernels for p in rows}
         # Conv2D runs as patches + a sparse product when asked; Conv1D/3D and depthwise
         # convolutions are always dense (their kernels still stored compactly).
         want_conv = kernels if kernels != "auto" else "dense"
@@ -158,6 +161,24 @@ def test_convolutions_depthwise_batchnorm(tmp_path, kernels):
                           sparse_kernels=kernels)
         got = serve(inputs=tf.constant(x))["member_logits"].numpy()
         assert np.max(np.abs(got - _predict([sparse], x))) <= 1e-5, net.name
+
+
+def test_unknown_input_dimensions(tmp_path):
+    """A sequence model with a free length axis: the request check tests the known axes only."""
+    keras.utils.set_random_seed(6)
+    model = ftk.sparsify(keras.Sequential([
+        keras.Input((None, 8)),
+        keras.layers.Dense(16, activation="relu", name="fc"),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3, name="logits"),
+    ]), sparsity=0.5, seed=6)
+    serve, _ = _serve([model], tmp_path, sparse_kernels="csr")
+    for length in (1, 7):
+        x = RNG.random((2, length, 8)).astype(np.float32)
+        got = serve(inputs=tf.constant(x))["member_logits"].numpy()
+        assert np.max(np.abs(got - _predict([model], x))) <= 1e-5
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\(None, None, 8\)"):
+        serve(inputs=tf.zeros((2, 7, 9)))
 
 
 def test_model_that_is_not_a_chain(tmp_path):
