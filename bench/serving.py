@@ -100,7 +100,8 @@ flags.DEFINE_integer("calibration_rounds", 3, "Alternating rounds of each calibr
 flags.DEFINE_float("calibration_seconds", 0.1, "Seconds per kernel and calibration round.")
 flags.DEFINE_string("output_json", "docs/serving.json", "Where to write the raw results.")
 flags.DEFINE_string("calibration_json", "docs/serving_calibration.json",
-                    "Where --calibrate writes its data and fit.")
+                    "Where --calibrate writes its data and fit; without --calibrate, the "
+                    "report shows the calibration found there (if any).")
 flags.DEFINE_string("output_md", "docs/benchmarks.md",
                     "Markdown file whose 'serving' region receives the tables.")
 flags.DEFINE_integer("seed", 0, "Seed for weights and masks.")
@@ -429,6 +430,9 @@ def _calibrate():
         conv.extend(_conv_case(rng, *case, batches=[1, 64]))
     fusion = _calibrate_fusion(rng, FUSE_BATCHES if not FLAGS.quick else [1, 256])
     result = {
+        "command": _command(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": bench_tables.host_info(_REPO)["git_commit"],
         "points": points,
         "fit": _fit(points),
         "conv": conv,
@@ -535,8 +539,13 @@ def _markdown(report):
 
 
 def _calibration_markdown(cal):
+    source = ""
+    if cal.get("command"):
+        source = (f"From `{cal['command']}` (started {cal.get('started')}, commit "
+                  f"`{cal.get('git_commit')}`; cores used by others "
+                  f"{_f(cal.get('other_processes_cores'))}). ")
     lines = ["", "### Calibration of the kernel choice (`--calibrate`)", "",
-             "One masked Dense layer (uniform density) served as a dense, CSR "
+             source + "One masked Dense layer (uniform density) served as a dense, CSR "
              "(`SparseMatrixMatMul`, CSR built per call from cached indices) or COO "
              "(`sparse_dense_matmul`) product; mean µs per call, min over alternating rounds. "
              "Fitted cost model (µs) that `ft_keras/export.py` holds as `KERNEL_COST_US`:", ""]
@@ -616,6 +625,10 @@ def main(argv):
     if FLAGS.calibrate:
         report["calibration"] = _calibrate()
         _write_json(FLAGS.calibration_json, report["calibration"])
+    elif FLAGS.calibration_json and os.path.exists(FLAGS.calibration_json):
+        with open(FLAGS.calibration_json, encoding="utf-8") as f:
+            report["calibration"] = json.load(f)
+        report["calibration_from"] = FLAGS.calibration_json
     for key in models:
         for sparsity in sparsities:
             workdir = tempfile.mkdtemp(prefix="ftk-serving-")
