@@ -486,7 +486,8 @@ class Ensemble(keras.Model):
             sparse_kernels: how masked Dense layers are computed: "auto" (per layer and batch
                 size, from the cost model of `ft_keras.export`), "dense", "csr" or "coo".
             fuse: "auto" (members that are the same chain of layers evaluated together where
-                that is faster) or "never"; True / False accepted.
+                the calibration found it faster: nowhere on the 2-core CPU it was measured on),
+                "always" or "never"; True / False accepted.
             storage: "compact" (default) or "dense" (the layout before compact storage:
                 members stripped, full kernels, evaluated one after the other).
 

@@ -1175,16 +1175,17 @@ def build_serving(models, head, *, sparse_kernels="auto", fuse="auto", argument=
 
     Args:
         models: a non-empty list of built single-input Keras models that output logits and
-            share their input shape (`check_models` is not repeated here).
+            share their input shape (not checked again here; `export_models` checks them).
         head: a callable mapping stacked member logits (M, B, ..., K) (float32) to the dict of
             outputs.
         sparse_kernels: "auto", "dense", "csr" or "coo" (see the module doc).
-        fuse: "auto" (fuse aligned chains) or "never" (also True / False).
+        fuse: "auto" (from `FUSE_MIN_BATCH` on), "always" or "never" (True / False accepted).
         argument: how to name ``models`` in errors.
 
     Returns:
         ``(module, serve, plan)``: the module to save, the serving `tf.function` (input
-        signature ``inputs``), and the list of `LayerPlan` rows of its Dense layers.
+        signature ``inputs``), and the `LayerPlan` rows of its Dense and Conv2D positions.
+        In process, call `initialize` on the module before calling ``serve``.
     """
     sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
     fuse = check_fuse(fuse)
@@ -1291,9 +1292,10 @@ def export_models(models, path, head, *, sparse_kernels="auto", fuse="auto", sto
         path: the SavedModel folder to write (must not hold a SavedModel already).
         head: callable mapping stacked member logits (M, B, ..., K) to the outputs dict.
         sparse_kernels: "auto", "dense", "csr" or "coo".
-        fuse: "auto" or "never" (True / False accepted).
+        fuse: "auto", "always" or "never" (True / False accepted).
         storage: "compact" (default) or "dense": the layout before compact storage (members
-            stripped, full kernels, no fusion, no sparse kernels).
+            stripped, full kernels written by Keras' ExportArchive, no fusion, no sparse
+            kernels).
 
     Returns:
         ``path``.
