@@ -18,7 +18,10 @@ not on the values of the weights. Each SavedModel is loaded with ``tf.saved_mode
 called through its ``serving_default`` signature, as TF Serving calls it. For every batch size
 the four variants are timed in alternating rounds (a, b, c, d, then b, c, d, a, ...); a round
 calls one variant for ``--seconds`` (at least 3 calls); p50 and p99 are taken over the calls of a
-round and the report keeps the min over rounds. Ratios are to (a). Sizes are the bytes of the
+round and the report keeps the min over rounds. Many short rounds (20 of 0.15 s) let every
+variant meet the quiet moments of a shared machine: with 5 rounds of 0.3 s, other developers'
+jobs inflated every round of the 2-thread dense products, which made the ensembles look
+relatively faster than they are. Ratios are to (a). Sizes are the bytes of the
 files of each SavedModel folder; the size of a Keras ``model.export()`` of the dense model is
 reported too (Keras writes every variable twice).
 
@@ -35,8 +38,8 @@ what resists that best.
 
 How to run (from the repository root):
 
-    python bench/serving.py                  # the full run (~20 minutes on 2 CPU cores)
-    python bench/serving.py --calibrate      # the same, plus the kernel calibration (~5 min more)
+    python bench/serving.py                  # the full run (~10 minutes on 2 CPU cores)
+    python bench/serving.py --calibrate      # the same, plus the kernel calibration (~4 min more)
     python bench/serving.py --quick --output_json=/tmp/s.json --output_md=/tmp/s.md   # smoke
 """
 
@@ -93,11 +96,11 @@ flags.DEFINE_list("models", list(MODELS), f"Models, from {list(MODELS)}.")
 flags.DEFINE_list("sparsities", ["0.8", "0.9", "0.95"], "Sparsities of the members.")
 flags.DEFINE_list("batches", ["1", "64", "256"], "Request batch sizes.")
 flags.DEFINE_integer("members", 3, "Ensemble size M.")
-flags.DEFINE_integer("rounds", 5, "Alternating rounds per batch size (min over rounds).")
-flags.DEFINE_float("seconds", 0.3, "Seconds of calls per variant and round (>= 3 calls).")
+flags.DEFINE_integer("rounds", 20, "Alternating rounds per batch size (min over rounds).")
+flags.DEFINE_float("seconds", 0.15, "Seconds of calls per variant and round (>= 3 calls).")
 flags.DEFINE_bool("calibrate", False, "Also run the kernel calibration and fit the cost model.")
-flags.DEFINE_integer("calibration_rounds", 3, "Alternating rounds of each calibration point.")
-flags.DEFINE_float("calibration_seconds", 0.1, "Seconds per kernel and calibration round.")
+flags.DEFINE_integer("calibration_rounds", 6, "Alternating rounds of each calibration point.")
+flags.DEFINE_float("calibration_seconds", 0.05, "Seconds per kernel and calibration round.")
 flags.DEFINE_string("output_json", "docs/serving.json", "Where to write the raw results.")
 flags.DEFINE_string("calibration_json", "docs/serving_calibration.json",
                     "Where --calibrate writes its data and fit; without --calibrate, the "
