@@ -36,8 +36,9 @@ number of active weights, the batch sizes at which each kernel is the fastest, a
 graph switches on the request's batch size. Small layers stay dense at every batch size.
 A masked Conv2D can be computed as im2col patches (``tf.image.extract_patches``) times a sparse
 matrix; "auto" weighs it with the same model plus the cost of the patches (`CONV_PATCH_US`)
-and, on this CPU, keeps convolutions dense (the patches path won only for a wide 3x3 conv at
-density 0.02 and batch 1, by 0.76x, and lost by 1.6x to 8.2x elsewhere). Conv1D, Conv3D and
+and, on this CPU, keeps convolutions dense (the patches path won only for a wide 3x3 conv,
+256 -> 256 channels at density 0.02 and batch 1, by 0.82x, and lost by 1.6x to 7x in the other
+calibration rows). Conv1D, Conv3D and
 depthwise convolutions are always dense (stored compactly). ``"dense"``, ``"csr"`` and
 ``"coo"`` force one kernel for every masked Dense and Conv2D layer.
 
@@ -90,27 +91,28 @@ FUSE_MODES = ("auto", "never", "always")
 # rows of n_in; W: n_in x n_out with `nnz` active weights), fitted by
 # `bench/serving.py --calibrate` on this project's 2-core CPU (TF 2.21; 92 points, shapes
 # 256x256 to 4096x4096, densities 0.01 to 0.3, batch 1 to 256; min of alternating rounds;
-# median relative error 13-21%; the data and the fit are in docs/serving_calibration.json):
+# median relative error 13-20%; the rule picks the fastest kernel, or one within 10% of it, at
+# 82 of the 92 points; data and fit in docs/serving_calibration.json):
 #   dense: c[0] + c[1] * n_in * n_out + c[2] * n_in * n_out * batch
 #   csr:   c[0] + c[1] * nnz + c[2] * nnz * batch + c[3] * (n_in + n_out) * batch
 #   coo:   c[0] + c[1] * nnz + c[2] * nnz * batch
 # The constant terms hold the call's own overhead (~0.25 ms); only their differences matter.
 KERNEL_COST_US = {
-    "dense": (267.0, 1.31e-4, 9.20e-6),
-    "csr": (349.0, 6.45e-3, 4.37e-5, 1.76e-3),
-    "coo": (253.0, 8.16e-4, 9.35e-4),
+    "dense": (268.0, 1.58e-4, 8.71e-6),
+    "csr": (357.0, 6.87e-3, 4.38e-5, 1.70e-3),
+    "coo": (260.0, 8.34e-4, 9.23e-4),
 }
 # A sparse kernel is used only where the model predicts it at least this much faster.
 SPARSE_MARGIN = 0.8
 # Smallest batch from which one product for all members (kernels side by side or batched)
 # beats one product per member, for dense kernels; None: never. Measured by
 # `bench/serving.py --calibrate`: never on this 2-core CPU, where the members' products run in
-# parallel (LeNet-300-100 and MLP-1024 ensembles, batch 1 to 1,024: fused / per member 0.94 to
-# 1.74, and at no batch size below 1 for every larger one).
+# parallel (M = 3 LeNet-300-100 and MLP-1024 ensembles, batch 1 to 1,024: fused / per member
+# 0.80 to 1.47, below 0.95 only at one batch size).
 FUSE_MIN_BATCH = None
 # Microseconds per patch value (batch * output positions * kernel_h * kernel_w * in_channels)
 # of the im2col patches a Conv2D computed by a sparse product needs, from the same
-# calibration's convolution rows (0.8e-3 to 3.2e-3; dense convolutions never pay it).
+# calibration's convolution rows (about 0.8e-3 to 3e-3; dense convolutions never pay it).
 CONV_PATCH_US = 2.0e-3
 # Batch sizes above which the cost model is not trusted (not measured): the kernel chosen for
 # this batch size is used for all larger batches.
