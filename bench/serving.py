@@ -330,7 +330,9 @@ def _by_point(points):
 def _fit(points):
     fits = {}
     for kernel in ("dense", "csr", "coo"):
-        rows = [p for p in points if p["kernel"] == kernel]
+        # COO only ever wins at small batches, where its cost is close to linear.
+        rows = [p for p in points if p["kernel"] == kernel
+                and (kernel != "coo" or p["batch"] <= export_lib.COO_MAX_BATCH)]
         coef, quality = _fit_nonnegative([_features(kernel, p) for p in rows],
                                          [p["us"] for p in rows])
         fits[kernel] = {"coefficients": coef, **quality}
@@ -551,7 +553,8 @@ def _calibration_markdown(cal):
              source + "One masked Dense layer (uniform density) served as a dense, CSR "
              "(`SparseMatrixMatMul`, CSR built per call from cached indices) or COO "
              "(`sparse_dense_matmul`) product; mean µs per call, min over alternating rounds. "
-             "Fitted cost model (µs) that `ft_keras/export.py` holds as `KERNEL_COST_US`:", ""]
+             "Fitted cost model (µs) that `ft_keras/export.py` holds as `KERNEL_COST_US` (COO "
+             "fitted and used on batches <= `COO_MAX_BATCH` only):", ""]
     fit = cal["fit"]
     lines.append("| kernel | coefficients | median rel. error | p90 rel. error |")
     lines.append("|---|---|---:|---:|")

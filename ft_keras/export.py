@@ -90,9 +90,10 @@ FUSE_MODES = ("auto", "never", "always")
 # Microseconds for one Dense layer y = x @ W called through a serving function (x: `batch`
 # rows of n_in; W: n_in x n_out with `nnz` active weights), fitted by
 # `bench/serving.py --calibrate` on this project's 2-core CPU (TF 2.21; 92 points, shapes
-# 256x256 to 4096x4096, densities 0.01 to 0.3, batch 1 to 256; min of alternating rounds;
-# median relative error 13-20%; the rule picks the fastest kernel, or one within 10% of it, at
-# 82 of the 92 points; data and fit in docs/serving_calibration.json):
+# 256x256 to 4096x4096, densities 0.01 to 0.3, batch 1 to 256, min of alternating rounds; COO
+# fitted on batch <= `COO_MAX_BATCH`, the only batches where it ever won; median relative
+# error 12-18%; the rule picks the fastest kernel, or one within 10% of it, at 83 of the 92
+# points, and otherwise mostly stays dense; data and fit in docs/serving_calibration.json):
 #   dense: c[0] + c[1] * n_in * n_out + c[2] * n_in * n_out * batch
 #   csr:   c[0] + c[1] * nnz + c[2] * nnz * batch + c[3] * (n_in + n_out) * batch
 #   coo:   c[0] + c[1] * nnz + c[2] * nnz * batch
@@ -100,8 +101,10 @@ FUSE_MODES = ("auto", "never", "always")
 KERNEL_COST_US = {
     "dense": (268.0, 1.58e-4, 8.71e-6),
     "csr": (357.0, 6.87e-3, 4.38e-5, 1.70e-3),
-    "coo": (260.0, 8.34e-4, 9.23e-4),
+    "coo": (242.0, 2.47e-3, 3.81e-4),
 }
+# COO is considered up to this batch size only (its cost per row grows with the batch).
+COO_MAX_BATCH = 8
 # A sparse kernel is used only where the model predicts it at least this much faster.
 SPARSE_MARGIN = 0.8
 # Smallest batch from which one product for all members (kernels side by side or batched)
@@ -531,7 +534,8 @@ def kernel_costs(n_in, n_out, nnz, batch):
 
 def _best_kernel(n_in, n_out, nnz, batch):
     costs = kernel_costs(n_in, n_out, nnz, batch)
-    sparse = min(("csr", "coo"), key=lambda k: costs[k])
+    candidates = ("csr", "coo") if batch <= COO_MAX_BATCH else ("csr",)
+    sparse = min(candidates, key=lambda k: costs[k])
     return sparse if costs[sparse] <= SPARSE_MARGIN * costs["dense"] else "dense"
 
 
@@ -1020,7 +1024,8 @@ def conv_schedule(n_in, n_out, nnz, positions, sparse_kernels="auto"):
     for batch in range(1, _MAX_MODELLED_BATCH + 1):
         rows = batch * positions
         costs = kernel_costs(n_in, n_out, nnz, rows)
-        sparse = min(("csr", "coo"), key=lambda k: costs[k])
+        candidates = ("csr", "coo") if rows <= COO_MAX_BATCH else ("csr",)
+        sparse = min(candidates, key=lambda k: costs[k])
         patches = CONV_PATCH_US * rows * n_in
         kernel = sparse if costs[sparse] + patches <= SPARSE_MARGIN * costs["dense"] else "dense"
         if not schedule or schedule[-1][1] != kernel:

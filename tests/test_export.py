@@ -241,8 +241,9 @@ def test_kernel_schedule_follows_the_cost_model(monkeypatch):
     assert export.kernel_schedule(10, 10, 1, "coo") == [(1, "coo")]
     monkeypatch.setattr(export, "KERNEL_COST_US", {
         "dense": (0.0, 0.0, 1.0), "csr": (1e9, 0.0, 0.0, 0.0), "coo": (50.0, 0.0, 0.0)})
-    # dense = 100 B; coo = 50: coo from B = 1 (100 * 0.8 >= 50).
-    assert export.kernel_schedule(10, 10, 1) == [(1, "coo")]
+    # dense = 100 B; coo = 50: coo from B = 1 (100 * 0.8 >= 50) up to COO_MAX_BATCH only.
+    assert export.COO_MAX_BATCH == 8
+    assert export.kernel_schedule(10, 10, 1) == [(1, "coo"), (9, "dense")]
 
 
 def test_auto_switches_kernels_on_the_batch_size(tmp_path, monkeypatch):
