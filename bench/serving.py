@@ -108,6 +108,8 @@ flags.DEFINE_string("calibration_json", "docs/serving_calibration.json",
 flags.DEFINE_string("output_md", "docs/benchmarks.md",
                     "Markdown file whose 'serving' region receives the tables.")
 flags.DEFINE_integer("seed", 0, "Seed for weights and masks.")
+flags.DEFINE_string("render_only", None,
+                    "Rewrite the markdown from this JSON report (no measurement).")
 
 
 # ------------------------------------------------------------------------------- timing
@@ -492,6 +494,10 @@ def _markdown(report):
         f"**Targets:** size (d)/(a) <= {TARGET_SIZE_RATIO:.1f} at every sparsity >= 0.8; "
         "p50 latency (d)/(a) <= 1.0 for the MLP 784-4096-4096-10 at sparsity 0.95, batch 64.",
         "",
+        "### Summary",
+        "",
+    ] + _summary(report) + [
+        "",
         "### Size on disk",
         "",
         "| model | sparsity | (a) MB | Keras export MB | (b) MB | (c) MB | (d) MB "
@@ -541,6 +547,36 @@ def _markdown(report):
     if cal:
         lines += _calibration_markdown(cal)
     return "\n".join(lines) + "\n"
+
+
+def _summary(report):
+    rows = report["rows"]
+    lines = []
+    if not rows:
+        return lines
+    worst = max(rows, key=lambda r: r["size_ratios"]["d"])
+    old = [r["size_ratios"]["c"] for r in rows]
+    lines.append(
+        f"- **Size:** (d)/(a) is at most {worst['size_ratios']['d']:.2f} ({worst['label']} at "
+        f"sparsity {worst['sparsity']:.2f}); the old export (c) was "
+        f"{min(old):.1f}-{max(old):.1f}x (a).")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        d = [r["p50_ratios"][str(b)]["d"] for r in mine for b in report["batches"]]
+        c = [r["p50_ratios"][str(b)]["c"] for r in mine for b in report["batches"]]
+        b = [r["p50_ratios"][str(x)]["b"] for r in mine for x in report["batches"]]
+        lines.append(
+            f"- **{label}:** p50 (d)/(a) {min(d):.2f}-{max(d):.2f} (old export (c): "
+            f"{min(c):.2f}-{max(c):.2f}); one ticket (b)/(a) {min(b):.2f}-{max(b):.2f}.")
+    for r in rows:
+        if (r["model"], r["sparsity"]) == TARGET_LATENCY[:2]:
+            ratio = r["p50_ratios"][str(TARGET_LATENCY[2])]["d"]
+            verdict = "met" if ratio <= 1.0 else "not met"
+            lines.append(
+                f"- **Latency target** ({r['label']}, sparsity {r['sparsity']:.2f}, batch "
+                f"{TARGET_LATENCY[2]}): (d)/(a) = {ratio:.2f}, {verdict}; one ticket there: "
+                f"{r['p50_ratios'][str(TARGET_LATENCY[2])]['b']:.2f}.")
+    return lines
 
 
 def _calibration_markdown(cal):
@@ -599,6 +635,12 @@ def _command():
 
 def main(argv):
     del argv
+    if FLAGS.render_only:
+        with open(FLAGS.render_only, encoding="utf-8") as f:
+            report = json.load(f)
+        bench_tables.replace_region(FLAGS.output_md, "serving", _markdown(report))
+        print(f"rewrote the 'serving' region of {FLAGS.output_md} from {FLAGS.render_only}")
+        return
     bench_tables.apply_quick(FLAGS, {"models": ["lenet_300_100"], "sparsities": ["0.9"],
                                      "batches": ["1", "64"], "rounds": 2, "seconds": 0.05,
                                      "calibration_rounds": 1, "calibration_seconds": 0.02})
