@@ -98,6 +98,53 @@ class CpuMeter:
         return max(0.0, (busy - ours) / (end[0] - self._start[0]))
 
 
+# ------------------------------------------------------------------------- marked regions
+def region_markers(name):
+    """The two HTML comments that delimit the region ``name`` in a markdown file."""
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"region name must be letters, digits, '-' or '_'; got {name!r}.")
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def replace_region(path, name, text):
+    """Puts ``text`` between the markers of region ``name`` in the file at ``path``.
+
+    The markers stay; what was between them is replaced. A file without the region gets it
+    appended at the end (a missing file is created). The file is written to a temporary file
+    and renamed. Returns the new content.
+
+    Raises:
+        ValueError: the file has the begin marker without the end marker (or the reverse,
+            or either twice), or a bad region name.
+    """
+    begin, end = region_markers(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except FileNotFoundError:
+        content = ""
+    body = text.strip("\n")
+    counts = (content.count(begin), content.count(end))
+    if counts == (0, 0):
+        block = f"{begin}\n{body}\n{end}\n"
+        content = content.rstrip("\n") + ("\n\n" if content.strip() else "") + block
+    elif counts == (1, 1) and content.index(begin) < content.index(end):
+        head = content[: content.index(begin) + len(begin)]
+        tail = content[content.index(end):]
+        content = f"{head}\n{body}\n{tail}"
+    else:
+        raise ValueError(
+            f"{path}: region {name!r} is malformed ({counts[0]} begin and {counts[1]} end "
+            "markers, or end before begin); fix the file by hand."
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(content)
+    os.replace(tmp, path)
+    return content
+
+
 # ------------------------------------------------------------------------------ statistics
 def summary(values):
     """``{"min", "median"}`` of the non-None values (both None when there are none)."""

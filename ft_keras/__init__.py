@@ -18,6 +18,7 @@ from ft_keras import densities
 from ft_keras import distribute
 from ft_keras import ensemble
 from ft_keras import evaluation
+from ft_keras import export
 from ft_keras import flops
 from ft_keras import free_tickets
 from ft_keras import keras_metrics
@@ -49,6 +50,7 @@ from ft_keras.sparsify import strip
 from ft_keras.tickets import list_tickets
 from ft_keras.tickets import prepare_ticket_dir
 from ft_keras.tickets import read_ticket
+from ft_keras.tickets import scan_tickets
 from ft_keras.tickets import write_ticket
 from ft_keras.training import DynamicSparsity
 from ft_keras.training import SparseTraining
@@ -95,6 +97,7 @@ __all__ = [
     "ensemble",
     "ensemble_outputs",
     "evaluation",
+    "export",
     "flops",
     "free_tickets",
     "keras_metrics",
@@ -110,6 +113,7 @@ __all__ = [
     "recipes",
     "schedules",
     "sparsify",
+    "scan_tickets",
     "sparsity_report",
     "strip",
     "tickets",

@@ -6,7 +6,9 @@ the default, output = logits) or their softmax probabilities (``combine="probs"`
 evaluation, output = probabilities). It predicts, evaluates and summarises like any Keras model,
 loads the tickets that `ft_keras.tickets.write_ticket` wrote (`Ensemble.from_directory`), and
 exports a TF Serving SavedModel with the ensemble's predictive distribution and two
-uncertainty scores (`Ensemble.export`).
+uncertainty scores (`Ensemble.export`): masked kernels stored compactly, sparse or dense
+kernels chosen per layer and batch size, members evaluated together where that is faster
+(see `ft_keras.export`).
 
 Example:
 
@@ -24,22 +26,17 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from ft_keras import _checks
+from ft_keras import export as export_lib
 from ft_keras import tickets as tickets_lib
-from ft_keras.tickets import _check_bool
-from ft_keras.tickets import _check_int
-from ft_keras.tickets import _check_path
 
 COMBINE_MODES = ("logits", "probs")
 
 
 def _check_combine(combine):
-    if not isinstance(combine, str) or combine not in COMBINE_MODES:
-        raise ValueError(
-            f"combine={combine!r} is not supported; use one of {list(COMBINE_MODES)} "
-            "('logits': mean of member logits; 'probs': mean of member softmax probabilities)."
-        )
-    return combine
+    return _checks.check_choice("combine", combine, COMBINE_MODES)
 
 
 def _check_member_logits(member_logits):
@@ -153,17 +150,12 @@ def _check_members(members):
     if not members:
         raise ValueError("members=[] is empty; an Ensemble needs at least one keras.Model.")
     for i, member in enumerate(members):
-        if not isinstance(member, keras.Model):
-            raise TypeError(
-                f"members[{i}] must be a keras.Model; got {type(member).__name__} ({member!r})."
-            )
-        if not member.built:
-            raise ValueError(f"members[{i}]={member.name!r} is not built; build it first.")
+        _checks.check_model(f"members[{i}]", member)
     input_shapes = [
-        tickets_lib.model_input_shape(m, f"members[{i}]") for i, m in enumerate(members)
+        export_lib.model_input_shape(m, f"members[{i}]") for i, m in enumerate(members)
     ]
     output_shapes = [
-        tickets_lib.model_output_shape(m, f"members[{i}]") for i, m in enumerate(members)
+        export_lib.model_output_shape(m, f"members[{i}]") for i, m in enumerate(members)
     ]
     if len(set(input_shapes)) > 1 or len(set(output_shapes)) > 1:
         listing = ", ".join(
@@ -252,8 +244,7 @@ class Ensemble(keras.Model):
     ):
         members, input_shape, output_shape = _check_members(members)
         combine = _check_combine(combine)
-        if not isinstance(return_members, (bool, np.bool_)):
-            raise TypeError(f"return_members must be True or False; got {return_members!r}.")
+        return_members = _checks.check_bool("return_members", return_members)
         metadata = _check_metadata(metadata, len(members))
         try:
             metadata_json = json.dumps(metadata)
@@ -368,8 +359,15 @@ class Ensemble(keras.Model):
     # Tickets and serving.
 
     @classmethod
-    def from_directory(cls, ticket_dir, combine="logits", return_members=False, name="ensemble"):
+    def from_directory(cls, ticket_dir, combine="logits", return_members=False, name="ensemble",
+                       *, allow_partial=False):
         """Builds an ensemble from the tickets in ``ticket_dir`` (see `ft_keras.tickets`).
+
+        Every ``ticket_<i>`` folder must be a complete, readable ticket: one that is not
+        (missing files, or a corrupt ``metadata.json`` / ``model.keras`` / SavedModel) makes
+        this refuse, naming the ticket and what is wrong, unless ``allow_partial=True``, which
+        logs a warning and builds the ensemble from the tickets that are fine. Hidden folders
+        (``.tmp-*``: writes in progress or interrupted) are not tickets and are ignored.
 
         Example:
 
@@ -379,66 +377,100 @@ class Ensemble(keras.Model):
 
         Args:
             ticket_dir: a folder of ``ticket_<i>/`` folders written by
-                `ft_keras.tickets.write_ticket`; incomplete and hidden folders are skipped.
+                `ft_keras.tickets.write_ticket`.
             combine, return_members, name: as in `Ensemble`.
+            allow_partial: skip (with a warning) damaged tickets instead of refusing.
 
         Returns:
             An `Ensemble` whose members are the tickets in index order and whose ``metadata``
             lists their metadata dicts.
 
         Raises:
-            ValueError: ``ticket_dir`` is missing or holds no complete ticket, or a ticket's
-                files are corrupt (the message names the file), or members' shapes differ.
+            ValueError: ``ticket_dir`` is missing or holds no complete ticket; a ticket is
+                incomplete or corrupt (the message names it) and ``allow_partial`` is False;
+                the members' shapes differ.
         """
         _check_combine(combine)
+        allow_partial = _checks.check_bool("allow_partial", allow_partial)
+        ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
+        if not os.path.isdir(ticket_dir):
+            raise ValueError(f"ticket_dir={ticket_dir!r} does not exist or is not a folder.")
+        complete, incomplete = tickets_lib.scan_tickets(ticket_dir)
+        problems = [f"{path}: {reason}" for path, reason in incomplete]
         members = []
         metadata = []
-        for path in tickets_lib.list_tickets(ticket_dir):
-            model, meta = tickets_lib.read_ticket(path)
+        for path in complete:
+            try:
+                model, meta = tickets_lib.read_ticket(path)
+            except ValueError as error:
+                if not allow_partial:
+                    raise ValueError(
+                        f"ticket {path!r} is damaged: {error} (pass allow_partial=True to "
+                        "build the ensemble from the other tickets)."
+                    ) from error
+                problems.append(f"{path}: {error}")
+                continue
             members.append(model)
             metadata.append(meta)
+        if incomplete and not allow_partial:
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} holds damaged tickets: " + "; ".join(problems)
+                + " (pass allow_partial=True to build the ensemble from the complete ones)."
+            )
+        for problem in problems:
+            logging.warning("Ensemble.from_directory skips damaged ticket %s", problem)
+        if not members:
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} holds no complete ticket_<i> folder"
+                + (f" (damaged: {problems})" if problems else "") + "."
+            )
         return cls(
             members, combine=combine, return_members=return_members, name=name, metadata=metadata
         )
 
-    def serving_fn(self):
-        """The `tf.function` that `export` saves as ``serving_default`` (over stripped members).
+    def _head(self):
+        combine = self.combine
+        return lambda member_logits: ensemble_outputs(member_logits, combine)
+
+    def serving_fn(self, sparse_kernels="auto", fuse="auto"):
+        """The `tf.function` that `export` saves as ``serving_default``, ready to call here.
+
+        Args:
+            sparse_kernels, fuse: as in `export`.
 
         Returns:
             A `tf.function` taking ``inputs`` (float32, ``(None,) + member_input_shape``) and
-            returning the dict of `ensemble_outputs`.
+            returning the dict of `ensemble_outputs` (the request checks of the export
+            included). Its attribute ``plan`` lists the kernel choices (`LayerPlan` rows).
         """
-        plain_by_id = {}
-        for member in self._members:
-            if id(member) not in plain_by_id:
-                plain_by_id[id(member)] = tickets_lib.plain_model(member)
-        plains = [plain_by_id[id(member)] for member in self._members]
-        combine = self.combine
-        spec = tf.TensorSpec(
-            (None,) + self._member_input_shape, tf.float32, name=tickets_lib.SERVING_INPUT
+        for i, member in enumerate(self._members):
+            export_lib.check_finite_weights(member, f"members[{i}]")
+        module, serve, plan = export_lib.build_serving(
+            self._members, self._head(), sparse_kernels=sparse_kernels, fuse=fuse,
+            argument="members",
         )
-
-        @tf.function(input_signature=[spec])
-        def serve(inputs):
-            logits = tf.stack(
-                [tf.cast(p(inputs, training=False), tf.float32) for p in plains], axis=0
-            )
-            return ensemble_outputs(logits, combine)
-
-        serve.tracked_models = list(plain_by_id.values())
+        export_lib.initialize(module)
+        serve.module = module
+        serve.plan = plan
         return serve
 
-    def export(self, export_dir, version=1, overwrite=False):  # pylint: disable=arguments-differ
+    def export(self, export_dir, version=1, overwrite=False, *,  # pylint: disable=arguments-differ
+               sparse_kernels="auto", fuse="auto", storage="compact"):
         """Writes the ensemble as a TF Serving SavedModel at ``export_dir/<version>/``.
 
         Unlike `keras.Model.export`, this writes TF Serving's layout (a numbered version folder
         under ``export_dir``), atomically (a hidden temporary folder renamed into place, which
-        TF Serving ignores until it appears under its number). Masked members are stripped
-        first (masks baked into plain kernels), so the SavedModel holds only standard TF ops
-        and variables. Its ``serving_default`` signature takes ``inputs`` (float32,
-        ``(None,) + member_input_shape``) and returns the dict of `ensemble_outputs`:
-        ``probabilities``, ``class_ids``, ``predictive_entropy``, ``mutual_information`` and,
-        for ``combine="logits"``, ``logits``.
+        TF Serving ignores until it appears under its number). The SavedModel holds only
+        standard TF ops and variables; its ``serving_default`` signature takes ``inputs``
+        (float32, ``(None,) + member_input_shape``) and returns the dict of
+        `ensemble_outputs`: ``probabilities``, ``class_ids``, ``predictive_entropy``,
+        ``mutual_information`` and, for ``combine="logits"``, ``logits``. A request whose shape
+        is not ``(batch,) + member_input_shape`` or that holds NaN or Inf is refused with an
+        error that says so; an empty batch gives empty outputs.
+
+        Masked kernels are stored compactly (active values and their positions; an M-member
+        ensemble at sparsity 0.8 is smaller than one dense model). See `ft_keras.export` for
+        the kernels and the fusion of members.
 
         Example:
 
@@ -451,24 +483,41 @@ class Ensemble(keras.Model):
             export_dir: the model base path (created if missing).
             version: the version number, an int >= 0 (TF Serving serves the highest).
             overwrite: replace an existing non-empty ``export_dir/<version>``.
+            sparse_kernels: how masked Dense layers are computed: "auto" (per layer and batch
+                size, from the cost model of `ft_keras.export`), "dense", "csr" or "coo".
+            fuse: "auto" (members that are the same chain of layers evaluated together where
+                the calibration found it faster: nowhere on the 2-core CPU it was measured on),
+                "always" or "never"; True / False accepted.
+            storage: "compact" (default) or "dense" (the layout before compact storage:
+                members stripped, full kernels, evaluated one after the other).
 
         Returns:
             The path of the version folder.
 
         Raises:
-            ValueError: ``export_dir/<version>`` exists and is not empty, and ``overwrite`` is
-                False; a bad ``version``.
+            ValueError: ``export_dir/<version>`` exists and is not empty and ``overwrite`` is
+                False; a bad ``version`` / ``sparse_kernels`` / ``fuse`` / ``storage``; a member
+                weight that is NaN or Inf (the message names member, layer and variable).
         """
-        export_dir = _check_path(export_dir, "export_dir")
-        version = _check_int(version, "version")
-        overwrite = _check_bool(overwrite, "overwrite")
+        export_dir = _checks.check_path("export_dir", export_dir)
+        version = _checks.check_int("version", version, minimum=0)
+        overwrite = _checks.check_bool("overwrite", overwrite)
+        sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels,
+                                              export_lib.SPARSE_KERNELS)
+        storage = _checks.check_choice("storage", storage, export_lib.STORAGE_MODES)
+        export_lib.check_fuse(fuse)
         if os.path.exists(export_dir) and not os.path.isdir(export_dir):
             raise ValueError(f"export_dir={export_dir!r} exists and is not a folder.")
-        serve = self.serving_fn()
+        for i, member in enumerate(self._members):
+            export_lib.check_finite_weights(member, f"members[{i}]")
         destination = os.path.join(export_dir, str(version))
+        head = self._head()
         tickets_lib.atomic_folder(
             destination,
-            lambda tmp: tickets_lib.export_saved_model(serve.tracked_models, serve, tmp),
+            lambda tmp: export_lib.export_models(
+                self._members, tmp, head, sparse_kernels=sparse_kernels, fuse=fuse,
+                storage=storage,
+            ),
             overwrite=overwrite,
             argument="version folder",
         )

@@ -6,16 +6,18 @@ directory holds one folder per ticket::
     ticket_dir/
       ticket_0/
         model.keras              the sparse model (masked layers, masks and weights)
-        saved_model/1/           a TF Serving SavedModel of `ft_keras.strip(model)`
+        saved_model/1/           a TF Serving SavedModel (compact sparse kernels; ft_keras.export)
         metadata.json            index, method, phase, epoch, step, monitor, densities, versions...
       ticket_1/
       ...
 
 ``model.keras`` reloads with ``keras.models.load_model`` (masks and weights bit-exact).
-``saved_model/<version>/`` holds plain layers with the masks baked into the kernels and one
-signature, ``serving_default``: input ``inputs`` (float32, ``(None,) + input_shape``), outputs
-``logits``, ``probabilities`` (softmax) and ``class_ids`` (int64 argmax). The folder
-``saved_model/`` is a TF Serving model base path on its own.
+``saved_model/<version>/`` is a TF Serving SavedModel written by `ft_keras.export`: the masked
+kernels stored compactly (active values and their positions), sparse or dense kernels chosen
+per layer (``sparse_kernels``), and one signature, ``serving_default``: input ``inputs``
+(float32, ``(None,) + input_shape``), outputs ``logits``, ``probabilities`` (softmax) and
+``class_ids`` (int64 argmax). The folder ``saved_model/`` is a TF Serving model base path on its
+own. A model with NaN or Inf weights is never written (ValueError naming layer and variable).
 
 Writes are atomic: everything goes to a hidden sibling folder ``.tmp-ticket_<i>-<random>/``
 that is renamed to ``ticket_<i>`` once complete, so a crash leaves either a complete ticket or
@@ -34,23 +36,24 @@ Example:
 
 import datetime
 import json
-import numbers
 import os
 import platform
 import re
 import secrets
 import shutil
+import zipfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-# Import the functions: the package attribute ``ft_keras.sparsify`` is the function, not the module.
-from ft_keras.flops import _check_model  # one check of "a built keras.Model" for both
-from ft_keras.sparsify import masked_layers_of
+from ft_keras import _checks
+from ft_keras import export as export_lib
+from ft_keras.export import SERVING_INPUT
+from ft_keras.export import SERVING_SIGNATURE
+# Import the function: the package attribute ``ft_keras.sparsify`` is the function, not the module.
 from ft_keras.sparsify import sparsity_report
-from ft_keras.sparsify import strip
 from ft_keras.version import __version__
 
 FORMAT_VERSION = 1
@@ -58,8 +61,6 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
 SAVED_MODEL_PB = "saved_model.pb"
-SERVING_SIGNATURE = "serving_default"
-SERVING_INPUT = "inputs"
 
 _TICKET_RE = re.compile(r"^ticket_(0|[1-9][0-9]*)$")
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
@@ -91,89 +92,7 @@ CALLER_KEYS = (
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks and small helpers.
-
-
-def _check_path(value, argument):
-    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
-        raise TypeError(
-            f"{argument} must be a path (str or os.PathLike); got {value!r} "
-            f"({type(value).__name__})."
-        )
-    path = os.fspath(value)
-    if not path:
-        raise ValueError(f"{argument} must be a non-empty path; got {value!r}.")
-    return path
-
-
-def _check_int(value, argument, minimum=0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{argument} must be an int >= {minimum}; got {value!r} ({type(value).__name__})."
-        )
-    if value < minimum:
-        raise ValueError(f"{argument}={value!r} is not allowed; it must be an int >= {minimum}.")
-    return int(value)
-
-
-def _check_bool(value, argument):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{argument} must be True or False; got {value!r}.")
-    return bool(value)
-
-
-def model_input_shape(model, argument="model"):
-    """The input shape of a single-input model without the batch axis, e.g. ``(28, 28, 1)``.
-
-    Raises:
-        ValueError: the model has several inputs, or no known input (an unbuilt or subclassed
-            model never called on a `keras.Input`).
-    """
-    inputs = getattr(model, "inputs", None)
-    if not inputs:
-        raise ValueError(
-            f"{argument}={model.name!r} has no known input shape; build it from a keras.Input "
-            "(Sequential with keras.Input, or a Functional model)."
-        )
-    if len(inputs) != 1:
-        raise ValueError(
-            f"{argument}={model.name!r} has {len(inputs)} inputs; only single-input models are "
-            "supported."
-        )
-    return tuple(inputs[0].shape[1:])
-
-
-def model_output_shape(model, argument="model"):
-    """The output shape of a single-output model without the batch axis, e.g. ``(10,)``."""
-    outputs = getattr(model, "outputs", None)
-    if not outputs:
-        raise ValueError(
-            f"{argument}={model.name!r} has no known output shape; build it from a keras.Input."
-        )
-    if len(outputs) != 1:
-        raise ValueError(
-            f"{argument}={model.name!r} has {len(outputs)} outputs; only single-output models "
-            "(one logits tensor) are supported."
-        )
-    return tuple(outputs[0].shape[1:])
-
-
-def plain_model(model):
-    """``ft_keras.strip(model)`` for a model with masked layers, else the model itself.
-
-    A subclassed model with masked layers cannot be stripped; it is returned as is (its
-    kernels already hold exact zeros off-mask, so its forward pass is the stripped one; only
-    the unused mask variables stay in an export).
-    """
-    if not masked_layers_of(model):
-        return model
-    try:
-        return strip(model)
-    except TypeError as error:
-        logging.warning(
-            "Could not strip %r (%s); exporting it with its mask variables.", model.name, error
-        )
-        return model
+# Atomic folders.
 
 
 def _fsync_tree(root):
@@ -307,34 +226,18 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
 # Writing.
 
 
-def serving_fn(model, input_shape):
-    """A `tf.function` mapping ``inputs`` to ``{"logits", "probabilities", "class_ids"}``."""
-    spec = tf.TensorSpec((None,) + tuple(input_shape), tf.float32, name=SERVING_INPUT)
-
-    @tf.function(input_signature=[spec])
-    def serve(inputs):
-        logits = tf.cast(model(inputs, training=False), tf.float32)
-        return {
-            "logits": logits,
-            "probabilities": tf.nn.softmax(logits, axis=-1),
-            "class_ids": tf.argmax(logits, axis=-1, output_type=tf.int64),
-        }
-
-    return serve
+def _ticket_head(member_logits):
+    """The outputs of a ticket's ``serving_default`` from its logits (stacked, M = 1)."""
+    logits = member_logits[0]
+    return {
+        "logits": logits,
+        "probabilities": tf.nn.softmax(logits, axis=-1),
+        "class_ids": tf.argmax(logits, axis=-1, output_type=tf.int64),
+    }
 
 
-def export_saved_model(models, fn, path):
-    """Writes a SavedModel at ``path`` tracking ``models`` with ``fn`` as ``serving_default``."""
-    archive = keras.export.ExportArchive()
-    for model in models:
-        archive.track(model)
-    archive.add_endpoint(name=SERVING_SIGNATURE, fn=fn, input_signature=fn.input_signature)
-    archive.write_out(path, verbose=False)
-
-
-def _write_saved_model(model, path):
-    plain = plain_model(model)
-    export_saved_model([plain], serving_fn(plain, model_input_shape(model)), path)
+def _write_saved_model(model, path, sparse_kernels="auto"):
+    export_lib.export_models([model], path, _ticket_head, sparse_kernels=sparse_kernels)
 
 
 def _save_keras_model(model, path, include_optimizer):
@@ -472,13 +375,15 @@ def write_ticket(
     version=1,
     overwrite=False,
     include_optimizer=False,
+    sparse_kernels="auto",
 ):
     """Writes ``model`` as ``ticket_dir/ticket_<index>/``, atomically.
 
     The ticket folder holds ``model.keras`` (the sparse model), ``saved_model/<version>/`` (a
-    TF Serving SavedModel of ``ft_keras.strip(model)``) and ``metadata.json``. Everything is
-    written into a hidden temporary folder inside ``ticket_dir`` and renamed into place at the
-    end, so readers only ever see complete tickets.
+    TF Serving SavedModel with the masked kernels stored compactly; see `ft_keras.export`) and
+    ``metadata.json``. Everything is written into a hidden temporary folder inside
+    ``ticket_dir`` and renamed into place at the end, so readers only ever see complete
+    tickets. A model whose weights hold NaN or Inf is refused before anything is written.
 
     Example:
 
@@ -499,22 +404,29 @@ def write_ticket(
         overwrite: replace an existing ``ticket_<index>``.
         include_optimizer: also save the optimizer's state in ``model.keras`` (default False:
             a ticket is weights and masks; the file is 2-3x smaller without it).
+        sparse_kernels: how the SavedModel computes masked Dense layers: "auto" (per layer
+            and batch size, from the cost model of `ft_keras.export`), "dense", "csr" or
+            "coo".
 
     Returns:
         The path of the ticket folder, ``ticket_dir/ticket_<index>``.
 
     Raises:
         TypeError: ``model`` is not a keras.Model, or an argument has the wrong type.
-        ValueError: bad ``index`` / ``version``, a model without a single known input,
+        ValueError: bad ``index`` / ``version`` / ``sparse_kernels``, a model without a single
+            known input, weights that are NaN or Inf (the message names layer and variable),
             metadata setting computed keys, or an existing ticket and ``overwrite=False``.
     """
-    _check_model(model)
-    ticket_dir = _check_path(ticket_dir, "ticket_dir")
-    index = _check_int(index, "index")
-    version = _check_int(version, "version")
-    overwrite = _check_bool(overwrite, "overwrite")
-    include_optimizer = _check_bool(include_optimizer, "include_optimizer")
-    model_input_shape(model)
+    _checks.check_model("model", model)
+    ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
+    index = _checks.check_int("index", index, minimum=0)
+    version = _checks.check_int("version", version, minimum=0)
+    overwrite = _checks.check_bool("overwrite", overwrite)
+    include_optimizer = _checks.check_bool("include_optimizer", include_optimizer)
+    sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels,
+                                          export_lib.SPARSE_KERNELS)
+    export_lib.model_input_shape(model)
+    export_lib.check_finite_weights(model)
     meta = ticket_metadata(model, index, metadata)
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
@@ -522,7 +434,8 @@ def write_ticket(
 
     def write(tmp):
         _save_keras_model(model, os.path.join(tmp, MODEL_FILE), include_optimizer)
-        _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)))
+        _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)),
+                           sparse_kernels)
         _write_metadata(meta, os.path.join(tmp, METADATA_FILE))  # last: marks completeness
 
     atomic_folder(destination, write, overwrite=overwrite, argument="ticket folder")
@@ -548,8 +461,8 @@ def prepare_ticket_dir(ticket_dir, overwrite=False):
     Raises:
         ValueError: ``ticket_dir`` is a file, or a non-empty folder and ``overwrite=False``.
     """
-    ticket_dir = _check_path(ticket_dir, "ticket_dir")
-    overwrite = _check_bool(overwrite, "overwrite")
+    ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
+    overwrite = _checks.check_bool("overwrite", overwrite)
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
     os.makedirs(ticket_dir, exist_ok=True)
@@ -586,17 +499,57 @@ def saved_model_path(ticket_path):
     return os.path.join(root, str(max(versions))) if versions else None
 
 
-def _is_complete(path):
-    return os.path.isfile(os.path.join(path, METADATA_FILE)) and (
-        os.path.isfile(os.path.join(path, MODEL_FILE)) or saved_model_path(path) is not None
-    )
+def _missing_parts(path):
+    """What a ticket folder lacks to be complete ("" when nothing)."""
+    missing = []
+    if not os.path.isfile(os.path.join(path, METADATA_FILE)):
+        missing.append(METADATA_FILE)
+    if not os.path.isfile(os.path.join(path, MODEL_FILE)) and saved_model_path(path) is None:
+        missing.append(f"{MODEL_FILE} (and {SAVED_MODEL_DIR}/<version>/{SAVED_MODEL_PB})")
+    return " and ".join(missing)
+
+
+def scan_tickets(ticket_dir):
+    """The ``ticket_<i>`` folders of ``ticket_dir``: complete ones and incomplete ones.
+
+    Hidden folders (``.tmp-*``, ``.trash-*``: writes in progress or interrupted) and other
+    names are not tickets and are ignored.
+
+    Example:
+
+    >>> scan_tickets("/tmp/tickets")                   # doctest: +SKIP
+    (['/tmp/tickets/ticket_0'], [('/tmp/tickets/ticket_1', 'missing metadata.json')])
+
+    Returns:
+        ``(complete, incomplete)``: complete folder paths sorted by index, and
+        ``(path, reason)`` pairs for the ``ticket_<i>`` folders that are not complete.
+
+    Raises:
+        ValueError: ``ticket_dir`` is missing or not a folder.
+    """
+    ticket_dir = _checks.check_existing_dir("ticket_dir", ticket_dir)
+    found = []
+    incomplete = []
+    for name in os.listdir(ticket_dir):
+        match = _TICKET_RE.match(name)
+        path = os.path.join(ticket_dir, name)
+        if not match or not os.path.isdir(path):
+            continue
+        missing = _missing_parts(path)
+        if missing:
+            incomplete.append((int(match.group(1)), path, f"missing {missing}"))
+        else:
+            found.append((int(match.group(1)), path))
+    return ([path for _, path in sorted(found)],
+            [(path, reason) for _, path, reason in sorted(incomplete)])
 
 
 def list_tickets(ticket_dir, *, allow_empty=False):
     """The complete ``ticket_<i>`` folders of ``ticket_dir``, sorted by i (numerically).
 
-    Hidden folders (temporary writes) and ticket folders lacking ``metadata.json`` or a model
-    (``model.keras`` or ``saved_model/<version>/saved_model.pb``) are skipped.
+    Hidden folders (temporary writes) are ignored; ticket folders lacking ``metadata.json`` or
+    a model (``model.keras`` or ``saved_model/<version>/saved_model.pb``) are skipped with a
+    warning (`scan_tickets` lists them).
 
     Example:
 
@@ -614,36 +567,19 @@ def list_tickets(ticket_dir, *, allow_empty=False):
         ValueError: ``ticket_dir`` is missing or not a folder, or (unless ``allow_empty``) holds
             no complete ticket.
     """
-    ticket_dir = _check_path(ticket_dir, "ticket_dir")
+    ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
     if not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} does not exist or is not a folder.")
-    found = []
-    skipped = []
-    for name in os.listdir(ticket_dir):
-        match = _TICKET_RE.match(name)
-        path = os.path.join(ticket_dir, name)
-        if not match or not os.path.isdir(path):
-            continue
-        if _is_complete(path):
-            found.append((int(match.group(1)), path))
-        else:
-            skipped.append(path)
-    for path in sorted(skipped):
-        logging.warning(
-            "Skipping incomplete ticket %s: it needs %s and %s (or %s/<version>/%s).",
-            path,
-            METADATA_FILE,
-            MODEL_FILE,
-            SAVED_MODEL_DIR,
-            SAVED_MODEL_PB,
-        )
+    found, incomplete = scan_tickets(ticket_dir)
+    for path, reason in incomplete:
+        logging.warning("Skipping incomplete ticket %s: %s.", path, reason)
     if not found and not allow_empty:
-        detail = f"; incomplete: {sorted(skipped)}" if skipped else ""
+        detail = f"; incomplete: {[path for path, _ in incomplete]}" if incomplete else ""
         raise ValueError(
             f"ticket_dir={ticket_dir!r} holds no complete ticket_<i> folder (each needs "
             f"{METADATA_FILE} and {MODEL_FILE} or {SAVED_MODEL_DIR}/<version>/)" + detail + "."
         )
-    return [path for _, path in sorted(found)]
+    return found
 
 
 def read_metadata(ticket_path):
@@ -653,7 +589,7 @@ def read_metadata(ticket_path):
         ValueError: the file is missing, not valid JSON, not a JSON object, or of an unknown
             ``format_version``; the message names the file.
     """
-    path = os.path.join(_check_path(ticket_path, "path"), METADATA_FILE)
+    path = os.path.join(_checks.check_path("path", ticket_path), METADATA_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"ticket metadata file {path!r} is missing.")
     try:
@@ -730,11 +666,11 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
         ``(model, metadata)``: a `keras.Model` and the metadata dict.
 
     Raises:
-        ValueError: a missing or empty folder, a missing, corrupt or unreadable file (the
-            message names it).
+        ValueError: a missing or empty folder, a missing, corrupt (e.g. truncated) or
+            unreadable file (the message names it and says what is wrong).
     """
-    path = _check_path(path, "path")
-    compile = _check_bool(compile, "compile")
+    path = _checks.check_path("path", path)
+    compile = _checks.check_bool("compile", compile)
     if not os.path.isdir(path):
         raise ValueError(f"ticket folder {path!r} does not exist or is not a folder.")
     if not os.listdir(path):
@@ -745,6 +681,7 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
     metadata = read_metadata(path)
     model_path = os.path.join(path, MODEL_FILE)
     if os.path.isfile(model_path):
+        _check_keras_archive(model_path)
         model = _load_or_raise(
             lambda: keras.models.load_model(model_path, compile=compile),
             f"ticket model file {model_path!r}",
@@ -761,6 +698,23 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
         f"ticket SavedModel {serving_path!r}",
     )
     return model, metadata
+
+
+def _check_keras_archive(path):
+    """Raises ValueError if ``path`` is not an intact ``.keras`` (zip) archive."""
+    what = f"ticket model file {path!r} is corrupt"
+    size = os.path.getsize(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{what}: it is not a .keras (zip) archive ({size} bytes; truncated or overwritten?)."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(f"{what}: {error}.") from error
+    if bad is not None:
+        raise ValueError(f"{what}: member {bad!r} of the archive fails its CRC check.")
 
 
 def _load_or_raise(load, what):

@@ -216,5 +216,48 @@ def test_host_info_reads_this_checkout():
     assert bt.host_info("/nonexistent-repo")["git_commit"] is None
 
 
+def test_replace_region_replaces_only_the_marked_text(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Title\n\nintro\n<!-- serving:begin -->\nold\ntable\n<!-- serving:end -->\n"
+                    "## After\nkept\n")
+    out = bt.replace_region(str(path), "serving", "\nnew table\n")
+    assert out == path.read_text()
+    assert out == ("# Title\n\nintro\n<!-- serving:begin -->\nnew table\n<!-- serving:end -->\n"
+                   "## After\nkept\n")
+    # Idempotent, and no temporary file is left.
+    assert bt.replace_region(str(path), "serving", "new table") == out
+    assert sorted(os.listdir(tmp_path)) == ["benchmarks.md"]
+
+
+def test_replace_region_appends_a_missing_region(tmp_path):
+    path = tmp_path / "b.md"
+    path.write_text("# Title\n")
+    bt.replace_region(str(path), "serving", "rows")
+    assert path.read_text() == "# Title\n\n<!-- serving:begin -->\nrows\n<!-- serving:end -->\n"
+    fresh = tmp_path / "new.md"
+    bt.replace_region(str(fresh), "x-1", "a")
+    assert fresh.read_text() == "<!-- x-1:begin -->\na\n<!-- x-1:end -->\n"
+
+
+@pytest.mark.parametrize("content", [
+    "<!-- serving:begin -->\nno end\n",
+    "<!-- serving:end -->\n<!-- serving:begin -->\n",
+    "<!-- serving:begin -->a<!-- serving:end --><!-- serving:begin -->b<!-- serving:end -->",
+])
+def test_replace_region_refuses_malformed_files(tmp_path, content):
+    path = tmp_path / "b.md"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="region 'serving' is malformed"):
+        bt.replace_region(str(path), "serving", "x")
+    assert path.read_text() == content
+
+
+def test_region_markers_check_the_name():
+    assert bt.region_markers("serving") == ("<!-- serving:begin -->", "<!-- serving:end -->")
+    for bad in ("", "a b", "x-->"):
+        with pytest.raises(ValueError, match="region name"):
+            bt.region_markers(bad)
+
+
 if __name__ == "__main__":  # bazel test / python tests/test_bench_tables.py
     sys.exit(pytest.main([__file__, "-q"]))

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import ft_keras as ftk
+from ft_keras import export as export_lib
 from ft_keras import tickets
 from ft_keras.ensemble import Ensemble
 from ft_keras.ensemble import ensemble_outputs
@@ -284,6 +285,37 @@ def test_from_directory_errors(tmp_path, ticket_dir):
         Ensemble.from_directory(str(broken))
 
 
+@pytest.mark.parametrize("damage", ["missing_metadata", "corrupt_model", "empty_folder"])
+def test_from_directory_refuses_a_damaged_ticket(ticket_dir, members, images, tmp_path, damage):
+    """Issue: a damaged ticket used to give a warning and an ensemble with fewer members."""
+    copy = tmp_path / "tickets"
+    shutil.copytree(ticket_dir, str(copy))
+    victim = copy / "ticket_1"
+    if damage == "missing_metadata":
+        os.remove(victim / "metadata.json")
+        reason = r"ticket_1.*missing metadata\.json"
+    elif damage == "corrupt_model":
+        data = (victim / "model.keras").read_bytes()
+        (victim / "model.keras").write_bytes(data[: len(data) // 3])
+        reason = r"ticket_1.*is damaged.*model\.keras' is corrupt"
+    else:
+        shutil.rmtree(victim)
+        victim.mkdir()
+        reason = r"ticket_1.*missing metadata\.json and model\.keras"
+    with pytest.raises(ValueError, match=reason + r".*allow_partial=True"):
+        Ensemble.from_directory(str(copy))
+    ens = Ensemble.from_directory(str(copy), combine="probs", allow_partial=True)
+    assert [meta["index"] for meta in ens.metadata] == [0, 2]
+    x, _ = images
+    np.testing.assert_allclose(
+        ens.predict(x[:16], verbose=0),
+        Ensemble([members[0], members[2]], combine="probs").predict(x[:16], verbose=0),
+        atol=1e-6,
+    )
+    with pytest.raises(TypeError, match="allow_partial"):
+        Ensemble.from_directory(str(copy), allow_partial="yes")
+
+
 def test_from_directory_with_saved_models_only(ticket_dir, members, images, tmp_path):
     """Tickets without model.keras load from their SavedModels (inference only)."""
     x, _ = images
@@ -344,9 +376,17 @@ def test_export(members, member_logits, images, tmp_path, combine):
     )
     assert np.mean(out["mutual_information"].numpy()) > 1e-3  # the members differ
 
-    loaded = tf.saved_model.load(path)
-    assert not any("mask" in v.name for v in loaded.variables)
-    assert len(loaded.variables) == 4 * NUM_MEMBERS
+    # Behaviour changed with compact storage: the variables are the stored values (active
+    # weights and biases) and one bitmask; no mask variable, no full kernel.
+    stored = dict(tf.train.list_variables(os.path.join(path, "variables", "variables")))
+    assert not any("mask" in name for name in stored)
+    num_values = sum(
+        layer.num_active + layer.bias.shape[0]
+        for member in members for layer in ftk.masked_layers(member)
+    )
+    assert [shape for name, shape in stored.items() if name.startswith("stored_values")] == [
+        [num_values]
+    ]
 
 
 def test_export_identical_members_have_zero_mutual_information(members, images, tmp_path):
@@ -391,7 +431,7 @@ def test_export_crash_leaves_no_version(members, tmp_path, monkeypatch):
         del args, kwargs
         raise RuntimeError("out of disk")
 
-    monkeypatch.setattr(tickets, "export_saved_model", crash)
+    monkeypatch.setattr(export_lib, "export_models", crash)
     with pytest.raises(RuntimeError, match="out of disk"):
         Ensemble(members).export(export_dir)
     assert os.listdir(export_dir) == []

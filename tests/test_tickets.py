@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import ft_keras as ftk
+from ft_keras import export
 from ft_keras import tickets
 from ft_keras.ensemble import Ensemble
 
@@ -188,22 +189,28 @@ def test_saved_model_signature_and_logits(written, sparse_model, images):
     np.testing.assert_array_equal(out["class_ids"].numpy(), np.argmax(want, axis=-1))
 
 
-def test_saved_model_has_masks_baked_in(written, sparse_model):
+def test_saved_model_stores_sparse_kernels_compactly(written, sparse_model):
+    """Behaviour changed with compact storage: the SavedModel holds, per masked layer, the
+    active values and their positions (no kernel_mask variable, no full kernel)."""
     _, path = written
     sm_path = os.path.join(path, "saved_model", "1")
-    loaded = tf.saved_model.load(sm_path)
-    names = [v.name for v in loaded.variables]
-    assert names and not any("mask" in name for name in names)
-    assert all(v.dtype == tf.float32 for v in loaded.variables)
-    assert len(names) == len(ftk.strip(sparse_model).weights) == 4
-    stored = tf.train.list_variables(os.path.join(sm_path, "variables", "variables"))
-    assert not any("mask" in name for name, _ in stored)
-    # The kernels are zero exactly off-mask.
-    masks = {layer.name: layer.kernel_mask.numpy() for layer in ftk.masked_layers(sparse_model)}
-    kernels = [v.numpy() for v in loaded.variables if v.name.endswith("kernel:0")]
-    assert [k.shape for k in kernels] == [m.shape for m in masks.values()]
-    for kernel, mask in zip(kernels, masks.values()):
-        np.testing.assert_array_equal(kernel != 0, mask)
+    stored = dict(tf.train.list_variables(os.path.join(sm_path, "variables", "variables")))
+    assert not any("mask" in name for name in stored)
+    masked = ftk.masked_layers(sparse_model)
+    packed = [
+        export.pack_kernel(layer.masked_kernel.numpy(), layer.kernel_mask.numpy())
+        for layer in masked
+    ]
+    assert [p.encoding for p in packed] == ["bitmask", "bitmask"]
+    num_values = sum(p.values.size for p in packed) + sum(layer.bias.shape[0] for layer in masked)
+    values = [shape for name, shape in stored.items() if name.startswith("stored_values")]
+    bits = [shape for name, shape in stored.items() if name.startswith("stored_bits")]
+    assert values == [[num_values]]
+    assert bits == [[(784 * 32 + 32 * 10 + 7) // 8]]  # one bitmask over both kernels
+    # Each packed kernel decodes to the masked kernel exactly.
+    for layer, p in zip(masked, packed):
+        np.testing.assert_array_equal(p.dense(), layer.masked_kernel.numpy())
+        np.testing.assert_array_equal(p.dense() != 0, layer.kernel_mask.numpy())
 
 
 def test_read_from_saved_model_when_model_keras_is_missing(written, sparse_model, images, tmp_path):
@@ -353,6 +360,46 @@ def test_read_and_list_errors_name_the_file(written, tmp_path):
     shutil.rmtree(broken / "saved_model")
     with pytest.raises(ValueError, match=r"ticket_0/model\.keras"):
         tickets.read_ticket(str(broken))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "empty"])
+def test_corrupt_model_keras_is_reported_as_corrupt(written, tmp_path, damage):
+    """Issue: a truncated model.keras was reported as "File not found"."""
+    _, path = written
+    copy = tmp_path / "ticket_0"
+    shutil.copytree(path, str(copy))
+    model_file = copy / "model.keras"
+    data = model_file.read_bytes()
+    if damage == "truncated":
+        model_file.write_bytes(data[: len(data) // 2])
+    elif damage == "bit_flip":
+        model_file.write_bytes(data[:2000] + bytes([data[2000] ^ 0xFF]) + data[2001:])
+    else:
+        model_file.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ticket_0/model\.keras' is corrupt") as info:
+        tickets.read_ticket(str(copy))
+    assert "not found" not in str(info.value).lower()
+
+
+def test_scan_tickets_reports_incomplete_folders(written, tmp_path):
+    _, path = written
+    ticket_dir = tmp_path / "dir"
+    ticket_dir.mkdir()
+    shutil.copytree(path, str(ticket_dir / "ticket_0"))
+    shutil.copytree(path, str(ticket_dir / "ticket_2"))
+    os.remove(ticket_dir / "ticket_2" / "metadata.json")
+    (ticket_dir / "ticket_5").mkdir()
+    shutil.copytree(path, str(ticket_dir / ".tmp-ticket_3-abcd"))  # a write in progress
+    complete, incomplete = tickets.scan_tickets(str(ticket_dir))
+    assert complete == [str(ticket_dir / "ticket_0")]
+    assert incomplete == [
+        (str(ticket_dir / "ticket_2"), "missing metadata.json"),
+        (str(ticket_dir / "ticket_5"),
+         "missing metadata.json and model.keras (and saved_model/<version>/saved_model.pb)"),
+    ]
+    assert tickets.list_tickets(str(ticket_dir)) == complete
+    with pytest.raises(ValueError, match="nope"):
+        tickets.scan_tickets(str(tmp_path / "nope"))
 
 
 def test_argument_errors(sparse_model, tmp_path):
