@@ -178,10 +178,15 @@ def _check_members(members):
 def _check_metadata(metadata, num_members):
     if metadata is None:
         return [{} for _ in range(num_members)]
-    if not isinstance(metadata, (list, tuple)) or len(metadata) != num_members:
+    if not isinstance(metadata, (list, tuple)):
+        raise TypeError(
+            f"metadata must be None or a list of {num_members} dicts (one per member); got "
+            f"{metadata!r} ({type(metadata).__name__})."
+        )
+    if len(metadata) != num_members:
         raise ValueError(
             f"metadata must be None or a list of {num_members} dicts (one per member); got "
-            f"{metadata!r}."
+            f"{len(metadata)} of them."
         )
     for i, item in enumerate(metadata):
         if not isinstance(item, dict):
@@ -391,6 +396,7 @@ class Ensemble(keras.Model):
                 the members' shapes differ.
         """
         _check_combine(combine)
+        _checks.check_bool("return_members", return_members)
         allow_partial = _checks.check_bool("allow_partial", allow_partial)
         ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
         if not os.path.isdir(ticket_dir):

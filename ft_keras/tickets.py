@@ -567,6 +567,7 @@ def list_tickets(ticket_dir, *, allow_empty=False):
         ValueError: ``ticket_dir`` is missing or not a folder, or (unless ``allow_empty``) holds
             no complete ticket.
     """
+    allow_empty = _checks.check_bool("allow_empty", allow_empty)
     ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
     if not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} does not exist or is not a folder.")
@@ -672,7 +673,7 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
     path = _checks.check_path("path", path)
     compile = _checks.check_bool("compile", compile)
     if not os.path.isdir(path):
-        raise ValueError(f"ticket folder {path!r} does not exist or is not a folder.")
+        raise ValueError(f"path={path!r}: the ticket folder does not exist or is not a folder.")
     if not os.listdir(path):
         raise ValueError(
             f"ticket folder {path!r} is empty; a ticket holds {METADATA_FILE}, {MODEL_FILE} and "

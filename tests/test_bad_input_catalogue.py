@@ -944,8 +944,7 @@ DISTRIBUTE = [
 ]
 
 # ===================================================== ft_keras.tickets and ft_keras.Ensemble
-# These modules are being reworked (with a new ft_keras/export.py): the group holds what is
-# true of them on main today. Defects seen there are listed in the catalogue's report, not here.
+# Ticket I/O, the Ensemble and the serving export (ft_keras/export.py).
 TICKETS_AND_ENSEMBLE = [
     case("tickets/write_ticket_model_not_a_model", TypeError, r"model must be a keras\.Model",
          lambda e: ftk.write_ticket("mlp", e.path("t"), 0)),
@@ -982,7 +981,7 @@ TICKETS_AND_ENSEMBLE = [
     case("tickets/read_ticket_path_int", TypeError, r"path must be a path",
          lambda e: ftk.read_ticket(0)),
     case("tickets/read_ticket_missing_folder", ValueError,
-         r"ticket folder '.*nowhere' does not exist",
+         r"path='.*nowhere': the ticket folder does not exist",
          lambda e: ftk.read_ticket(e.path("nowhere"))),
     case("tickets/read_ticket_empty_folder", ValueError, r"ticket folder '.*folder' is empty",
          lambda e: ftk.read_ticket(e.folder())),
@@ -1013,6 +1012,25 @@ TICKETS_AND_ENSEMBLE = [
          lambda e: ftk.ensemble_outputs(np.zeros((4, 3), "float32"))),
     case("ensemble/export_version_negative", ValueError, r"version=-1 is not allowed",
          lambda e: ftk.Ensemble([e.mlp()]).export(e.path("export"), version=-1)),
+    case("tickets/list_tickets_allow_empty_str", TypeError, r"allow_empty must be True or False",
+         lambda e: ftk.list_tickets(e.folder(), allow_empty="x")),
+    case("ensemble/combine_int", TypeError, r"combine must be one of .*got 5",
+         lambda e: ftk.Ensemble([e.mlp()], combine=5)),
+    case("ensemble/metadata_str", TypeError, r"metadata must be None or a list of 1 dicts",
+         lambda e: ftk.Ensemble([e.mlp()], metadata="x")),
+    case("ensemble/from_directory_return_members_str", TypeError,
+         r"return_members must be True or False",
+         lambda e: ftk.Ensemble.from_directory(e.folder(), return_members="x")),
+    case("ensemble/from_directory_allow_partial_str", TypeError,
+         r"allow_partial must be True or False",
+         lambda e: ftk.Ensemble.from_directory(e.folder(), allow_partial="x")),
+    case("ensemble/export_sparse_kernels_unknown", ValueError, r"sparse_kernels='fast'",
+         lambda e: ftk.Ensemble([e.mlp()]).export(e.path("export"), sparse_kernels="fast")),
+    case("ensemble/export_fuse_unknown", ValueError, r"fuse='maybe'",
+         lambda e: ftk.Ensemble([e.mlp()]).export(e.path("export"), fuse="maybe")),
+    case("export/export_models_not_models", TypeError, r"models\[0\] must be a keras\.Model",
+         lambda e: ftk.export.export_models(["mlp"], e.path("export"),
+                                            lambda logits: {"logits": logits})),
 ]
 
 CATALOGUE = (SPARSIFY + DYNAMIC + STATIC + FREE_TICKETS + TICKET_CHECKPOINT + SCHEDULES
