@@ -7,6 +7,7 @@ No TensorFlow, Keras or absl import, so that the scripts' launchers stay light a
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -106,6 +107,28 @@ def region_markers(name):
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
+_REGION_RE = re.compile(r"<!-- ([A-Za-z0-9_-]+):begin -->.*?<!-- \1:end -->\n?", re.S)
+
+
+def write_keeping_regions(path, text):
+    """Writes ``text`` to ``path`` (via a temporary file and a rename), keeping the marked
+    regions of the old file that ``text`` does not hold (regions other scripts own, e.g. the
+    Serving section of docs/benchmarks.md): they are appended at the end. Returns the content.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    kept = [match.group(0).rstrip("\n") for match in _REGION_RE.finditer(old)
+            if region_markers(match.group(1))[0] not in text]
+    content = text.rstrip("\n") + "\n"
+    for block in kept:
+        content += "\n" + block + "\n"
+    _write_atomically(path, content)
+    return content
+
+
 def replace_region(path, name, text):
     """Puts ``text`` between the markers of region ``name`` in the file at ``path``.
 
@@ -137,12 +160,17 @@ def replace_region(path, name, text):
             f"{path}: region {name!r} is malformed ({counts[0]} begin and {counts[1]} end "
             "markers, or end before begin); fix the file by hand."
         )
+    _write_atomically(path, content)
+    return content
+
+
+def _write_atomically(path, content):
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(content)
     os.replace(tmp, path)
-    return content
 
 
 # ------------------------------------------------------------------------------ statistics

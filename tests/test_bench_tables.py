@@ -261,3 +261,19 @@ def test_region_markers_check_the_name():
 
 if __name__ == "__main__":  # bazel test / python tests/test_bench_tables.py
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_write_keeping_regions_keeps_other_scripts_sections(tmp_path):
+    path = tmp_path / "b.md"
+    path.write_text("# old\n\nold body\n\n<!-- serving:begin -->\nS1\n<!-- serving:end -->\n"
+                    "tail\n<!-- x:begin -->\nX\n<!-- x:end -->\n")
+    content = bt.write_keeping_regions(str(path), "# new\n\nnew body\n")
+    assert content == path.read_text()
+    assert content.startswith("# new\n\nnew body\n")
+    assert "old body" not in content and "tail" not in content
+    assert "<!-- serving:begin -->\nS1\n<!-- serving:end -->" in content
+    assert "<!-- x:begin -->\nX\n<!-- x:end -->" in content
+    # a region the new text holds itself is not duplicated
+    content = bt.write_keeping_regions(
+        str(path), "# newer\n<!-- x:begin -->\nX2\n<!-- x:end -->\n")
+    assert content.count("<!-- x:begin -->") == 1 and "X2" in content and "S1" in content
