@@ -271,7 +271,7 @@ def train(method, strategy, data, ticket_dir):
         dst["log_dir"] = os.path.join(tensorboard, "edst")  # masks' TensorBoard summaries
         return recipes.train_edst(data.build, FLAGS.num_members, data.train,
                                   explore_fraction=FLAGS.explore_fraction, dst_kwargs=dst,
-                                  **plan, **sparse, **common)
+                                  metadata=metadata, **plan, **sparse, **common)
     if method == "checkpoint_ensemble":
         return recipes.train_checkpoint_ensemble(data.build, FLAGS.num_members, data.train,
                                                  dst_kwargs=dst, metadata=metadata, **plan,

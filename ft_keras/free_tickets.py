@@ -34,6 +34,9 @@ from ft_keras import tickets
 from ft_keras import training
 
 MODES = ("auto", "min", "max")
+# Ticket metadata keys that FreeTickets sets itself.
+_OWN_METADATA = ("method", "phase", "epoch", "step", "monitor", "monitor_value", "seed",
+                 "explore_fraction", "num_tickets", "optimizer_state")
 
 
 def _is_chief(model):
@@ -281,6 +284,8 @@ class FreeTickets(training.DynamicSparsity):
         control_learning_rate: set the optimizer's learning rate from the plan (default True).
         jump_lr, jump_lr_epochs: the learning rate of the first epoch(s) right after each
             global exploration (None: ``refine_lr[0]``); see `ft_keras.schedules.EDSTPlan`.
+        metadata: extra JSON-serialisable keys for every ticket's ``metadata.json`` (e.g. the
+            data set and the model); the keys FreeTickets and `write_ticket` set are refused.
         overwrite: replace existing tickets in ``ticket_dir``.
         **dst_kwargs: `DynamicSparsity` arguments (update_every, drop_fraction, decay, grow,
             optimizer_state, ...); FreeTickets' defaults are drop_fraction=0.5 annealed
@@ -303,6 +308,7 @@ class FreeTickets(training.DynamicSparsity):
         overwrite=False,
         jump_lr=None,
         jump_lr_epochs=1,
+        metadata=None,
         **dst_kwargs,
     ):
         dst_kwargs.setdefault("drop_fraction", 0.5)
@@ -331,6 +337,8 @@ class FreeTickets(training.DynamicSparsity):
         self.control_learning_rate = _checks.check_bool("control_learning_rate",
                                                         control_learning_rate)
         self.overwrite = _checks.check_bool("overwrite", overwrite)
+        self.metadata = _checks.check_metadata(
+            "metadata", metadata, reserved=tickets.COMPUTED_KEYS + _OWN_METADATA)
         self.tickets = []  # paths written by this callback, in ticket order
         self._jump_steps = ()
         self._best = None
@@ -453,8 +461,8 @@ class FreeTickets(training.DynamicSparsity):
                                               overwrite=True))
 
     def _ticket_extra(self):
-        return {"seed": self.seed, "explore_fraction": self.explore_fraction,
-                "num_tickets": self.num_tickets, "optimizer_state": self.optimizer_state}
+        return dict(self.metadata, seed=self.seed, explore_fraction=self.explore_fraction,
+                    num_tickets=self.num_tickets, optimizer_state=self.optimizer_state)
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)

@@ -46,8 +46,7 @@ Arguments with the same name mean the same in every recipe:
   list for the fit called ``name`` (``"member_<m>"``, ``"edst"``, ``"checkpoint_ensemble"``,
   ``"pf_dense"``), e.g. one TensorBoard folder per fit.
 * ``fit_kwargs``: more ``fit`` arguments (``verbose``, ``steps_per_epoch``, ...).
-* ``metadata``: extra keys stored in every ticket's ``metadata.json`` (not by `train_edst`,
-  whose tickets `ft_keras.FreeTickets` writes).
+* ``metadata``: extra keys stored in every ticket's ``metadata.json``.
 
 Example:
 
@@ -333,7 +332,8 @@ _RESERVED_METADATA = tickets.COMPUTED_KEYS + (
     "monitor_value")
 # FreeTickets arguments that train_edst sets from its own arguments.
 _EDST_ARGUMENTS = ("ticket_dir", "num_tickets", "exploration_epochs", "refine_epochs",
-                   "explore_fraction", "monitor", "exploration_lr", "refine_lr", "overwrite")
+                   "explore_fraction", "monitor", "exploration_lr", "refine_lr", "overwrite",
+                   "metadata")
 
 
 class _Common:
@@ -667,7 +667,7 @@ def train_edst(build_fn, num_members, train_data, *, validation_data, exploratio
                refine_epochs, ticket_dir, sparsity=0.8, distribution="erk", keep_dense=(),
                compile_fn=default_compile, seed=0, monitor="val_accuracy", exploration_lr=0.1,
                refine_lr=(0.01, 0.001), explore_fraction=0.8, dst_kwargs=None, batch_size=None,
-               strategy=None, callbacks=(), fit_kwargs=None, overwrite=False):
+               strategy=None, callbacks=(), fit_kwargs=None, metadata=None, overwrite=False):
     """An EDST Ensemble: ``num_members`` tickets from ONE sparse run (`ft_keras.FreeTickets`).
 
     ``exploration_epochs`` of DST at ``exploration_lr``, then ``num_members`` refinement phases
@@ -687,8 +687,8 @@ def train_edst(build_fn, num_members, train_data, *, validation_data, exploratio
         ``cumulative=True``.
     """
     common = _Common("edst", build_fn, num_members, train_data, validation_data, ticket_dir,
-                     compile_fn, seed, monitor, batch_size, strategy, callbacks, fit_kwargs, None,
-                     overwrite)
+                     compile_fn, seed, monitor, batch_size, strategy, callbacks, fit_kwargs,
+                     metadata, overwrite)
     if common.monitor is None:
         raise ValueError("monitor=None: EDST's tickets are the best epoch of each refinement "
                          "phase; give the epoch log to select them by (e.g. 'val_accuracy').")
@@ -705,7 +705,7 @@ def train_edst(build_fn, num_members, train_data, *, validation_data, exploratio
         common.ticket_dir, num_tickets=common.num_members, exploration_epochs=exploration_epochs,
         refine_epochs=refine_epochs, explore_fraction=explore_fraction, monitor=common.monitor,
         exploration_lr=exploration_lr, refine_lr=refine_lr, overwrite=True, seed=common.seed,
-        **dst_kwargs)
+        metadata=dict(common.metadata, sparsity=sparse[0]), **dst_kwargs)
     common.prepare()
     model = common.build(common.seed, sparse)
     epochs = schedules.plan_epochs(plan)

@@ -378,3 +378,16 @@ if __name__ == "__main__":  # bazel test / python tests/test_recipes.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_edst_tickets_carry_the_callers_metadata(data, tmp_path):
+    train, kwargs = _common(data, tmp_path, "edst_meta", seed=1)
+    result = recipes.train_edst(_build, 2, train, exploration_epochs=0, refine_epochs=1,
+                                metadata={"dataset": "synthetic", "model": "mlp"}, **kwargs)
+    for path in result.tickets:
+        meta = ftk.tickets.read_metadata(path)
+        assert (meta["dataset"], meta["model"], meta["method"]) == ("synthetic", "mlp", "edst")
+        assert meta["sparsity"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="metadata"):
+        ftk.FreeTickets(str(tmp_path / "u"), exploration_epochs=1, refine_epochs=1,
+                        metadata={"phase": 3})
