@@ -105,11 +105,16 @@ SETTINGS = {
     "cosine_drop": ("regular drop fraction", {"decay": "cosine"}),
     "refine_short": ("refinement length", {"refine_scale": 0.5}),
     "refine_long": ("refinement length", {"refine_scale": 2.0}),
+    # Not in "all": the longest refinement at <= 1x the dense run's FLOPs on the MLP (12 + 3 x 28
+    # epochs, 0.97x); 1.7x on LeNet-5.
+    "refine_x3.5": ("refinement length", {"refine_scale": 3.5}),
     "grown_0.5": ("grown weights' start", {"grown_weight_scale": 0.5}),
     "jump_lr0.05": ("learning rate after a jump", {"jump_lr": 0.05}),
     "jump_lr0.1": ("learning rate after a jump", {"jump_lr": 0.1}),
 }
 ALWAYS = ("base", "opt_dense")  # run on every model; never picked as a follow-up
+EXTRA = ("refine_x3.5",)  # given by name only: not in "all", never picked as a follow-up
+SWEEP = tuple(n for n in SETTINGS if n not in EXTRA)  # what "all" runs
 FREE_TICKETS_ONLY = ("jump_lr", "jump_lr_epochs")  # FreeTickets' arguments, not DynamicSparsity's
 DEFAULT_SETTINGS = ["lenet_300_100:all", "lenet5:base", "lenet5:opt_dense"]
 
@@ -139,7 +144,8 @@ flags.DEFINE_bool("quick", False, "Smoke run (a few minutes on 2 cores): 1 seed,
 flags.DEFINE_list("models", list(MODELS), f"Models, in run order, from {list(MODELS)}.")
 flags.DEFINE_list("settings", DEFAULT_SETTINGS,
                   "EDST settings: NAME (every model) or MODEL:NAME entries; NAME is one of "
-                  f"{list(SETTINGS)}, 'all', or names joined by '+' (combined).")
+                  f"{list(SETTINGS)}, 'all' (all but {list(EXTRA)}), or names joined by '+' "
+                  "(combined).")
 flags.DEFINE_integer("followup", 2, "After the first model, also run its K best settings "
                      "(rank sum of ensemble accuracy and NLL) on the later models.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; member m of seed s uses 100 * s + m (EDST: "
@@ -258,7 +264,7 @@ def _parse_settings(values, models):
         if model and model not in MODELS:
             raise _usage("settings", f"{entry!r} names an unknown model; choose from "
                          f"{list(MODELS)}.")
-        names = list(SETTINGS) if name == "all" else [name]
+        names = list(SWEEP) if name == "all" else [name]
         for n in names:
             resolve_setting(n)
         for target in ([model] if model else models):
@@ -687,8 +693,9 @@ def _cell(stat, fmt="{:.2f}", scale=1.0, signed=False):
         return "-"
     fmt_signed = fmt.replace("{:", "{:+") if signed else fmt
     text = fmt_signed.format(stat["mean"] * scale)
-    if stat["n"] > 1 and stat["std"] > 0:
-        text += " ± " + fmt.format(stat["std"] * scale)
+    spread = fmt.format(stat["std"] * scale)
+    if stat["n"] > 1 and spread.strip("0.,") != "":  # no "± 0.000" where the seeds agree
+        text += " ± " + spread
     return text
 
 
@@ -706,6 +713,7 @@ SETTING_LABELS = {
     "q0.9": "q = 0.9", "q0.95": "q = 0.95", "q1.0": "q = 1.0",
     "cosine_drop": "drop 0.5 cosine -> 0.005",
     "refine_short": "refinement x 0.5", "refine_long": "refinement x 2",
+    "refine_x3.5": "refinement x 3.5",
     "grown_0.5": "grown at N(0, (0.5 rms)^2)",
     "jump_lr0.05": "lr 0.05 after jump", "jump_lr0.1": "lr 0.1 after jump",
 }
@@ -777,6 +785,18 @@ def _settings_lines(report):
     return lines
 
 
+def _invocations_text(invocations):
+    """How the JSON was filled when it took more than one invocation (each resumes the last)."""
+    if len(invocations) < 2:
+        return ""
+    if len({i["command"] for i in invocations}) == 1:
+        return f" (run in {len(invocations)} invocations of that command, each resuming the last)"
+    parts = [f"`{i['command']}` ({i['wall_s'] / 60:.0f} min"
+             + ("" if i.get("complete") else ", interrupted") + ")" for i in invocations]
+    return (f"; it ran as {len(invocations)} invocations, each resuming the JSON of the one "
+            f"before and training only the runs missing from it: " + ", then ".join(parts))
+
+
 def markdown_region(report):
     """The generated part (between the markers)."""
     machine, timing = report["machine"], report["timing"]
@@ -789,9 +809,8 @@ def markdown_region(report):
         "",
         "## EDST ticket diversity: what steers it (`bench/diversity.py`)",
         "",
-        f"{mode.capitalize()}. Command: `{report['command']}`"
-        + (f" (run in {len(invocations)} invocations of that command, each resuming the last)"
-           if len(invocations) > 1 else "") + ".",
+        f"{mode.capitalize()}. Command: `{report['command']}`" + _invocations_text(invocations)
+        + ".",
         "",
         f"Run on {report['date_utc']} (UTC), {machine['cpus_usable']} usable CPU cores"
         + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
@@ -1028,8 +1047,8 @@ class Runner:
         first = self.config.models[0]
         if model == first or not self.config.followup or model in self.store.followups:
             return
-        candidates = [s for s in self.settings_for(first)
-                      if s not in ALWAYS and s not in self.config.plan[model]]
+        candidates = [s for s in self.settings_for(first) if s in SWEEP
+                      and s not in ALWAYS and s not in self.config.plan[model]]
         ranked = rank_settings(self.store.records, first, candidates)
         chosen = ranked[:self.config.followup]
         self.store.followups[model] = {"from": first, "chosen": chosen, "ranking": ranked,
