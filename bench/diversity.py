@@ -949,6 +949,7 @@ def write_plot(report, output_dir):
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+        from matplotlib import ticker  # pylint: disable=import-outside-toplevel
     except ImportError:
         logging.warning("matplotlib is not installed: no plot.")
         return []
@@ -971,10 +972,16 @@ def write_plot(report, output_dir):
                         yerr=100 * y["std"], fmt="s" if dst else "o", capsize=2,
                         color="tab:orange" if dst else (
                             "tab:red" if name == "edst:base" else "tab:blue"))
-            ax.annotate(f"DST {entry['epochs']}ep" if dst else entry["setting"],
-                        (100 * x["mean"], 100 * y["mean"]), fontsize=7,
+            members = report["config"]["num_members"]
+            ax.annotate(f"DST {members}x{entry['epochs'] // members}ep" if dst
+                        else entry["setting"],
+                        (100 * x["mean"], 100 * y["mean"]), fontsize=6,
                         textcoords="offset points", xytext=(4, 3))
-        ax.set(xlabel="pairwise disagreement of the members (%)",
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_major_locator(ticker.FixedLocator([1, 2, 3, 4, 5, 7, 10, 20, 50, 100]))
+        ax.set(xlabel="pairwise disagreement of the members (%, log scale)",
                ylabel="ensemble test accuracy (%)", title=MODELS[model])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")

@@ -7,7 +7,8 @@ exact set of runs, disagreement in [0, 1] and equal to the mean of the pairwise 
 differences equal to the per-seed records, the FLOPs reference), the markdown region, that
 re-rendering keeps hand-written text outside the markers, that rerunning the command resumes
 (trains nothing) while a changed configuration is refused, and that bad flags are refused with
-a message naming the flag.
+a message naming the flag. The committed docs/diversity.json must re-render to the committed
+region of docs/results.md.
 """
 
 import json
@@ -195,6 +196,20 @@ def test_rerun_resumes_and_a_changed_configuration_is_refused(run):
                         + ["--update_every=3"])
     assert code != 0 and "--restart" in output and "another configuration" in output
     assert _load(output_dir / "diversity.json")["records"] == report["records"]
+
+
+def _region(path):
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return text[text.index("<!-- diversity:begin -->"):text.index("<!-- diversity:end -->")]
+
+
+def test_committed_results_render_to_the_committed_region(tmp_path):
+    markdown = tmp_path / "results.md"
+    code, output = _run([f"--render_only={os.path.join(REPO_ROOT, 'docs', 'diversity.json')}",
+                         f"--output_dir={tmp_path}", f"--markdown={markdown}"], timeout=120)
+    assert code == 0, output[-4000:]
+    assert _region(markdown) == _region(os.path.join(REPO_ROOT, "docs", "results.md"))
 
 
 @pytest.mark.parametrize("flag, value", [
