@@ -46,7 +46,7 @@ bench: venv data
 reproduce: venv data
 	$(PY) bench/reproduce.py $(if $(QUICK),--quick,)
 
-# The EDST ticket-diversity sweep (~2.5 hours on 2 CPU cores; QUICK=1 for a ~3-minute smoke run).
+# The EDST ticket-diversity sweep (~1.5 hours on 2 CPU cores; QUICK=1 for a ~2-minute smoke run).
 # Rerunning resumes an interrupted sweep from docs/diversity.json.
 diversity: venv data
 	$(PY) bench/diversity.py $(if $(QUICK),--quick,)

@@ -42,7 +42,7 @@ How to run (from the repository root; ``../shared/data``, or ``$FT_KERAS_SHARED_
 to the data search path when it exists):
 
     python bench/diversity.py --quick               # a few minutes on 2 CPU cores, writes to /tmp
-    python bench/diversity.py                       # the full sweep (about 2 hours on 2 cores)
+    python bench/diversity.py                       # the full sweep (about 1.5 hours on 2 cores)
     python bench/diversity.py --models=lenet_300_100 --settings=base,opt_dense --seeds=0,1
     python bench/diversity.py --render_only=docs/diversity.json   # markdown + plot again
 """
@@ -139,8 +139,8 @@ QUICK = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Smoke run (a few minutes on 2 cores): 1 seed, 3,000 training "
-                  "examples, a few epochs, 3 settings on the MLP and 2 + 1 on LeNet-5; output under "
-                  "the temp dir unless --output_dir is given.")
+                  "examples, a few epochs, 3 settings on the MLP and 2 + 1 on LeNet-5; output "
+                  "under the temp dir unless --output_dir is given.")
 flags.DEFINE_list("models", list(MODELS), f"Models, in run order, from {list(MODELS)}.")
 flags.DEFINE_list("settings", DEFAULT_SETTINGS,
                   "EDST settings: NAME (every model) or MODEL:NAME entries; NAME is one of "
@@ -816,8 +816,8 @@ def markdown_region(report):
         + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
         + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
         f"{machine['ft_keras']}, commit `{(machine.get('git_commit') or 'unknown')[:12]}`. "
-        f"Total wall time {timing['total_s'] / 60:.1f} min (training {timing['training_s'] / 60:.1f}"
-        " min)" + (f"; other processes kept {others:.2f} cores busy on average, so wall times "
+        f"Total wall time {timing['total_s'] / 60:.1f} min (training "
+        f"{timing['training_s'] / 60:.1f} min)" + (f"; other processes kept {others:.2f} cores busy on average, so wall times "
                    "are upper bounds" if others is not None and others > 0.1 else "") + ".",
         "",
         "Settings:",
