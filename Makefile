@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast test-unit demo bench reproduce clean
+.PHONY: venv data test test-fast test-unit demo bench reproduce diversity clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench: venv data
 # The reproduction benchmark (~1 hour on 2 CPU cores; QUICK=1 for a ~5-minute smoke run).
 reproduce: venv data
 	$(PY) bench/reproduce.py $(if $(QUICK),--quick,)
+
+# The EDST ticket-diversity sweep (~1.5 hours on 2 CPU cores; QUICK=1 for a ~2-minute smoke run).
+# Rerunning resumes an interrupted sweep from docs/diversity.json.
+diversity: venv data
+	$(PY) bench/diversity.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
