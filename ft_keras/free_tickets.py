@@ -329,6 +329,11 @@ class FreeTickets(training.DynamicSparsity):
         self.exploration_epochs = self.edst_plan.exploration_epochs
         self.refine_epochs = self.edst_plan.refine_epochs
         self.explore_fraction = _checks.check_fraction("explore_fraction", explore_fraction)
+        if self.explore_fraction == 1.0 and self.grown_weight_scale == 0 and num_tickets != 1:
+            logging.warning(
+                "FreeTickets(explore_fraction=1.0): each global exploration drops every active "
+                "weight and grown weights start at 0, so tickets 2..M restart from all-zero "
+                "masked kernels. Use explore_fraction < 1 or grown_weight_scale > 0.")
         self.monitor = _checks.check_str("monitor", monitor)
         self.mode = _checks.check_choice("mode", mode, MODES)
         self.exploration_lr = self.edst_plan.exploration_lr

@@ -410,6 +410,21 @@ def _count_nonfinite(weights):
     return tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.int32))
 
 
+def glorot_std(shape):
+    """sqrt(2 / (fan_in + fan_out)) of a kernel shape, as Keras counts fans (a convolution's
+    receptive field multiplies both): the scale of a Glorot-initialised kernel. A fixed
+    reference for random grown weights (a reference taken from the kept weights would grow at
+    every update, as magnitude pruning keeps the largest ones)."""
+    if len(shape) < 2:
+        fan_in = fan_out = max(int(shape[0]) if shape else 1, 1)
+    else:
+        receptive = 1
+        for dim in shape[:-2]:
+            receptive *= int(dim)
+        fan_in, fan_out = receptive * int(shape[-2]), receptive * int(shape[-1])
+    return (2.0 / (fan_in + fan_out)) ** 0.5
+
+
 def _accumulate_momentum(kind, kernel, gradient):
     g = tf.cast(gradient, tf.float32)
     m = kernel.grad_m.value
@@ -461,10 +476,8 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
     # resource variable to copy-on-read for good, which then costs a copy of the kernel at
     # every read (measured: +1 ms per MLP step).
     kept = masks.zero_off_mask(keep, weights)
-    if config.random_grown:  # SET-style: grown weights ~ N(0, (scale * std of kept)^2)
-        count = tf.maximum(tf.reduce_sum(tf.cast(keep, weights.dtype)), 1.0)
-        mean_square = tf.reduce_sum(tf.square(kept)) / count
-        std = engine.grown_scale() * tf.sqrt(tf.cast(mean_square, tf.float32))
+    if config.random_grown:  # SET-style: grown weights ~ N(0, (scale * Glorot std)^2)
+        std = engine.grown_scale() * glorot_std(tuple(kernel.kernel.shape))
         seed = masks.rng_seed(engine.seed(), -step, kernel.index)  # -step: apart from growth
         noise = tf.random.stateless_normal(tf.shape(weights), seed, dtype=tf.float32) * std
         grown_positions = tf.logical_and(new_mask, tf.logical_not(keep))
@@ -815,9 +828,10 @@ class DynamicSparsity(SparseTraining):
             lower NLL on both), and "masked" keeps every off-mask number exactly zero, which
             is also what the sparse export and RigL assume.
         grown_weight_scale: 0 (default): grown weights start at exactly 0 (RigL). s > 0: they
-            start at random values drawn from N(0, (s * rms of the layer's kept weights)^2)
-            (SET-style; stateless RNG, identical on every replica) - a knob for ticket
-            diversity, which departs from the zero-start invariant on purpose.
+            start at random values drawn from N(0, (s * sqrt(2 / (fan_in + fan_out)))^2), i.e.
+            s times the scale of a Glorot-initialised kernel (SET-style; stateless RNG,
+            identical on every replica) - a knob for ticket diversity, which departs from the
+            zero-start invariant on purpose.
 
     Attributes:
         schedule: the `ft_keras.schedules.DropSchedule` (``end_step`` None until a fit fills it).

@@ -853,7 +853,11 @@ def test_grown_weight_scale_starts_grown_weights_at_random_values(fashion_mnist_
     changed = kernel[kept] != before_kernel[kept]  # pruned and regrown (smallest |w|)
     assert changed.mean() < 0.01
     assert np.abs(before_kernel[kept][changed]).max() <= np.median(np.abs(before_kernel[kept]))
-    rms = np.sqrt(np.mean(np.square(before_kernel[kept])))
-    assert np.std(kernel[grown]) == pytest.approx(0.5 * rms, rel=0.15)
+    fan_in, fan_out = layer.masked_kernel.shape
+    assert ftk.training.glorot_std((fan_in, fan_out)) == pytest.approx(
+        np.sqrt(2.0 / (fan_in + fan_out)))
+    assert np.std(kernel[grown]) == pytest.approx(
+        0.5 * np.sqrt(2.0 / (fan_in + fan_out)), rel=0.15)
+    assert ftk.training.glorot_std((3, 3, 4, 8)) == pytest.approx(np.sqrt(2.0 / (36 + 72)))
     with pytest.raises(ValueError, match="grown_weight_scale=-1"):
         ftk.DynamicSparsity(grown_weight_scale=-1.0)
