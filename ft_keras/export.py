@@ -80,6 +80,7 @@ from tensorflow.python.trackable import resource as tf_resource
 
 from ft_keras import _checks
 from ft_keras import layers as masked_layer_lib
+from ft_keras import sparsify as sparsify_lib
 
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "inputs"
@@ -171,7 +172,7 @@ def check_finite_weights(model, argument="model"):
     NaN, or confident nonsense.
     """
     _checks.check_model(argument, model)
-    for layer in _walk_layers(model):
+    for layer in sparsify_lib.walk_layers(model):
         for variable in layer.weights:
             value = np.asarray(keras.ops.convert_to_numpy(variable))
             if value.dtype.kind != "f":
@@ -184,25 +185,6 @@ def check_finite_weights(model, argument="model"):
                     f"{value.size}; refusing to write it (did training diverge?)."
                 )
     return model
-
-
-def _walk_layers(model):
-    """Leaf layers of a model, nested models entered, each once (same order as `sparsify`)."""
-    seen = set()
-    out = []
-
-    def walk(container):
-        for layer in container.layers:
-            if id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            if isinstance(layer, keras.Model) and hasattr(layer, "layers"):
-                walk(layer)
-            else:
-                out.append(layer)
-
-    walk(model)
-    return out
 
 
 def check_fuse(fuse):
@@ -709,7 +691,11 @@ class _ServingModule(tf.Module):
     def track_other(self, model, mapped):
         """Tracks the weights of ``model`` that are neither mapped to the cache nor masks."""
         skip = {id(v) for v in mapped} | {id(v) for v in self.other_variables}
-        skip |= {id(layer.kernel_mask) for layer in _walk_layers(model) if _is_masked(layer)}
+        skip |= {
+            id(layer.kernel_mask)
+            for layer in sparsify_lib.walk_layers(model)
+            if _is_masked(layer)
+        }
         for variable in model.weights:
             if id(variable) not in skip:
                 self.other_variables.append(variable)
@@ -1040,7 +1026,7 @@ class _KerasStep:
         self.layer = layer
         self.module = module
         self.state = []
-        targets = _walk_layers(layer) if isinstance(layer, keras.Model) else [layer]
+        targets = sparsify_lib.walk_layers(layer) if isinstance(layer, keras.Model) else [layer]
         for target in targets:
             self.state.extend(module.layer_state(target))
         if isinstance(layer, keras.Model):
@@ -1073,7 +1059,9 @@ class _OpaqueStep:
 
 
 def _is_opaque(model):
-    return any(isinstance(layer, keras.layers.TFSMLayer) for layer in _walk_layers(model))
+    return any(
+        isinstance(layer, keras.layers.TFSMLayer) for layer in sparsify_lib.walk_layers(model)
+    )
 
 
 def _program(module, models, sparse_kernels, fuse):
@@ -1260,14 +1248,12 @@ def write_saved_model(module, serve, path):
 
 def _legacy_export(models, head, path):
     """Today's layout before compact storage: stripped members, dense kernels, one by one."""
-    from ft_keras.sparsify import strip  # pylint: disable=import-outside-toplevel
-
     plains = {}
     for model in models:
         if id(model) not in plains:
             try:
-                plains[id(model)] = strip(model) if any(
-                    _is_masked(layer) for layer in _walk_layers(model)
+                plains[id(model)] = sparsify_lib.strip(model) if any(
+                    _is_masked(layer) for layer in sparsify_lib.walk_layers(model)
                 ) else model
             except TypeError:
                 plains[id(model)] = model
