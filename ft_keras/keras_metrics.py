@@ -116,8 +116,9 @@ def _compiled_metrics(model):
     Read from the ``compile`` arguments rather than from the metrics Keras builds, because Keras
     builds them only when the train or test step is first traced (after the callbacks'
     ``on_train_begin``), and its built list drops the output names of multi-output models.
-    Private Keras API (`ft_keras._keras_compat.compiled_metric_arguments`), checked by tests/test_keras_metrics.py (`metric_direction` on a
-    compiled model that has not run, and on a multi-output model).
+    Private Keras API (`ft_keras._keras_compat.compiled_metric_arguments`), checked by
+    tests/test_keras_metrics.py (`metric_direction` on a compiled model that has not run, and on
+    a multi-output model).
     """
     for user in _keras_compat.compiled_metric_arguments(model):
         yield from _resolve_user_metrics(user)

@@ -290,8 +290,9 @@ def update_mask_compacted(mask, weights, grow_scores, drop_fraction, num_active)
     """`update_mask` computed on compacted vectors, with the changed positions.
 
     The prune step gathers the ``num_active`` active weights and selects among them only; the
-    grow step finds the candidates near the cut with one histogram pass (`largest_indices`). ``grow_scores`` are ranked by magnitude, so a raw gradient can be
-    passed as it is; for scores >= 0 the result equals `update_mask`'s (same ties rule).
+    grow step finds the candidates near the cut with one histogram pass (`largest_indices`).
+    ``grow_scores`` are ranked by magnitude, so a raw gradient can be passed as it is; for
+    scores >= 0 the result equals `update_mask`'s (same ties rule).
     Dynamic shapes: not for XLA.
 
     Returns:
