@@ -36,6 +36,9 @@ Internals used (Keras 3, TensorFlow backend):
 11. The local variables of ``TensorFlowTrainer.fit`` (``validation_data``): read by
     `fit_validation_data` from the ``on_train_begin`` call, so that a callback that needs
     validation data can say so before the first epoch rather than after it.
+12. ``TensorFlowTrainer.make_train_function`` reads ``self.train_step`` and
+    ``self.jit_compile`` when it makes the function, not when the function runs:
+    `make_train_function_around` makes one around another step, uncompiled, and restores both.
 
 Why the multi-worker fix is installed at ``import ft_keras``: Keras 3.0-3.15's ``fit`` fails
 under ``MultiWorkerMirroredStrategy`` in two places that run *before* any callback is called
@@ -410,3 +413,25 @@ def fit_validation_data():
         return False, None
     finally:
         del frame
+
+
+def make_train_function_around(model, step):
+    """Sets ``model.train_function`` to Keras's train function calling ``step`` instead of
+    ``model.train_step``, not compiled by XLA (``step`` may compile parts itself).
+
+    Keras makes the function (distribution, ``steps_per_execution`` loop, log reduction) from
+    the ``train_step`` and ``jit_compile`` it reads at that moment; both are restored after.
+    """
+    own_step = model.__dict__.get("train_step")
+    jit_compile = model.jit_compile
+    model.train_step = step
+    model.jit_compile = False
+    try:
+        model.make_train_function(force=True)
+    finally:
+        model.jit_compile = jit_compile
+        if own_step is None:
+            del model.train_step
+        else:
+            model.train_step = own_step
+    return model.train_function

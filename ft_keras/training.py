@@ -29,9 +29,11 @@ the gradients of all masked kernels of a step, the hook
      behaviour).
 
 Without XLA the conditional writes masks, weights and state itself (ordinary steps pay for the
-predicate only); under XLA it returns the new masks only and the resets are elementwise ops that
-XLA fuses with the optimizer's update (a conditional that writes variables makes XLA copy every
-written buffer at every step). See docs/method.md, section 3.
+predicate only). Under XLA, a variable written anywhere in a compiled step is copied at every
+step, so on one replica the conditional moves outside XLA (`_split_train_step`: ordinary steps
+compiled with the masks fixed, update steps uncompiled); on several replicas it stays inside and
+returns the new masks only, the resets being elementwise ops that XLA fuses with the optimizer's
+update (`_update_with_writes_outside`). See docs/method.md, section 3.
 
 So the update is exact at its step whatever ``steps_per_execution`` is, costs no extra backward
 pass and no extra all-reduce, runs identically on every replica, and follows
@@ -117,6 +119,7 @@ class _GraphConfig:
     static_shapes: bool  # XLA: whole-kernel passes with static shapes
     momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
     random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
+    split: bool = False  # XLA: ordinary steps compiled, update steps not (`_split_train_step`)
 
 
 def _momentum_kind(optimizer):
@@ -167,6 +170,9 @@ class _Engine:
             ]
         self._strategy = strategy
         self._slots_found = False
+        # Set while `_split_train_step` traces one of its two step functions: "plain" (masks
+        # fixed at this step) or "update" (the mask update runs, unconditionally).
+        self.trace_mode = None
 
     @classmethod
     def of(cls, model, optimizer):
@@ -306,6 +312,9 @@ class _OptimizerHook:
             return None
         if config.grow == "momentum":
             _accumulate_momentum(config.momentum, kernel, gradient)
+        if self.engine.trace_mode == "plain":
+            self._masked_apply(config, gradient, variable, learning_rate, mask)
+            return None
         # The mask update comes first, and it needs every masked layer's gradient: the updates
         # of the masked kernels wait for the last of them (one conditional per step and
         # replica for all layers; per-layer conditionals cost a function call each at every
@@ -317,7 +326,9 @@ class _OptimizerHook:
             return None
         items = self.pending.pop(key)
         step = tf.cast(self.optimizer.iterations, tf.int64) + 1
-        if config.static_shapes and not config.random_grown:
+        if self.engine.trace_mode == "update":
+            effective = _update_all_layers(config, self.engine, items, step)
+        elif config.static_shapes and not config.random_grown:
             effective = _update_with_writes_outside(config, self.engine, items, step)
         else:
             effective = _update_with_writes_inside(config, self.engine, items, step)
@@ -334,21 +345,27 @@ class _OptimizerHook:
             variable.assign(masks.zero_off_mask(mask, tf.convert_to_tensor(variable)))
 
 
+def _update_all_layers(config, engine, items, step):
+    """The mask update of every masked layer at ``step``; writes the variables itself.
+
+    Returns, per layer, the mask this step's optimizer update keeps the kernel inside: the kept
+    positions (dropped and grown positions stay at zero through it; see `_update_layer`).
+    """
+    fraction = engine.drop_fraction_at(step)
+    return tuple(
+        _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
+        for kernel, variable, mask, gradient, _ in items
+    )
+
+
 def _update_with_writes_inside(config, engine, items, step):
     """The mask update inside a ``tf.cond`` that writes the variables itself (without XLA).
 
-    Only the predicate runs at ordinary steps. Returns, per layer, the mask this step's
-    optimizer update keeps the kernel inside: the kept positions at an update step (dropped and
-    grown positions stay at zero through it), the current mask otherwise.
+    Only the predicate runs at ordinary steps. Returns `_update_all_layers`'s masks at an
+    update step, the current masks otherwise.
     """
-    def update():
-        fraction = engine.drop_fraction_at(step)
-        return tuple(
-            _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
-            for kernel, variable, mask, gradient, _ in items
-        )
-
-    return tf.cond(engine.is_update_step(step), update,
+    return tf.cond(engine.is_update_step(step),
+                   lambda: _update_all_layers(config, engine, items, step),
                    lambda: tuple(mask for _, _, mask, _, _ in items))
 
 
@@ -393,6 +410,56 @@ def _update_with_writes_outside(config, engine, items, step):
         kernel.stats.assign(stats)
         effective.append(keep)
     return effective
+
+
+def _split_train_step(model, engine):
+    """The train step under XLA: ordinary steps compiled by XLA, update steps not.
+
+    XLA treats a variable written anywhere in a compiled step as written at every step (a
+    conditional passes it through both branches), so an update inside the compiled step costs
+    a copy of every mask at every step. Here the choice is made outside XLA, by one ``tf.cond``
+    on the step in the (uncompiled) train function: it calls either the XLA-compiled step with
+    the masks fixed, or an uncompiled step that runs the mask update as it runs without XLA (on
+    compacted positions). Ordinary steps pay for the predicate and a function call; update
+    steps run without XLA. Same step, same results as the other paths (tested).
+    """
+    original = model.train_step
+
+    def traced_as(mode):
+        def step(data):
+            engine.trace_mode = mode
+            try:
+                return original(data)
+            finally:
+                engine.trace_mode = None
+        return step
+
+    plain = tf.function(traced_as("plain"), jit_compile=True, reduce_retracing=True)
+    update = tf.function(traced_as("update"), reduce_retracing=True)
+
+    def train_step(data):
+        step = tf.cast(engine.optimizer.iterations, tf.int64) + 1
+        return tf.cond(engine.is_update_step(step), lambda: update(data), lambda: plain(data))
+
+    train_step.plain, train_step.update = plain, update  # for inspection (tests)
+    return train_step
+
+
+def _make_split_train_function(model, engine):
+    """Makes ``model.train_function`` around `_split_train_step`; returns that step."""
+    split_step = _split_train_step(model, engine)
+    _keras_compat.make_train_function_around(model, split_step)
+    return split_step
+
+
+def _can_split(model):
+    """Whether `_split_train_step` applies: a traced train function on one replica.
+
+    Several replicas keep the update inside the compiled step (a synchronising optimizer
+    update inside a conditional of the replica function is not supported by every strategy).
+    """
+    return (not model.run_eagerly
+            and model.distribute_strategy.num_replicas_in_sync == 1)
 
 
 def _stats(step, flipped, num_active, fraction, num_nonfinite):
@@ -554,6 +621,8 @@ class SparseTraining(keras.callbacks.Callback):
         self._writer = None
         self._last_seen_step = 0
         self._static_shapes = False
+        self._split = False
+        self._split_step = None  # the step `_make_split_train_function` made last (tests)
         self._configured = False
         self._optimizer = None
 
@@ -598,7 +667,8 @@ class SparseTraining(keras.callbacks.Callback):
             momentum = self._momentum
         return _GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
                             bool(self._static_shapes), momentum,
-                            self.updates_masks and self.grown_weight_scale > 0)
+                            self.updates_masks and self.grown_weight_scale > 0,
+                            bool(self._split))
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -614,8 +684,12 @@ class SparseTraining(keras.callbacks.Callback):
             self._engine = _Engine.of(model, optimizer)  # refreshes the active counts
         self._configured = False
         self._sanitize()
-        # Under XLA the update needs static shapes; otherwise it works on compacted positions.
-        self._static_shapes = bool(getattr(model, "jit_compile", False))
+        # Under XLA the update steps run uncompiled where they can (`_split_train_step`) and
+        # work on compacted positions, as without XLA; where they cannot, the update is
+        # compiled with the other steps and needs static shapes.
+        jit_compile = bool(getattr(model, "jit_compile", False))
+        self._split = jit_compile and self.updates_masks and _can_split(model)
+        self._static_shapes = jit_compile and not self._split
         trainable = {_keras_compat.variable_key(optimizer, v) for v in model.trainable_variables}
         self._hook = _OptimizerHook(self._engine, self._graph_config, trainable)
         self._hook.install()
@@ -634,7 +708,10 @@ class SparseTraining(keras.callbacks.Callback):
                 model.train_function = function
                 return
         # fit() made its train function before calling us; make one that sees the hook.
-        model.make_train_function(force=True)
+        if self._split:
+            self._split_step = _make_split_train_function(model, self._engine)
+        else:
+            model.make_train_function(force=True)
 
     def _stash_key(self, config, model):
         """What a traced train function depends on: the graph configuration, the engine (its

@@ -187,3 +187,22 @@ def test_11_fit_validation_data_seen_from_a_callback():
     assert seen[1][0] and seen[1][1][0] is x
     assert seen[2][0] and seen[2][1] is not None
     assert compat.fit_validation_data() == (False, None)  # not inside a fit
+
+
+def test_12_train_function_made_around_another_step_without_xla():
+    model = _model()
+    model.compile(model.optimizer, model.loss, jit_compile=True)
+    x, y = _data()
+    runs = []
+
+    def step(data):
+        # numpy_function cannot be compiled by XLA: fit fails if Keras compiled this step.
+        tf.numpy_function(lambda: runs.append(1) or np.int64(0), [], tf.int64)
+        return model.train_step(data)
+
+    made = compat.make_train_function_around(model, step)
+    assert model.train_function is made
+    assert model.jit_compile is True and "train_step" not in model.__dict__
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    assert len(runs) == 4
+    assert model.train_function is made  # fit kept the function made before it

@@ -196,6 +196,64 @@ def test_xla_train_step(fashion_mnist_small, optimizer_state):
         assert not after[name][1][~after[name][0]].any()
 
 
+@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
+def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
+    """Under XLA on one replica the update steps run uncompiled and the ordinary steps
+    compiled (`_split_train_step`): the same updates at the same steps as without XLA, the
+    same masks, the same weights up to XLA's rounding, whatever steps_per_execution."""
+    (x, y), _ = fashion_mnist_small
+    states = {}
+    for jit_compile in (False, True):
+        model = _compile(_sparse_lenet(0.8), keras.optimizers.SGD(0.05, momentum=0.9),
+                         jit_compile=jit_compile, steps_per_execution=4)
+        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=4)
+        model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[callback])
+        assert callback._split is jit_compile  # pylint: disable=protected-access
+        assert callback._static_shapes is False  # pylint: disable=protected-access
+        assert [u["step"] for u in callback.updates] == [6, 15]
+        states[jit_compile] = masked_state(model)
+    for name, (mask, kernel) in states[False].items():
+        xla_mask, xla_kernel = states[True][name]
+        np.testing.assert_array_equal(xla_mask, mask)
+        np.testing.assert_allclose(xla_kernel, kernel, rtol=0, atol=1e-6)
+        assert not xla_kernel[~xla_mask].any()
+
+
+def _graph_nodes(function):
+    """Nodes of every traced graph of a tf.function, nested functions included."""
+    # Private TF API (test only): the concrete functions traced so far, without re-tracing.
+    for concrete in function._list_all_concrete_functions():  # pylint: disable=protected-access
+        graph_def = concrete.graph.as_graph_def()
+        nodes = list(graph_def.node)
+        nodes += [node for f in graph_def.library.function for node in f.node_def]
+        yield concrete, nodes
+
+
+def test_xla_ordinary_steps_write_no_mask(fashion_mnist_small):
+    """The XLA-compiled step writes no mask (XLA would copy every mask at every step); only
+    the uncompiled update step does, one write per masked layer."""
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.8), jit_compile=True)
+    callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5)
+    model.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0, callbacks=[callback])
+    step = callback._split_step  # pylint: disable=protected-access
+    boolean = tf.bool.as_datatype_enum
+
+    def mask_writes(nodes):
+        return [n for n in nodes if n.op == "AssignVariableOp" and n.attr["dtype"].type == boolean]
+
+    traced = {mode: list(_graph_nodes(getattr(step, mode))) for mode in ("plain", "update")}
+    assert traced["plain"] and traced["update"]
+    for concrete, nodes in traced["plain"]:
+        assert concrete.function_def.attr["_XlaMustCompile"].b
+        assert not mask_writes(nodes)
+        assert any(n.op == "MatMul" for n in nodes)  # the forward pass is in it
+    for concrete, nodes in traced["update"]:
+        assert "_XlaMustCompile" not in concrete.function_def.attr
+        assert len(mask_writes(nodes)) == len(ftk.masked_layers(model))
+
+
 @pytest.mark.parametrize("junk", [0.5, -0.0])
 def test_fit_starts_from_zeros_off_mask_after_user_writes(fashion_mnist_small, junk):
     """Off-mask values written by user code (even -0.0) are reset to +0.0 before training."""
