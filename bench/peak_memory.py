@@ -272,7 +272,8 @@ def _update_alone(tf, callback, xla):
     method: this measurement follows whatever ft_keras does now) in a ``tf.function`` after
     training, with a random normal tensor standing in for the step's gradient, at
     ``--drop_fraction``. ``xla=False`` takes the path that training without XLA takes;
-    ``xla=True`` the static-shape path that ``jit_compile=True`` training takes, XLA-compiled.
+    ``xla=True`` the static-shape path that ``jit_compile=True`` training takes on several
+    replicas, XLA-compiled (on one replica its update steps run uncompiled).
     Returns None values (and the error) if the private API moved.
     """
     kernels = getattr(callback, "_kernels", None) or []

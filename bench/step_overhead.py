@@ -27,7 +27,8 @@ subprocesses):
 
 2. Wall time of one mask update (magnitude prune + gradient grow) on a 1024x1024 kernel at
    density 0.1, in ``tf.function`` with and without XLA: the function DynamicSparsity runs there
-   (``ftk.masks.update_mask_sparse`` without XLA where it exists, ``update_mask`` with XLA).
+   (``ftk.masks.update_mask_sparse`` without XLA where it exists, ``update_mask`` with XLA: the
+   path of ``jit_compile=True`` training on several replicas).
 
 3. The tfmot baseline (``bench/tfmot_baseline.py``, run as a subprocess with
    ``TF_USE_LEGACY_KERAS=1``: this process never imports tf_keras or tfmot): tfmot's
@@ -807,7 +808,9 @@ def _markdown(report):
         "",
         "The function `DynamicSparsity` runs for one layer's mask update at each setting "
         "(column *function*: without XLA the compacted `update_mask_compacted`, with XLA the "
-        "static-shape `update_mask`; magnitude prune + gradient grow, "
+        "static-shape `update_mask`, which `jit_compile=True` training runs on several "
+        "replicas; on one replica its update steps run uncompiled, on the compacted path; "
+        "magnitude prune + gradient grow, "
         f"drop fraction {cfg['drop_fraction']}) "
         f"in a `tf.function`, on a {cfg['update_size']}x{cfg['update_size']} kernel at "
         f"density {cfg['update_density']} with random normal weights and |normal| scores; min "
@@ -970,7 +973,8 @@ def _memory_section(report):
             "eagerly; `sparsify` runs it as a graph, which frees temporaries as it goes and so "
             "stays at or below this), and one mask update by the callback's own "
             "per-layer update in a `tf.function` (the path that training without XLA takes; the "
-            "XLA column: the static-shape path that `jit_compile=True` training takes).",
+            "XLA column: the static-shape path that `jit_compile=True` training takes on "
+            "several replicas; on one replica it runs the update steps uncompiled).",
             "",
         ]
         lines += bench_tables.alone_markdown(children.get(acc_allocator, {}))
@@ -1003,7 +1007,8 @@ def _xla_note(children):
                     ("the initial-mask draw", "mask_draw_alone", "called eagerly",
                      "XLA-compiled"),
                     ("one mask update", "update_alone", "on the path of training without XLA",
-                     "on the static-shape path of jit_compile=True training")):
+                     "on the static-shape path of jit_compile=True training on several "
+                     "replicas")):
                 eager = (child.get(key) or {}).get("increment")
                 xla = (child.get(key + "_xla") or {}).get("increment")
                 if eager is None or xla is None:
