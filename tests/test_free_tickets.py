@@ -446,3 +446,34 @@ if __name__ == "__main__":  # bazel test / python tests/test_free_tickets.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_edst_under_xla_matches_without(fashion_mnist_small, tmp_path):
+    """Under XLA (one replica: ordinary steps compiled, update steps and jumps uncompiled) the
+    EDST run makes the same mask updates and jumps, and the same tickets, as without XLA."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    runs = {}
+    for jit_compile in (False, True):
+        model = _model()
+        model.compile(model.optimizer, model.loss, metrics=["accuracy"], jit_compile=jit_compile)
+        ticket_dir = str(tmp_path / f"xla_{jit_compile}")
+        callback = ftk.FreeTickets(
+            ticket_dir, num_tickets=2, exploration_epochs=1,
+            refine_epochs=1, update_every=8, grow="gradient")
+        recorder = Recorder()
+        model.fit(x[:1024], y[:1024], batch_size=64, epochs=3, validation_data=(xv, yv),
+                  shuffle=False, verbose=0, callbacks=[callback, recorder])
+        assert callback._split is jit_compile  # pylint: disable=protected-access
+        runs[jit_compile] = (recorder.masks, [u["step"] for u in callback.updates],
+                             [ftk.read_ticket(p)[0] for p in ftk.list_tickets(ticket_dir)])
+    (masks, steps, tickets), (xla_masks, xla_steps, xla_tickets) = runs[False], runs[True]
+    assert xla_steps == steps and len(xla_tickets) == len(tickets) == 2
+    jump = masks[33][0] != masks[32][0]  # the global exploration between the two phases
+    assert jump.sum() >= 0.5 * masks[32][0].sum()
+    assert sorted(xla_masks) == sorted(masks)
+    for step, (mask, kernel) in masks.items():
+        np.testing.assert_array_equal(xla_masks[step][0], mask)
+        np.testing.assert_allclose(xla_masks[step][1], kernel, rtol=0, atol=1e-5)
+    for ticket, xla_ticket in zip(tickets, xla_tickets):
+        for name, (mask, _) in masked_state(ticket).items():
+            np.testing.assert_array_equal(masked_state(xla_ticket)[name][0], mask)
