@@ -220,6 +220,30 @@ def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
         assert not xla_kernel[~xla_mask].any()
 
 
+def test_xla_update_inside_the_compiled_step(fashion_mnist_small, monkeypatch):
+    """The path that several replicas take under XLA (the update compiled into every step,
+    static shapes, writes outside the conditional), forced on one replica: the same updates
+    and masks as without XLA."""
+    from ft_keras import training  # pylint: disable=import-outside-toplevel
+
+    monkeypatch.setattr(training, "_can_split", lambda model: False)
+    (x, y), _ = fashion_mnist_small
+    states = {}
+    for jit_compile in (False, True):
+        model = _compile(_sparse_lenet(0.8), keras.optimizers.SGD(0.05, momentum=0.9),
+                         jit_compile=jit_compile, steps_per_execution=4)
+        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, seed=4)
+        model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[callback])
+        assert callback._split is False  # pylint: disable=protected-access
+        assert callback._static_shapes is jit_compile  # pylint: disable=protected-access
+        assert [u["step"] for u in callback.updates] == [6, 15]
+        states[jit_compile] = masked_state(model)
+    for name, (mask, kernel) in states[False].items():
+        np.testing.assert_array_equal(states[True][name][0], mask)
+        np.testing.assert_allclose(states[True][name][1], kernel, rtol=0, atol=1e-6)
+
+
 def _graph_nodes(function):
     """Nodes of every traced graph of a tf.function, nested functions included."""
     # Private TF API (test only): the concrete functions traced so far, without re-tracing.
