@@ -196,12 +196,9 @@ def test_xla_train_step(fashion_mnist_small, optimizer_state):
         assert not after[name][1][~after[name][0]].any()
 
 
-@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
-def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
-    """Under XLA on one replica the update steps run uncompiled and the ordinary steps
-    compiled (`_split_train_step`): the same updates at the same steps as without XLA, the
-    same masks, the same weights up to XLA's rounding, whatever steps_per_execution."""
-    (x, y), _ = fashion_mnist_small
+def _assert_xla_trains_as_without(x, y, grow, split):
+    """Trains the same model with and without XLA (steps_per_execution 4): same update steps,
+    same masks, same weights up to XLA's rounding, zeros off-mask; checks which XLA path ran."""
     states = {}
     for jit_compile in (False, True):
         model = _compile(_sparse_lenet(0.8), keras.optimizers.SGD(0.05, momentum=0.9),
@@ -209,8 +206,9 @@ def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
         callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, grow=grow, seed=4)
         model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
                   callbacks=[callback])
-        assert callback._split is jit_compile  # pylint: disable=protected-access
-        assert callback._static_shapes is False  # pylint: disable=protected-access
+        # pylint: disable=protected-access
+        assert callback._split is (jit_compile and split)
+        assert callback._static_shapes is (jit_compile and not split)
         assert [u["step"] for u in callback.updates] == [6, 15]
         states[jit_compile] = masked_state(model)
     for name, (mask, kernel) in states[False].items():
@@ -218,6 +216,15 @@ def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
         np.testing.assert_array_equal(xla_mask, mask)
         np.testing.assert_allclose(xla_kernel, kernel, rtol=0, atol=1e-6)
         assert not xla_kernel[~xla_mask].any()
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
+def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
+    """Under XLA on one replica the update steps run uncompiled and the ordinary steps
+    compiled (`_split_train_step`): the same updates at the same steps as without XLA, the
+    same masks, the same weights up to XLA's rounding, whatever steps_per_execution."""
+    (x, y), _ = fashion_mnist_small
+    _assert_xla_trains_as_without(x, y, grow, split=True)
 
 
 def test_xla_update_inside_the_compiled_step(fashion_mnist_small, monkeypatch):
@@ -228,20 +235,7 @@ def test_xla_update_inside_the_compiled_step(fashion_mnist_small, monkeypatch):
 
     monkeypatch.setattr(training, "_can_split", lambda model: False)
     (x, y), _ = fashion_mnist_small
-    states = {}
-    for jit_compile in (False, True):
-        model = _compile(_sparse_lenet(0.8), keras.optimizers.SGD(0.05, momentum=0.9),
-                         jit_compile=jit_compile, steps_per_execution=4)
-        callback = ftk.DynamicSparsity(update_every=3, drop_fraction=0.5, seed=4)
-        model.fit(x[:512], y[:512], batch_size=64, epochs=2, shuffle=False, verbose=0,
-                  callbacks=[callback])
-        assert callback._split is False  # pylint: disable=protected-access
-        assert callback._static_shapes is jit_compile  # pylint: disable=protected-access
-        assert [u["step"] for u in callback.updates] == [6, 15]
-        states[jit_compile] = masked_state(model)
-    for name, (mask, kernel) in states[False].items():
-        np.testing.assert_array_equal(states[True][name][0], mask)
-        np.testing.assert_allclose(states[True][name][1], kernel, rtol=0, atol=1e-6)
+    _assert_xla_trains_as_without(x, y, "gradient", split=False)
 
 
 def _graph_nodes(function):
