@@ -1,10 +1,12 @@
 """Helpers shared by the benchmark scripts: summaries, ratios, merged table rows, memory
-accounting, the markdown of the tfmot and peak-memory sections, and a CPU-contention meter.
+accounting, the markdown of the tfmot and peak-memory sections, a CPU-contention meter, and the
+scripts' common plumbing (atomic writes, the shared data folder, seeds, a log filter).
 
 No TensorFlow, Keras or absl import, so that the scripts' launchers stay light and
 ``tests/test_bench_tables.py`` can check the logic in milliseconds. Nothing here times a model.
 """
 
+import logging
 import os
 import platform
 import re
@@ -162,6 +164,51 @@ def replace_region(path, name, text):
         )
     _write_atomically(path, content)
     return content
+
+
+def write_text(path, text):
+    """Writes ``text`` (ending in a newline) to ``path`` atomically (temporary file, rename)."""
+    _write_atomically(path, text if text.endswith("\n") else text + "\n")
+
+
+def shared_data_dir(repo):
+    """The project's data folder beside the repository (MNIST, CIFAR-10), or
+    ``$FT_KERAS_SHARED_DATA`` when set."""
+    return os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
+        os.path.join(repo, "..", "shared", "data"))
+
+
+def add_data_dir(folder, env_name):
+    """Appends ``folder`` (if it exists) to the search path in ``$env_name``, once."""
+    if not os.path.isdir(folder):
+        return
+    paths = [p for p in os.environ.get(env_name, "").split(os.pathsep) if p]
+    if folder not in paths:
+        os.environ[env_name] = os.pathsep.join(paths + [folder])
+
+
+def parse_seeds(values, flag="seeds"):
+    """A list flag of distinct integers >= 0; ValueError naming the flag otherwise."""
+    try:
+        seeds = [int(v) for v in values if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"--{flag}: takes integers, e.g. 0,1,2; got {values}.") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--{flag}: must be distinct integers >= 0; got {values}.")
+    return seeds
+
+
+class OwnInfoOnly(logging.Filter):
+    """A logging filter that lets through the INFO lines of one script and everyone's
+    warnings (TensorFlow's SavedModel writer and the callbacks log a lot at INFO)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = os.path.basename(script)
+
+    def filter(self, record):
+        return (record.levelno >= logging.WARNING
+                or os.path.basename(record.pathname) == self.script)
 
 
 def _write_atomically(path, content):

@@ -51,7 +51,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import logging as std_logging
 import os
 import re
 import shlex
@@ -82,8 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
-    os.path.join(_REPO, "..", "shared", "data"))
+SHARED_DATA = bench_tables.shared_data_dir(_REPO)
 OUTPUT_NAME = "diversity"
 MARK_BEGIN = "<!-- diversity:begin -->"
 MARK_END = "<!-- diversity:end -->"
@@ -279,12 +277,9 @@ def _parse_settings(values, models):
 
 def _parse_seeds(values):
     try:
-        seeds = [int(v) for v in values if v.strip()]
-    except ValueError:
-        raise _usage("seeds", f"takes integers, e.g. 0,1,2; got {values}.") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise _usage("seeds", f"must be distinct integers >= 0; got {values}.")
-    return seeds
+        return bench_tables.parse_seeds(values)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 @dataclasses.dataclass
@@ -917,13 +912,6 @@ def markdown_region(report):
     return "\n".join(lines)
 
 
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
-
-
 def write_markdown(path, report):
     """Writes the region into ``path`` (appended when the file has no markers), keeping the
     text outside the markers."""
@@ -938,7 +926,7 @@ def write_markdown(path, report):
             text = text.rstrip("\n") + "\n\n" + region + "\n"
     else:
         text = "# EDST ticket diversity\n\n" + region + "\n"
-    _atomic_write(path, text)
+    bench_tables.write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------ plot
@@ -998,22 +986,6 @@ def write_plot(report, output_dir):
 def machine_info():
     return {**bench_tables.host_info(_REPO), "tensorflow": tf.__version__,
             "keras": keras.__version__, "numpy": np.__version__, "ft_keras": ftk.__version__}
-
-
-class _OwnInfoOnly(std_logging.Filter):
-    """This script's INFO lines and everyone's warnings."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or os.path.basename(
-            record.pathname) == os.path.basename(__file__)
-
-
-def _add_shared_data():
-    if FLAGS.data_dir is None and os.path.isdir(SHARED_DATA):
-        current = os.environ.get(ftk.data.DATA_DIR_ENV, "")
-        paths = [p for p in current.split(os.pathsep) if p]
-        if SHARED_DATA not in paths:
-            os.environ[ftk.data.DATA_DIR_ENV] = os.pathsep.join(paths + [SHARED_DATA])
 
 
 def _output_dir():
@@ -1161,7 +1133,7 @@ class Runner:
         }
 
     def write(self, report):
-        _atomic_write(self.store.path, dump_report(report))
+        bench_tables.write_text(self.store.path, dump_report(report))
 
 
 def dump_report(report):
@@ -1202,8 +1174,9 @@ def main(argv):
     start = time.time()
     meter = bench_tables.CpuMeter()
     tf.get_logger().setLevel("ERROR")
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    _add_shared_data()
+    logging.get_absl_handler().addFilter(bench_tables.OwnInfoOnly(__file__))
+    if FLAGS.data_dir is None:
+        bench_tables.add_data_dir(SHARED_DATA, ftk.data.DATA_DIR_ENV)
     config = resolve_config()
     output_dir = _output_dir()
     markdown = FLAGS.markdown or os.path.join(output_dir, "results.md")

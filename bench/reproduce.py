@@ -64,7 +64,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import logging as std_logging
 import os
 import re
 import shlex
@@ -95,8 +94,7 @@ import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The project's data beside the repository (MNIST, CIFAR-10); FT_KERAS_SHARED_DATA overrides it.
-SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
-    os.path.join(_REPO, "..", "shared", "data"))
+SHARED_DATA = bench_tables.shared_data_dir(_REPO)
 
 METHODS = ("dense", "deep_ensemble", "dst_ensemble", "edst", "static_sparse_ensemble",
            "checkpoint_ensemble")
@@ -317,12 +315,9 @@ def _parse_names(flag, values, allowed):
 
 def _parse_seeds(values):
     try:
-        seeds = [int(v) for v in values if v.strip()]
-    except ValueError:
-        raise _usage("seeds", f"takes integers, e.g. 0,1,2; got {values}.") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise _usage("seeds", f"must be distinct integers >= 0; got {values}.")
-    return seeds
+        return bench_tables.parse_seeds(values)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def _parse_epochs(values, models, defaults):
@@ -927,14 +922,7 @@ def write_markdown(path, report):
             text = text.rstrip("\n") + "\n\n" + region + "\n"
     else:
         text = f"{title}\n\n{region}\n{DEFAULT_DISCUSSION}"
-    _atomic_write(path, text)
-
-
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, path)
+    bench_tables.write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -1081,18 +1069,8 @@ def _output_dir():
     return os.path.join(_REPO, "docs")
 
 
-def _add_shared_data():
-    """Adds ../shared/data (beside the repository, or $FT_KERAS_SHARED_DATA) to ft_keras.data's
-    search path."""
-    if FLAGS.data_dir is None and os.path.isdir(SHARED_DATA):
-        current = os.environ.get(ftk.data.DATA_DIR_ENV, "")
-        paths = [p for p in current.split(os.pathsep) if p]
-        if SHARED_DATA not in paths:
-            os.environ[ftk.data.DATA_DIR_ENV] = os.pathsep.join(paths + [SHARED_DATA])
-
-
 def _write_json(path, value):
-    _atomic_write(path, json.dumps(value, indent=1, sort_keys=False))
+    bench_tables.write_text(path, json.dumps(value, indent=1, sort_keys=False))
 
 
 def build_report(settings, data, records, command, start, meter, machine, output_name,
@@ -1128,15 +1106,6 @@ def build_report(settings, data, records, command, start, meter, machine, output
     }
 
 
-class _OwnInfoOnly(std_logging.Filter):
-    """Lets through this script's INFO lines and everyone's warnings (TensorFlow's SavedModel
-    writer and the callbacks log a lot at INFO)."""
-
-    def filter(self, record):
-        return record.levelno >= std_logging.WARNING or record.pathname == os.path.abspath(
-            __file__) or os.path.basename(record.pathname) == os.path.basename(__file__)
-
-
 def render_only(json_path):
     """Re-writes the markdown and the plots of a finished run from its JSON."""
     try:
@@ -1165,8 +1134,9 @@ def main(argv):
     start = time.time()
     meter = bench_tables.CpuMeter()
     tf.get_logger().setLevel("ERROR")
-    logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    _add_shared_data()
+    logging.get_absl_handler().addFilter(bench_tables.OwnInfoOnly(__file__))
+    if FLAGS.data_dir is None:
+        bench_tables.add_data_dir(SHARED_DATA, ftk.data.DATA_DIR_ENV)
     settings = resolve_settings()
     output_dir = _output_dir()
     output_name = FLAGS.output_name or CONFIGS[FLAGS.config]["output_name"]

@@ -39,6 +39,20 @@ SHARED_DATA = os.path.abspath(
     os.environ.get(SHARED_DATA_ENV) or os.path.join(REPO_ROOT, "..", "shared", "data")
 )
 MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
+
+
+def script_env(data_path=False):
+    """The environment for running a repository script in a subprocess: the checkout on
+    PYTHONPATH, quiet TensorFlow, a headless matplotlib; with ``data_path`` the shared data
+    folder (when present) first on ``FT_KERAS_DATA_DIR``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    if data_path and os.path.isdir(SHARED_DATA):
+        env["FT_KERAS_DATA_DIR"] = os.pathsep.join(
+            [SHARED_DATA] + [p for p in [env.get("FT_KERAS_DATA_DIR")] if p])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["MPLBACKEND"] = "Agg"
+    return env
 CIFAR10_ARCHIVE = os.path.join(SHARED_DATA, "cifar10", "cifar10-jpeg.tar.gz")
 
 _SHARED_HINT = (

@@ -2,6 +2,7 @@
 accounting and markdown. Nothing here runs or times a benchmark."""
 
 import importlib.util
+import logging
 import os
 import pathlib
 import sys
@@ -277,3 +278,45 @@ def test_write_keeping_regions_keeps_other_scripts_sections(tmp_path):
     content = bt.write_keeping_regions(
         str(path), "# newer\n<!-- x:begin -->\nX2\n<!-- x:end -->\n")
     assert content.count("<!-- x:begin -->") == 1 and "X2" in content and "S1" in content
+
+
+def test_parse_seeds():
+    assert bt.parse_seeds(["0", " 2", "", "1"]) == [0, 2, 1]
+    for bad, words in ((["a"], "takes integers"), (["1", "1"], "distinct"), (["-1"], ">= 0"),
+                       ([""], "distinct")):
+        with pytest.raises(ValueError, match=f"--seeds: .*{words}"):
+            bt.parse_seeds(bad)
+
+
+def test_add_data_dir_appends_an_existing_folder_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTK_TEST_PATH", "/first")
+    bt.add_data_dir(str(tmp_path), "FTK_TEST_PATH")
+    bt.add_data_dir(str(tmp_path), "FTK_TEST_PATH")
+    bt.add_data_dir(str(tmp_path / "missing"), "FTK_TEST_PATH")
+    assert os.environ["FTK_TEST_PATH"] == os.pathsep.join(["/first", str(tmp_path)])
+
+
+def test_shared_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("FT_KERAS_SHARED_DATA", raising=False)
+    assert bt.shared_data_dir("/a/repo") == os.path.abspath("/a/shared/data")
+    monkeypatch.setenv("FT_KERAS_SHARED_DATA", str(tmp_path))
+    assert bt.shared_data_dir("/a/repo") == str(tmp_path)
+
+
+def test_write_text_ends_with_one_newline_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "out" / "a.md"
+    bt.write_text(str(path), "x")
+    bt.write_text(str(tmp_path / "b.md"), "y\n")
+    assert path.read_text() == "x\n" and (tmp_path / "b.md").read_text() == "y\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.md", "b.md", "out"]
+
+
+def test_own_info_only_filter():
+    keep = bt.OwnInfoOnly("/x/bench/reproduce.py")
+
+    def record(level, path):
+        return logging.LogRecord("n", level, path, 1, "m", None, None)
+
+    assert keep.filter(record(logging.INFO, "/y/bench/reproduce.py"))
+    assert not keep.filter(record(logging.INFO, "/y/tensorflow/saver.py"))
+    assert keep.filter(record(logging.WARNING, "/y/tensorflow/saver.py"))

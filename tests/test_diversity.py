@@ -19,10 +19,8 @@ import sys
 import pytest
 
 import ft_keras as ftk
+from tests.conftest import REPO_ROOT, SHARED_DATA, script_env
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
-    os.path.join(REPO_ROOT, "..", "shared", "data"))
 SCRIPT = os.path.join(REPO_ROOT, "bench", "diversity.py")
 SEEDS = (0, 1)
 TINY = ["--models=lenet_300_100,lenet5",
@@ -33,16 +31,9 @@ MLP_RUNS = ("dense", "edst:base", "edst:opt_dense", "dst_ensemble:1ep", "edst:q0
 LENET5_RUNS = ("dense", "edst:base", "dst_ensemble:1ep", "edst:q0.9")
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["MPLBACKEND"] = "Agg"
-    return env
-
-
 def _run(args, timeout=420):
-    process = subprocess.run([sys.executable, SCRIPT] + list(args), cwd=REPO_ROOT, env=_env(),
+    process = subprocess.run([sys.executable, SCRIPT] + list(args), cwd=REPO_ROOT,
+                             env=script_env(),
                              capture_output=True, text=True, timeout=timeout, check=False)
     return process.returncode, process.stdout + process.stderr
 

@@ -15,14 +15,10 @@ import numpy as np
 import pytest
 
 import ft_keras as ftk
+from tests.conftest import REPO_ROOT, SHARED_DATA, script_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# MNIST (the OoD set) lives beside the repository; FT_KERAS_SHARED_DATA points elsewhere (an empty
-# folder simulates a machine without it).
-SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
-    os.path.join(REPO_ROOT, "..", "shared", "data"))
 TRAIN = os.path.join(REPO_ROOT, "examples", "train.py")
 EVALUATE = os.path.join(REPO_ROOT, "examples", "evaluate.py")
 METHODS = ("edst", "dst_ensemble", "pf_ensemble", "checkpoint_ensemble")
@@ -43,19 +39,9 @@ PLOTS = ("reliability_diagram.png", "accuracy_vs_num_tickets.png",
          "accuracy_vs_training_flops.png")
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    if os.path.isdir(SHARED_DATA):
-        env["FT_KERAS_DATA_DIR"] = os.pathsep.join(
-            [SHARED_DATA] + [p for p in [env.get("FT_KERAS_DATA_DIR")] if p])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["MPLBACKEND"] = "Agg"
-    return env
-
-
 def _start(script, args):
-    return subprocess.Popen([sys.executable, script] + list(args), cwd=REPO_ROOT, env=_env(),
+    return subprocess.Popen([sys.executable, script] + list(args), cwd=REPO_ROOT,
+                            env=script_env(data_path=True),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

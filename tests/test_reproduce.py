@@ -21,12 +21,8 @@ import numpy as np
 import pytest
 
 import ft_keras as ftk
+from tests.conftest import REPO_ROOT, SHARED_DATA, script_env
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The project's data beside the repository (MNIST); FT_KERAS_SHARED_DATA points elsewhere (the
-# script reads the same variable).
-SHARED_DATA = os.environ.get("FT_KERAS_SHARED_DATA") or os.path.abspath(
-    os.path.join(REPO_ROOT, "..", "shared", "data"))
 SCRIPT = os.path.join(REPO_ROOT, "bench", "reproduce.py")
 METHODS = ("dense", "deep_ensemble", "static_sparse_ensemble", "checkpoint_ensemble")
 NUM_MEMBERS = 3
@@ -36,17 +32,9 @@ LENET_300_100_BIASES = 300 + 100 + 10
 PLOTS = ("accuracy_vs_training_flops", "reliability", "corruption_severity")
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["MPLBACKEND"] = "Agg"
-    return env
-
-
 def _run(args, timeout=180, env=None):
     process = subprocess.run([sys.executable, SCRIPT] + list(args), cwd=REPO_ROOT,
-                             env=dict(_env(), **(env or {})), capture_output=True, text=True,
+                             env=dict(script_env(), **(env or {})), capture_output=True, text=True,
                              timeout=timeout, check=False)
     return process.returncode, process.stdout + process.stderr
 
