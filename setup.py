@@ -48,6 +48,7 @@ setup(
             "mkdocs>=1.6,<2",
             "mkdocs-material>=9.5,<10",
             "mkdocstrings[python]>=0.29,<2",
+            "pymdown-extensions>=10,<14",
         ],
     },
     license="Apache-2.0",
