@@ -178,3 +178,21 @@ def test_parse_refuses_untested_python_and_bad_markers(text, message):
 def test_parse_reads_the_page_needs():
     _, _, needs = parse("<!-- needs: fashion_mnist -->\n```python\nx = 1\n```\n")
     assert needs == ("fashion_mnist",)
+
+
+# ------------------------------------------- the site's doctest hook (mkdocs_hooks.py), by hand
+def test_doctest_hook_fences_prose_doctests_and_leaves_fenced_code_alone():
+    markdown = pytest.importorskip("markdown")
+    import mkdocs_hooks  # pylint: disable=import-outside-toplevel
+
+    source = ("Text.\n\n>>> plan.learning_rate(0)\n[0.1, 0.01]\n\nMore text.\n\n"
+              "```python\n>>> inside_a_fence\n```\n\n    >>> indented\n    (1, 2)\n")
+    lines = mkdocs_hooks._DoctestFences(None).run(source.splitlines())  # pylint: disable=protected-access
+    assert lines == [
+        "Text.", "", "", "```pycon", ">>> plan.learning_rate(0)", "[0.1, 0.01]", "```", "",
+        "More text.", "", "```python", ">>> inside_a_fence", "```", "",
+        "", "    ```pycon", "    >>> indented", "    (1, 2)", "    ```",
+    ]
+    html = markdown.markdown(source, extensions=["fenced_code",
+                                                 mkdocs_hooks.DoctestFencesExtension()])
+    assert "<code" in html and "[0.1, 0.01]" in html and "<a " not in html
