@@ -115,8 +115,13 @@ def _params():
 
 
 def _marks_of(decorator):
-    """The pytest marks a conftest ``needs_*`` decorator applies."""
-    return list(getattr(decorator(lambda: None), "pytestmark", []))
+    """The pytest marks a conftest ``needs_*`` decorator applies (to a named function: pytest
+    takes a lambda for a mark argument, not for the function to mark)."""
+
+    def probe():
+        pass
+
+    return list(getattr(decorator(probe), "pytestmark", []))
 
 
 @pytest.mark.parametrize("page", _params())
@@ -135,6 +140,12 @@ def test_page_examples_run_as_written(page, tmp_path, monkeypatch):
 def test_skipped_blocks_are_exactly_the_expected_ones():
     found = tuple((page, reason) for page in pages() for _, reason in parse(_read(page), page)[1])
     assert found == EXPECTED_SKIPS
+
+
+def test_pages_that_need_data_carry_its_marks():
+    marks = {param.id: {mark.name for mark in param.marks} for param in _params()}
+    assert marks["README.md"] == {"real_data", "skipif"}
+    assert marks["docs/serving.md"] == set()
 
 
 def test_every_page_with_examples_is_run():
