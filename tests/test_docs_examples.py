@@ -155,6 +155,13 @@ def test_every_page_with_examples_is_run():
     assert len(with_blocks) == len(_params())
 
 
+def test_readme_is_a_landing_page():
+    text = _read("README.md")
+    assert len(text.splitlines()) <= 200
+    first_screen = "\n".join(text.splitlines()[:25])
+    assert "make demo" in first_screen and "make test" in first_screen
+
+
 # ------------------------------------------------------------------ the parser, on hand cases
 def test_parse_runs_python_blocks_in_order_and_ignores_other_languages():
     text = ("# t\n```python\na = 1\n```\n\n```sh\nmake test\n```\n"
