@@ -133,7 +133,8 @@ def test_page_examples_run_as_written(page, tmp_path, monkeypatch):
         for line, source in blocks:
             code = compile(source, f"{page}:{line}", "exec")
             exec(code, namespace)  # pylint: disable=exec-used
-    finally:
+    finally:  # what a page may change globally (docs/training.md sets a mixed policy)
+        keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()
 
 
