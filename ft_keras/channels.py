@@ -25,9 +25,11 @@ docs/method.md, section 11.
 """
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from ft_keras import layers as masked_layers
 
@@ -255,3 +257,75 @@ def removable_channels(group, kernels):
         rows = np.moveaxis(kernel, -2, 0).reshape(consumer.tile, group.num_channels, -1)
         unused &= np.all(rows == 0, axis=(0, 2))
     return zero | unused
+
+
+# ------------------------------------------------------------------ the channel schedule
+def target_removed(step, start_step, last_step, sparsity, total):
+    """Channels removed in total by ``step``: ``floor(s(t) * total + 0.5)`` with the cubic ramp
+    ``s(t) = sparsity * (1 - (1 - progress)^3)``, progress ``(t - start) / (last - start)``
+    clipped to [0, 1] (so the last channel step removes ``floor(sparsity * total + 0.5)``).
+
+    Python numbers give a Python int; a tensor ``step`` (with tensor or Python parameters) gives
+    an int32 tensor computed in float64 with the same operations.
+    """
+    if tf.is_tensor(step):
+        t = tf.cast(step, tf.float64)
+        start = tf.cast(start_step, tf.float64)
+        span = tf.maximum(tf.cast(last_step, tf.float64) - start, 1.0)
+        progress = tf.clip_by_value((t - start) / span, 0.0, 1.0)
+        rest = 1.0 - progress
+        fraction = tf.cast(sparsity, tf.float64) * (1.0 - rest * rest * rest)
+        return tf.cast(tf.floor(fraction * float(total) + 0.5), tf.int32)
+    span = max(float(last_step) - float(start_step), 1.0)
+    progress = min(max((float(step) - float(start_step)) / span, 0.0), 1.0)
+    rest = 1.0 - progress
+    fraction = float(sparsity) * (1.0 - rest * rest * rest)
+    return int(math.floor(fraction * float(total) + 0.5))
+
+
+def protected_count(min_keep, channels):
+    """Channels of a layer that are never removed: ``ceil(min_keep * channels)``, at least 1."""
+    return max(1, int(math.ceil(float(min_keep) * channels - 1e-9)))
+
+
+def channel_scores(kernel, depthwise=False):
+    """Mean ``|w|`` over each output channel's kernel entries (zeros included), float32 [C]."""
+    magnitude = tf.abs(tf.cast(kernel, tf.float32))
+    if depthwise:
+        shape = kernel.shape
+        magnitude = tf.reshape(magnitude, [-1, int(shape[-2]) * int(shape[-1])])
+    else:
+        magnitude = tf.reshape(magnitude, [-1, int(kernel.shape[-1])])
+    return tf.reduce_mean(magnitude, axis=0)
+
+
+def remove_channels(scores, alive, protect, num_removed):
+    """The channel step: the surviving channels after removing the lowest-scoring ones.
+
+    Per layer the ``protect[l]`` best surviving channels (ties: lower index) are kept; among the
+    other surviving channels of all layers, the ``num_removed`` lowest-scoring ones are removed
+    (ties: lower global index first; clipped to the candidates there are).
+
+    Args:
+        scores: list of float32 [C_l] tensors (`channel_scores`).
+        alive: list of bool [C_l] tensors, the surviving channels.
+        protect: list of Python ints.
+        num_removed: int scalar (tensor or Python), how many to remove now.
+
+    Returns:
+        A list of bool [C_l] tensors.
+    """
+    candidates, sizes = [], []
+    for score, live, keep in zip(scores, alive, protect):
+        order = tf.argsort(tf.where(live, score, -np.inf), direction="DESCENDING", stable=True)
+        best = tf.math.invert_permutation(order) < keep
+        candidates.append(tf.logical_and(live, tf.logical_not(best)))
+        sizes.append(int(score.shape[0]))
+    candidates = tf.concat(candidates, 0)
+    flat_scores = tf.concat(scores, 0)
+    order = tf.argsort(tf.where(candidates, flat_scores, np.inf), stable=True)
+    k = tf.minimum(tf.cast(num_removed, tf.int32),
+                   tf.reduce_sum(tf.cast(candidates, tf.int32)))
+    removed = tf.logical_and(candidates, tf.math.invert_permutation(order) < tf.maximum(k, 0))
+    removed = tf.split(removed, sizes)
+    return [tf.logical_and(live, tf.logical_not(r)) for live, r in zip(alive, removed)]

@@ -183,8 +183,8 @@ def _random_mask_graph(shape, num_active, seed):
 
 def _random_mask_in_graph(shape, num_active, seed):
     """`masks.random_mask` as a graph: TF frees its full-size temporaries as soon as they
-    are used, where eager code keeps them all alive until it returns (for a 16.8M-position
-    kernel, ~200 MiB instead of ~450 MiB at the peak)."""
+    are used, where eager code keeps them all alive until it returns (a lower peak memory for
+    big kernels)."""
     return _random_mask_graph(tuple(int(d) for d in shape), int(num_active), seed)
 
 
