@@ -28,6 +28,10 @@ the gradients of all masked kernels of a step, the hook
      and the weights are masked right after the update (the official FreeTickets code's
      behaviour).
 
+With ``channel_sparsity`` > 0 (`DynamicSparsity`) the same conditional first removes whole
+output channels and confines every touched layer's mask to its surviving channels
+(`_channel_step`, docs/method.md, section 11); with 0 none of that code is traced.
+
 Without XLA the conditional writes masks, weights and state itself (ordinary steps pay for the
 predicate only). Under XLA, a variable written anywhere in a compiled step is copied at every
 step, so on one replica the conditional moves outside XLA (`_split_train_step`: ordinary steps
