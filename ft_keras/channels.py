@@ -82,11 +82,8 @@ def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
 
 
-def kernel_of(layer):
-    """The kernel variable of a producer or consumer (masked or plain)."""
-    if masked_layers.is_masked(layer):
-        return layer.masked_kernel
-    return layer.kernel
+#: The kernel variable of a producer or consumer (masked or plain).
+kernel_of = masked_layers.kernel_of
 
 
 def num_channels(layer):

@@ -1254,8 +1254,9 @@ class DynamicSparsity(SparseTraining):
                 and not _can_split(self.model)):
             raise ValueError(
                 f"channel_sparsity={self.channel_sparsity} is not supported with "
-                "jit_compile=True on several replicas (the channel step needs the update to "
-                "run outside XLA). Compile without jit_compile or train on one replica.")
+                "jit_compile=True on several replicas (or with run_eagerly): the channel step "
+                "runs in the uncompiled update step, which exists on one replica only. Compile "
+                "without jit_compile or train on one replica.")
         super().on_train_begin(logs)
 
     def _resolve_end_step(self, epoch):

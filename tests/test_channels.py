@@ -353,6 +353,10 @@ def test_free_tickets_share_their_removed_channels(tmp_path):
         assert report["a"][0] + report["b"][0] == _TOTAL - 14
         kernels = {n: _np(ticket.get_layer(n).masked_kernel) for n in ("a", "b")}
         removed.append((~kernels["a"].any(axis=0), ~kernels["b"].any(axis=0)))
+        compacted = ftk.compact(ticket)  # a ticket read back from its .keras file
+        assert compacted.get_layer("a").units == report["a"][0]
+        np.testing.assert_allclose(np.asarray(compacted(x)), np.asarray(ticket(x)), rtol=1e-5,
+                                   atol=1e-5)
     assert len(removed) == 2
     for first, second in zip(*removed):
         np.testing.assert_array_equal(first, second)
