@@ -14,8 +14,11 @@ and ends in *consumers*: Dense or Conv1D/2D/3D layers (masked or plain) whose ke
 (axis -2) follow the producer's channels, tiled over the positions a Flatten merged. A producer
 is not a group (its channels stay as they are) when its output is a model output, feeds an Add,
 Concatenate, Multiply, a nested model or any other layer, when a layer on the way is shared
-(called more than once), or when a layer uses ``channels_first``. Nested models are analysed
-on their own (their outputs count as model outputs).
+(called more than once), when a layer uses ``channels_first``, when it is a grouped
+convolution or its activation mixes channels (softmax). Nested models are analysed on their own
+(their outputs count as model outputs). Layers registered with
+`ft_keras.layers.register_maskable` are neither producers nor consumers: the maskable contract
+does not say how their kernel maps to their output channels.
 
 ``zero_safe`` says whether a zero channel stays exactly zero all the way: the producer's
 activation and every activation on the path map 0 to 0 (checked numerically); the producer's
@@ -176,8 +179,13 @@ def _follow(producer, node, consumers_of, output_ids, calls):
         return "it is called more than once (shared layer)"
     if not _channels_last(producer):
         return "it uses data_format='channels_first'"
+    if getattr(producer, "groups", 1) != 1:
+        return f"it is a grouped convolution (groups={producer.groups})"
+    activation = getattr(producer, "activation", None) or (lambda x: x)
+    if getattr(activation, "__name__", "") in _MIXING_ACTIVATIONS:
+        return f"its activation ({activation.__name__}) mixes channels"
     channels = num_channels(producer)
-    zero_safe = _activation_keeps_zero(getattr(producer, "activation", None) or (lambda x: x))
+    zero_safe = _activation_keeps_zero(activation)
     norms, consumers = [], []
     # (tensor, tile, flattened): tile = positions merged by a Flatten so far
     todo = [(node.outputs[0], 1, False)]

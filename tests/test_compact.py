@@ -153,3 +153,26 @@ def test_compact_keeps_one_channel_and_refuses_subclassed_models():
 
     with pytest.raises(TypeError, match="subclassed"):
         ftk.compact(Sub())
+
+
+def test_compact_nested_model_and_layers_it_leaves():
+    keras.utils.set_random_seed(4)
+    block = keras.Sequential([keras.Input((5,)),
+                              keras.layers.Dense(6, activation="relu", name="inner1"),
+                              keras.layers.Dense(4, name="inner2")], name="block")
+    inputs = keras.Input((5,))
+    h = block(inputs)
+    h = keras.layers.Dense(7, activation="softmax", name="soft")(h)  # mixes its units
+    h = keras.layers.Dense(4, name="pre")(h)
+    h = keras.layers.Add(name="add")([h, h])
+    outputs = keras.layers.Dense(2, name="out")(h)
+    model = keras.Model(inputs, outputs)
+    _set(block.get_layer("inner1"), kernel=_zero_channels([0, 5]), bias=_zero_channels([0, 5]))
+    _set(model.get_layer("soft"), kernel=_zero_channels([1]), bias=_zero_channels([1]))
+    _set(model.get_layer("pre"), kernel=_zero_channels([2]), bias=_zero_channels([2]))
+    _, reasons = channels.analyse(model)
+    assert "softmax" in reasons["soft"] and "add (Add)" in reasons["pre"]
+    compacted = ftk.compact(model)
+    assert compacted.get_layer("block").get_layer("inner1").units == 4
+    assert compacted.get_layer("soft").units == 7 and compacted.get_layer("pre").units == 4
+    _assert_close(model, compacted, np.random.default_rng(3).normal(size=(8, 5)).astype("f"))
