@@ -330,6 +330,12 @@ class FreeTickets(training.DynamicSparsity):
         self.num_tickets = self.edst_plan.num_tickets
         self.exploration_epochs = self.edst_plan.exploration_epochs
         self.refine_epochs = self.edst_plan.refine_epochs
+        if (self.channel_sparsity > 0 and self.channel_end_step is None
+                and self.exploration_epochs == 0):
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} removes channels during the "
+                "exploration phase, but exploration_epochs=0; give the run an exploration "
+                "phase or pass channel_end_step.")
         self.explore_fraction = _checks.check_fraction("explore_fraction", explore_fraction)
         if self.explore_fraction == 1.0 and self.grown_weight_scale == 0 and num_tickets != 1:
             logging.warning(

@@ -1109,7 +1109,8 @@ class DynamicSparsity(SparseTraining):
     Attributes:
         schedule: the `ft_keras.schedules.DropSchedule` (``end_step`` None until a fit fills it).
         updates: what the callback observed of each mask update (step, drop fraction,
-            per-layer churn and density).
+            per-layer churn and density; with ``channel_sparsity`` the surviving channels of
+            each prunable layer under ``"channels"``).
     """
 
     updates_masks = True

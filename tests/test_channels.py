@@ -389,6 +389,12 @@ def test_refused_at_fit_start():
             update_every=2, channel_sparsity=0.5, channel_end_step=1)], **fit)
 
 
+def test_free_tickets_needs_an_exploration_phase_for_channels(tmp_path):
+    with pytest.raises(ValueError, match="exploration_epochs=0"):
+        ftk.FreeTickets(str(tmp_path), exploration_epochs=0, refine_epochs=1,
+                        channel_sparsity=0.5)
+
+
 def test_xla_on_several_replicas_is_refused(two_cpus):
     with two_cpus.scope():
         model = _compile(_tiny(), jit_compile=True)
