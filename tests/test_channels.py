@@ -127,6 +127,33 @@ def test_remove_channels_global_threshold_ties_and_protection():
                                                   [False, True, False]]
 
 
+def test_update_mask_in_region_by_hand():
+    mask = tf.constant([[True, True, False, False],
+                        [True, False, True, False],
+                        [False, False, False, True]])
+    weights = tf.constant([[0.9, 0.1, 0.0, 0.0],
+                           [0.5, 0.0, 0.7, 0.0],
+                           [0.0, 0.0, 0.0, 0.3]])
+    scores = tf.constant([[0.0, 0.0, 0.8, 0.6],
+                          [0.0, 0.9, 0.0, 0.5],
+                          [0.4, 0.2, 0.1, 0.0]])
+    allowed = tf.constant([[True, True, True, False]] * 3)  # column 3 removed
+    # (2, 3) leaves the region; the refill grows the best inside: (1, 1) 0.9. Then drop
+    # ceil(0.2 * 5) = 1 by |w| among the 5 ((1, 1) at 0 goes) and grow 1: (1, 1) again.
+    new, keep, count = ftk.masks.update_mask_in_region(mask, weights, scores, 0.2, 5, allowed)
+    assert int(count) == 5
+    np.testing.assert_array_equal(new.numpy(), [[True, True, False, False],
+                                                [True, True, True, False],
+                                                [False, False, False, False]])
+    np.testing.assert_array_equal(keep.numpy(), mask.numpy() & allowed.numpy() & (
+        weights.numpy() != 0))
+    # a region smaller than the budget: dense inside it
+    small = tf.constant([[True, False, False, False]] * 3)
+    new, keep, count = ftk.masks.update_mask_in_region(mask, weights, scores, 0.5, 5, small)
+    assert int(count) == 3
+    np.testing.assert_array_equal(new.numpy(), small.numpy())
+
+
 @pytest.mark.parametrize("grow, optimizer_state", [
     ("gradient", "masked"), ("random", "masked"), ("momentum", "masked"),
     ("gradient", "dense")])
