@@ -204,7 +204,8 @@ def _follow(producer, node, consumers_of, output_ids, calls):
             if _is_kind(layer, _CONSUMERS):
                 rows = int(kernel_of(layer).shape[-2])
                 if rows != tile * channels:
-                    return f"its output feeds {name} with {rows} input rows, not {tile} x {channels}"
+                    return (f"its output feeds {name} with {rows} input rows, not "
+                            f"{tile} x {channels}")
                 consumers.append(Consumer(layer, tile))
             elif out is None:
                 return f"its output feeds {name}, which has several outputs"
