@@ -30,14 +30,18 @@ the gradients of all masked kernels of a step, the hook
 
 With ``channel_sparsity`` > 0 (`DynamicSparsity`) the same conditional first removes whole
 output channels and confines every touched layer's mask to its surviving channels
-(`_channel_step`, docs/method.md, section 11); with 0 none of that code is traced.
+(docs/method.md, section 11); with 0 none of that code is traced.
 
 Without XLA the conditional writes masks, weights and state itself (ordinary steps pay for the
 predicate only). Under XLA, a variable written anywhere in a compiled step is copied at every
-step, so on one replica the conditional moves outside XLA (`_split_train_step`: ordinary steps
-compiled with the masks fixed, update steps uncompiled); on several replicas it stays inside and
-returns the new masks only, the resets being elementwise ops that XLA fuses with the optimizer's
-update (`_update_with_writes_outside`). See docs/method.md, section 3.
+step, so on one replica the conditional moves outside XLA (ordinary steps compiled with the
+masks fixed, update steps uncompiled); on several replicas it stays inside and returns the new
+masks only, the resets being elementwise ops that XLA fuses with the optimizer's update. See
+docs/method.md, section 3.
+
+Code: this module holds the callbacks; ``ft_keras/_optimizer_hook.py`` the hook, the state it
+owns and the XLA split step; ``ft_keras/_graph_updates.py`` the in-graph mask and channel
+updates.
 
 So the update is exact at its step whatever ``steps_per_execution`` is, costs no extra backward
 pass and no extra all-reduce, runs identically on every replica, and follows
@@ -64,8 +68,6 @@ Example:
 >>> sparse.fit(x, y, epochs=3, callbacks=[ftk.DynamicSparsity(update_every=100)])
 """
 
-import dataclasses
-import numbers
 import os
 
 import keras
@@ -75,6 +77,7 @@ from absl import logging
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
+from ft_keras import _optimizer_hook as optimizer_hook
 from ft_keras import channels as channels_lib
 from ft_keras import distribute
 from ft_keras import masks
@@ -85,662 +88,6 @@ from ft_keras import sparsify as sparsify_lib
 OPTIMIZER_STATES = ("masked", "dense")
 #: Declare the per-weight state of an optimizer class ft_keras does not know.
 register_optimizer_slots = _keras_compat.register_optimizer_slots
-
-# Layout of the schedule variables the compiled step reads.
-_I_EVERY, _I_START, _I_END, _I_JUMP_FIRST, _I_JUMP_PERIOD, _I_JUMP_COUNT, _I_SEED = range(7)
-_F_INITIAL, _F_FINAL, _F_COSINE, _F_JUMP, _F_GROWN_SCALE = range(5)
-_NUM_INT, _NUM_FLOAT = 7, 5
-
-
-@dataclasses.dataclass
-class _MaskedKernel:
-    """What the optimizer hook needs to know about one masked layer."""
-
-    layer: keras.layers.Layer
-    index: int  # position among the model's masked layers: keys the RNG
-    num_active: int
-    size: int
-    slots: list  # optimizer per-weight state variables (keras Variables) of this kernel
-    stats: object  # tf.Variable [last update step, flipped, nnz, drop fraction, non-finite]
-    grad_m: object = None  # dense-gradient first moment (grow="momentum")
-    grad_v: object = None  # dense-gradient second moment (Adam-like optimizers)
-
-    @property
-    def mask(self):
-        return self.layer.kernel_mask
-
-    @property
-    def kernel(self):
-        return self.layer.masked_kernel
-
-
-@dataclasses.dataclass(frozen=True)
-class _GraphConfig:
-    """Everything the traced train step depends on besides variables (the reuse key)."""
-
-    updates: bool  # False: fixed masks (no conditional update in the graph)
-    grow: str
-    optimizer_state: str
-    static_shapes: bool  # XLA: whole-kernel passes with static shapes
-    momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
-    random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
-    split: bool = False  # XLA: ordinary steps compiled, update steps not (`_split_train_step`)
-    channels: tuple = ()  # channel-level DST: the protected count of each group; () = off
-
-
-@dataclasses.dataclass
-class _Follower:
-    """A variable whose slices along ``axis`` follow a channel group's channels (tiled)."""
-
-    variable: object  # keras Variable: a bias, a BN beta / moving mean, a plain consumer kernel
-    axis: int
-    tile: int
-    slots: list  # optimizer per-weight state (trainable followers, "masked" mode)
-
-
-@dataclasses.dataclass
-class _ChannelGroupState:
-    """One channel group (`ft_keras.channels.ChannelGroup`) during channel-level DST."""
-
-    group: object
-    alive: object  # keras Variable, float32 [C]: 1.0 = the channel survives
-    producer: object  # the producer's `_MaskedKernel`
-    depthwise: bool
-    protect: int  # the channels of this layer that are never removed
-    consumers: list  # [(`_MaskedKernel`, tile)]: masked consumers (their mask follows)
-    followers: list  # `_Follower`s: zeroed at removal; trainable ones gradient-masked
-
-
-def _momentum_kind(optimizer):
-    """("sgd", beta) or ("adam", beta_1, beta_2, epsilon) for SNFS growth, or None."""
-    momentum = getattr(optimizer, "momentum", None)
-    if isinstance(momentum, numbers.Real) and momentum > 0:
-        return ("sgd", float(momentum))
-    beta_1 = getattr(optimizer, "beta_1", None)
-    if isinstance(beta_1, numbers.Real) and beta_1 > 0:
-        beta_2 = getattr(optimizer, "beta_2", None)
-        epsilon = getattr(optimizer, "epsilon", None) or 1e-7
-        if isinstance(beta_2, numbers.Real) and beta_2 > 0:
-            return ("adam", float(beta_1), float(beta_2), float(epsilon))
-        return ("sgd_ema", float(beta_1))
-    return None
-
-
-class _Engine:
-    """The in-graph state of sparse training for one (model, optimizer) pair.
-
-    Kept on the optimizer object, so that every sparsity callback that trains the model with this
-    optimizer reads and writes the same variables: the schedule (int64 and float64 vectors), the
-    per-layer statistics of the latest update, and the dense-gradient buffers of SNFS growth.
-    """
-
-    def __init__(self, model, optimizer, layers):
-        self.optimizer = optimizer
-        self.layer_ids = tuple(id(layer) for layer in layers)
-        strategy = model.distribute_strategy
-        with strategy.scope():
-            if not optimizer.built:
-                optimizer.build(model.trainable_variables)
-            self.schedule_int = tf.Variable(tf.zeros([_NUM_INT], tf.int64), trainable=False,
-                                            name="ftk_schedule_int")
-            self.schedule_float = tf.Variable(tf.zeros([_NUM_FLOAT], tf.float64),
-                                              trainable=False, name="ftk_schedule_float")
-            self.kernels = [
-                _MaskedKernel(
-                    layer=layer,
-                    index=index,
-                    num_active=layer.num_active,
-                    size=layer.kernel_size_total,
-                    slots=[],
-                    stats=tf.Variable(tf.zeros([5], tf.float32), trainable=False,
-                                      name=f"ftk_stats_{index}"),
-                )
-                for index, layer in enumerate(layers)
-            ]
-        self._strategy = strategy
-        self._slots_found = False
-        # Set while `_split_train_step` traces one of its two step functions: "plain" (masks
-        # fixed at this step) or "update" (the mask update runs, unconditionally).
-        self.trace_mode = None
-
-    @classmethod
-    def of(cls, model, optimizer):
-        """The engine of ``model`` trained by ``optimizer`` (created at first use)."""
-        layers = sparsify_lib.masked_layers_of(model)
-        engine = optimizer.__dict__.get("_ftk_engine")
-        if engine is None or engine.layer_ids != tuple(id(layer) for layer in layers):
-            engine = cls(model, optimizer, layers)
-            optimizer.__dict__["_ftk_engine"] = engine
-        for kernel in engine.kernels:  # masks may have been replaced (set_mask) since
-            kernel.num_active = kernel.layer.num_active
-        return engine
-
-    def find_slots(self, optimizer_state):
-        """Looks up the optimizer's per-weight state of each kernel ("masked" mode needs it)."""
-        if self._slots_found or optimizer_state != "masked":
-            return
-        for kernel in self.kernels:
-            kernel.slots = _keras_compat.optimizer_slots(self.optimizer, kernel.kernel)
-        self._slots_found = True
-
-    def add_momentum_buffers(self, kind):
-        """Dense-gradient moving averages for SNFS, kept with the optimizer's variables."""
-        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
-        with self._strategy.scope():
-            for kernel in self.kernels:
-                names = ["ftk_grad_m"] + (["ftk_grad_v"] if kind[0] == "adam" else [])
-                buffers = []
-                for name in names:
-                    key = (kernel.kernel.path, name)
-                    if key not in cache:
-                        cache[key] = self.optimizer.add_variable_from_reference(
-                            kernel.kernel, name=name)
-                    buffers.append(cache[key])
-                kernel.grad_m = buffers[0]
-                kernel.grad_v = buffers[1] if len(buffers) > 1 else None
-
-    def write_schedule(self, ints, floats):
-        self.schedule_int.assign(tf.constant(ints, tf.int64))
-        self.schedule_float.assign(tf.constant(floats, tf.float64))
-
-    def add_channel_state(self, groups, min_keep):
-        """The state of channel-level DST: a survival vector per group, kept with the
-        optimizer's variables (so BackupAndRestore saves and restores it), and the schedule."""
-        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
-        by_layer = {id(kernel.layer): kernel for kernel in self.kernels}
-        states = []
-        with self._strategy.scope():
-            if getattr(self, "channel_schedule_int", None) is None:
-                self.channel_schedule_int = tf.Variable(
-                    tf.zeros([2], tf.int64), trainable=False, name="ftk_channel_schedule_int")
-                self.channel_schedule_float = tf.Variable(
-                    tf.zeros([1], tf.float64), trainable=False, name="ftk_channel_schedule_float")
-            for group in groups:
-                producer = by_layer[id(group.producer)]
-                key = (producer.kernel.path, "ftk_channels")
-                if key not in cache:
-                    cache[key] = self.optimizer.add_variable(
-                        (group.num_channels,), initializer="ones", dtype="float32",
-                        name="ftk_channels")
-                consumers, followers = [], []
-                for weight in group.producer.weights:
-                    if weight.name == "bias":
-                        followers.append(self._follower(weight, -1, 1))
-                for norm in group.norms:
-                    for weight in norm.weights:
-                        if weight.name in ("beta", "moving_mean"):
-                            followers.append(self._follower(weight, -1, 1))
-                for consumer in group.consumers:
-                    if id(consumer.layer) in by_layer:
-                        consumers.append((by_layer[id(consumer.layer)], consumer.tile))
-                    else:
-                        followers.append(self._follower(
-                            channels_lib.kernel_of(consumer.layer), -2, consumer.tile))
-                states.append(_ChannelGroupState(
-                    group=group, alive=cache[key], producer=producer,
-                    depthwise=isinstance(group.producer, keras.layers.DepthwiseConv2D),
-                    protect=channels_lib.protected_count(min_keep, group.num_channels),
-                    consumers=consumers, followers=followers))
-        self.channel_groups = states
-
-    def _follower(self, variable, axis, tile):
-        slots = []
-        if variable.trainable:
-            slots = _keras_compat.optimizer_slots(self.optimizer, variable)
-        return _Follower(variable, axis, tile, slots)
-
-    def write_channel_schedule(self, start_step, last_step, sparsity):
-        self.channel_schedule_int.assign(tf.constant([start_step, last_step], tf.int64))
-        self.channel_schedule_float.assign(tf.constant([sparsity], tf.float64))
-
-    # ---------------------------------------------------------------------- in the graph
-    def is_update_step(self, step):
-        """Whether a mask update happens at ``step`` (int64 scalar tensor counted from 1)."""
-        ints = tf.convert_to_tensor(self.schedule_int)
-        regular = schedules.is_update_step(step, ints[_I_EVERY], ints[_I_END], ints[_I_START])
-        return tf.logical_or(regular, self._is_jump(step, ints))
-
-    @staticmethod
-    def _is_jump(step, ints):
-        since = step - ints[_I_JUMP_FIRST]
-        period = tf.maximum(ints[_I_JUMP_PERIOD], 1)
-        return tf.logical_and(
-            tf.logical_and(since >= 0, tf.equal(since % period, 0)),
-            since // period < ints[_I_JUMP_COUNT],
-        )
-
-    def drop_fraction_at(self, step):
-        """The drop fraction at ``step``, a float64 scalar tensor (float64: exact ceil(p n))."""
-        ints = tf.convert_to_tensor(self.schedule_int)
-        floats = tf.convert_to_tensor(self.schedule_float)
-        cosine = schedules.drop_fraction(step, floats[_F_INITIAL], "cosine", ints[_I_END],
-                                         floats[_F_FINAL])
-        use_cosine = tf.logical_and(floats[_F_COSINE] > 0.5, ints[_I_END] > 0)
-        regular = tf.where(use_cosine, cosine, floats[_F_INITIAL])
-        return tf.where(self._is_jump(step, ints), floats[_F_JUMP], regular)
-
-    def seed(self):
-        return tf.convert_to_tensor(self.schedule_int)[_I_SEED]
-
-    def grown_scale(self):
-        return tf.cast(tf.convert_to_tensor(self.schedule_float)[_F_GROWN_SCALE], tf.float32)
-
-
-class _OptimizerHook:
-    """Replaces ``update_step`` of one optimizer instance while training runs."""
-
-    def __init__(self, engine, config_fn, trainable_keys):
-        self.engine = engine
-        self._config_fn = config_fn
-        self.config = None  # fixed at the first trace
-        optimizer = engine.optimizer
-        self.optimizer = optimizer
-        self.original = _keras_compat.original_update_step(optimizer)
-        self.by_key = {_keras_compat.variable_key(optimizer, k.kernel): k for k in engine.kernels}
-        self.calls = 0  # Python calls = masked kernels x times the train step was traced
-        # Masked kernels the optimizer updates (trainable ones); the last of them in a step
-        # emits the step's conditional update of all of them.
-        self.expected = len(trainable_keys & set(self.by_key))
-        # Channel-level DST: variables that follow channels (their gradient is masked).
-        self.followers = {
-            _keras_compat.variable_key(optimizer, follower.variable): (state, follower)
-            for state in getattr(engine, "channel_groups", ()) for follower in state.followers
-            if follower.variable.trainable}
-        self.pending = {}  # (graph, device) -> [(kernel, variable, mask, gradient)] of this step
-
-    def install(self):
-        _keras_compat.install_update_step(self.optimizer, self)
-
-    def uninstall(self):
-        _keras_compat.remove_update_step(self.optimizer, self)
-
-    def _apply(self, gradient, variable, learning_rate):
-        """The optimizer's update of a masked kernel.
-
-        For stock SGD on float32 kernels this is TensorFlow's fused training kernel
-        (``ResourceApplyGradientDescent`` / ``ResourceApplyKerasMomentum``: the same formula as
-        Keras's SGD, in one pass over the kernel instead of about five), which pays for the extra
-        pass that masks the gradient. Every other optimizer runs its own ``update_step``.
-        """
-        optimizer = self.optimizer
-        if type(optimizer) is not keras.optimizers.SGD or variable.dtype != tf.float32:
-            return self.original(gradient, variable, learning_rate)
-        lr = tf.cast(learning_rate, tf.float32)
-        if optimizer.momentum == 0:
-            return tf.raw_ops.ResourceApplyGradientDescent(
-                var=variable.handle, alpha=lr, delta=gradient
-            )
-        slot = optimizer.momentums[_keras_compat.variable_index(optimizer, variable)]
-        return tf.raw_ops.ResourceApplyKerasMomentum(
-            var=variable.handle,
-            accum=slot.value.handle,
-            lr=lr,
-            grad=gradient,
-            momentum=tf.cast(optimizer.momentum, tf.float32),
-            use_nesterov=bool(optimizer.nesterov),
-        )
-
-    def __call__(self, gradient, variable, learning_rate):
-        key = _keras_compat.variable_key(self.optimizer, variable)
-        kernel = self.by_key.get(key)
-        if kernel is None:
-            if self.followers and key in self.followers:
-                if self.config is None:
-                    self.config = self._config_fn()
-                if self.config.channels:
-                    return _follower_apply(self.original, *self.followers[key], gradient,
-                                           variable, learning_rate)
-            return self.original(gradient, variable, learning_rate)
-        self.calls += 1
-        if self.config is None:
-            self.config = self._config_fn()
-        config = self.config
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.convert_to_tensor(gradient)
-        mask = tf.convert_to_tensor(kernel.mask.value)
-        if not config.updates:
-            self._masked_apply(config, gradient, variable, learning_rate, mask)
-            return None
-        if config.grow == "momentum":
-            _accumulate_momentum(config.momentum, kernel, gradient)
-        if self.engine.trace_mode == "plain":
-            self._masked_apply(config, gradient, variable, learning_rate, mask)
-            return None
-        # The mask update comes first, and it needs every masked layer's gradient: the updates
-        # of the masked kernels wait for the last of them (one conditional per step and
-        # replica for all layers; per-layer conditionals cost a function call each at every
-        # step without XLA).
-        key = (id(tf.compat.v1.get_default_graph()), variable.device)
-        pending = self.pending.setdefault(key, [])
-        pending.append((kernel, variable, mask, gradient, learning_rate))
-        if len(pending) < self.expected:
-            return None
-        items = self.pending.pop(key)
-        step = tf.cast(self.optimizer.iterations, tf.int64) + 1
-        if self.engine.trace_mode == "update":
-            effective = _update_all_layers(config, self.engine, items, step)
-        elif config.static_shapes and not config.random_grown:
-            effective = _update_with_writes_outside(config, self.engine, items, step)
-        else:
-            effective = _update_with_writes_inside(config, self.engine, items, step)
-        for (_, variable_, _, gradient_, learning_rate_), mask_ in zip(items, effective):
-            self._masked_apply(config, gradient_, variable_, learning_rate_, mask_)
-        return None
-
-    def _masked_apply(self, config, gradient, variable, learning_rate, mask):
-        """The optimizer's update of a kernel that keeps it zero outside ``mask``."""
-        if config.optimizer_state == "masked":
-            self._apply(masks.zero_off_mask(mask, gradient), variable, learning_rate)
-        else:
-            self._apply(gradient, variable, learning_rate)
-            variable.assign(masks.zero_off_mask(mask, tf.convert_to_tensor(variable)))
-
-
-def _update_all_layers(config, engine, items, step):
-    """The mask update of every masked layer at ``step``; writes the variables itself.
-
-    Returns, per layer, the mask this step's optimizer update keeps the kernel inside: the kept
-    positions (dropped and grown positions stay at zero through it; see `_update_layer`).
-    """
-    fraction = engine.drop_fraction_at(step)
-    if config.channels:
-        regions = _channel_step(config, engine, step)
-        return tuple(
-            _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
-            if kernel.index not in regions else
-            _update_layer_in_region(config, engine, kernel, variable, mask, gradient, step,
-                                    fraction, regions[kernel.index])
-            for kernel, variable, mask, gradient, _ in items
-        )
-    return tuple(
-        _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
-        for kernel, variable, mask, gradient, _ in items
-    )
-
-
-def _along(alive, shape, axis, tile=1):
-    """A bool [C] channel vector broadcastable to ``shape`` along ``axis`` (tiled ``tile``
-    times: Flatten's index ``p * C + c``)."""
-    if tile > 1:
-        alive = tf.tile(alive, [tile])
-    rank = len(shape)
-    return tf.reshape(alive, [-1] + [1] * (rank - 1 - axis % rank))
-
-
-def _follower_apply(original, state, follower, gradient, variable, learning_rate):
-    """The optimizer's update of a variable that follows channels: dead channels' slices get a
-    zero gradient and are zero after the update."""
-    if isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.convert_to_tensor(gradient)
-    live = _along(tf.convert_to_tensor(state.alive.value) > 0.5, tuple(variable.shape),
-                  follower.axis, follower.tile)
-    original(tf.where(live, gradient, tf.zeros([], gradient.dtype)), variable, learning_rate)
-    value = tf.convert_to_tensor(variable)
-    variable.assign(tf.where(live, value, tf.zeros([], value.dtype)))
-
-
-def _channel_step(config, engine, step):
-    """Removes the channels due at ``step`` (none after the schedule's last channel step) and
-    zeroes what follows them; returns ``{kernel index: allowed region}`` of every masked kernel
-    that a group touches (surviving output channels x surviving input rows)."""
-    groups = engine.channel_groups
-    ints = tf.convert_to_tensor(engine.channel_schedule_int)
-    sparsity = tf.convert_to_tensor(engine.channel_schedule_float)[0]
-    total = sum(state.group.num_channels for state in groups)
-    alive = [tf.convert_to_tensor(state.alive.value) > 0.5 for state in groups]
-    scores = [channels_lib.channel_scores(tf.convert_to_tensor(state.producer.kernel),
-                                          state.depthwise) for state in groups]
-    removed = total - tf.add_n([masks.count_active(live) for live in alive])
-    due = tf.where(step <= ints[1],
-                   channels_lib.target_removed(step, ints[0], ints[1], sparsity, total) - removed,
-                   0)
-    alive = channels_lib.remove_channels(scores, alive, [state.protect for state in groups], due)
-    regions = {}
-    for state, live in zip(groups, alive):
-        state.alive.value.assign(tf.cast(live, tf.float32))
-        for follower in state.followers:
-            where = _along(live, tuple(follower.variable.shape), follower.axis, follower.tile)
-            for variable in [follower.variable] + (
-                    follower.slots if config.optimizer_state == "masked" else []):
-                value = tf.convert_to_tensor(variable.value)
-                variable.value.assign(tf.where(where, value, tf.zeros([], value.dtype)))
-        shape = tuple(state.producer.kernel.shape)
-        out = (tf.reshape(live, shape[-2:]) if state.depthwise else live)
-        out = tf.broadcast_to(out, shape)
-        index = state.producer.index
-        regions[index] = out if index not in regions else tf.logical_and(regions[index], out)
-        for kernel, tile in state.consumers:
-            shape = tuple(kernel.kernel.shape)
-            rows = tf.broadcast_to(_along(live, shape, -2, tile), shape)
-            index = kernel.index
-            regions[index] = (rows if index not in regions
-                              else tf.logical_and(regions[index], rows))
-    return regions
-
-
-def _update_with_writes_inside(config, engine, items, step):
-    """The mask update inside a ``tf.cond`` that writes the variables itself (without XLA).
-
-    Only the predicate runs at ordinary steps. Returns `_update_all_layers`'s masks at an
-    update step, the current masks otherwise.
-    """
-    return tf.cond(engine.is_update_step(step),
-                   lambda: _update_all_layers(config, engine, items, step),
-                   lambda: tuple(mask for _, _, mask, _, _ in items))
-
-
-def _update_with_writes_outside(config, engine, items, step):
-    """The mask update for XLA: the conditional computes masks only, the writes are outside.
-
-    XLA compiles a conditional that writes variables by passing every written buffer through
-    both branches, which costs a copy of each kernel and optimizer slot at *every* step. Here
-    the conditional returns two bool tensors per layer (the new mask and the kept positions; at
-    ordinary steps the current mask twice) and the statistics; the resets are elementwise
-    ``where``s before the optimizer's update, which XLA fuses with that update. Ordinary steps
-    pay for the bool masks only. Returns the per-layer masks of `_update_with_writes_inside`.
-    """
-    def compute():
-        fraction = engine.drop_fraction_at(step)
-        outputs = []
-        for kernel, variable, mask, gradient, _ in items:
-            weights = tf.convert_to_tensor(variable)
-            scores = _grow_scores(config, engine, kernel, gradient, step)
-            new_mask, keep = masks.update_mask(mask, weights, scores, fraction,
-                                               kernel.num_active)
-            outputs += [new_mask, keep, _stats(step, masks.changed_positions(mask, new_mask),
-                                               masks.count_active(new_mask), fraction,
-                                               _count_nonfinite(weights))]
-        return tuple(outputs)
-
-    def keep_all():
-        outputs = []
-        for kernel, _, mask, _, _ in items:
-            outputs += [mask, mask, tf.convert_to_tensor(kernel.stats)]
-        return tuple(outputs)
-
-    outputs = tf.cond(engine.is_update_step(step), compute, keep_all)
-    effective = []
-    for i, (kernel, variable, _, _, _) in enumerate(items):
-        new_mask, keep, stats = outputs[3 * i:3 * i + 3]
-        variable.assign(masks.zero_off_mask(keep, tf.convert_to_tensor(variable)))
-        if config.optimizer_state == "masked":
-            for slot in kernel.slots:
-                slot.value.assign(masks.zero_off_mask(keep, tf.convert_to_tensor(slot.value)))
-        kernel.mask.value.assign(new_mask)
-        kernel.stats.assign(stats)
-        effective.append(keep)
-    return effective
-
-
-def _split_train_step(model, engine):
-    """The train step under XLA: ordinary steps compiled by XLA, update steps not.
-
-    XLA treats a variable written anywhere in a compiled step as written at every step (a
-    conditional passes it through both branches), so an update inside the compiled step costs
-    a copy of every mask at every step. Here the choice is made outside XLA, by one ``tf.cond``
-    on the step in the (uncompiled) train function: it calls either the XLA-compiled step with
-    the masks fixed, or an uncompiled step that runs the mask update as it runs without XLA (on
-    compacted positions). Ordinary steps pay for the predicate and a function call; update
-    steps run without XLA. Same step, same results as the other paths (tested).
-    """
-    original = model.train_step
-
-    def traced_as(mode):
-        def step(data):
-            engine.trace_mode = mode
-            try:
-                return original(data)
-            finally:
-                engine.trace_mode = None
-        return step
-
-    plain = tf.function(traced_as("plain"), jit_compile=True, reduce_retracing=True)
-    update = tf.function(traced_as("update"), reduce_retracing=True)
-
-    def train_step(data):
-        step = tf.cast(engine.optimizer.iterations, tf.int64) + 1
-        return tf.cond(engine.is_update_step(step), lambda: update(data), lambda: plain(data))
-
-    train_step.plain, train_step.update = plain, update  # for inspection (tests)
-    return train_step
-
-
-def _make_split_train_function(model, engine):
-    """Makes ``model.train_function`` around `_split_train_step`; returns that step."""
-    split_step = _split_train_step(model, engine)
-    _keras_compat.make_train_function_around(model, split_step)
-    return split_step
-
-
-def _can_split(model):
-    """Whether `_split_train_step` applies: a traced train function on one replica.
-
-    Several replicas keep the update inside the compiled step (a synchronising optimizer
-    update inside a conditional of the replica function is not supported by every strategy).
-    """
-    return (not model.run_eagerly
-            and model.distribute_strategy.num_replicas_in_sync == 1)
-
-
-def _stats(step, flipped, num_active, fraction, num_nonfinite):
-    """A layer's update statistics: [step, flipped positions, nnz, drop fraction, non-finite].
-
-    ``num_nonfinite`` counts the weights the update read that were NaN or Inf (the loss can
-    stay finite while weights are not: ReLU maps NaN to 0); the callback checks it when it reads
-    the statistics.
-    """
-    return tf.stack([tf.cast(v, tf.float32)
-                     for v in (step, flipped, num_active, fraction, num_nonfinite)])
-
-
-def _count_nonfinite(weights):
-    return tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(weights)), tf.int32))
-
-
-def glorot_std(shape):
-    """sqrt(2 / (fan_in + fan_out)) of a kernel shape, as Keras counts fans (a convolution's
-    receptive field multiplies both): the scale of a Glorot-initialised kernel. A fixed
-    reference for random grown weights (a reference taken from the kept weights would grow at
-    every update, as magnitude pruning keeps the largest ones)."""
-    if len(shape) < 2:
-        fan_in = fan_out = max(int(shape[0]) if shape else 1, 1)
-    else:
-        receptive = 1
-        for dim in shape[:-2]:
-            receptive *= int(dim)
-        fan_in, fan_out = receptive * int(shape[-2]), receptive * int(shape[-1])
-    return (2.0 / (fan_in + fan_out)) ** 0.5
-
-
-def _accumulate_momentum(kind, kernel, gradient):
-    g = tf.cast(gradient, tf.float32)
-    m = kernel.grad_m.value
-    if kind[0] == "sgd":
-        m.assign(kind[1] * m + g)
-    else:
-        m.assign(kind[1] * m + (1.0 - kind[1]) * g)
-    if kind[0] == "adam":
-        v = kernel.grad_v.value
-        v.assign(kind[2] * v + (1.0 - kind[2]) * tf.square(g))
-
-
-def _grow_scores(config, engine, kernel, gradient, step, signed=False):
-    """Growth scores; with ``signed`` the caller ranks by magnitude and the abs is skipped."""
-    absolute = (lambda x: x) if signed else tf.abs
-    if config.grow == "gradient":
-        return absolute(tf.cast(gradient, tf.float32))
-    if config.grow == "random":
-        seed = masks.rng_seed(engine.seed(), step, kernel.index)
-        return masks.random_scores(tuple(kernel.kernel.shape), seed)
-    m = tf.convert_to_tensor(kernel.grad_m.value)
-    if config.momentum[0] == "adam":
-        v = tf.convert_to_tensor(kernel.grad_v.value)
-        return absolute(m) / (tf.sqrt(v) + config.momentum[3])
-    return absolute(m)
-
-
-def _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction):
-    """Prune and grow one layer; reset weights (and masked optimizer state) where it changed.
-
-    Runs before this step's optimizer update: prunes by the magnitude of the weights the step
-    starts from, grows by this step's gradient. Returns the mask the step's update is confined
-    to (the kept positions: grown weights start at zero after the step).
-    """
-    weights = tf.convert_to_tensor(variable)
-    scores = _grow_scores(config, engine, kernel, gradient, step,
-                          signed=not config.static_shapes)
-    if config.static_shapes:  # XLA: whole-kernel passes with static shapes
-        new_mask, keep = masks.update_mask(mask, weights, scores, fraction, kernel.num_active)
-        flipped = masks.changed_positions(mask, new_mask)
-        nonfinite = _count_nonfinite(weights)
-    else:  # the selections work on compacted positions (dynamic shapes)
-        update = masks.update_mask_compacted(mask, weights, scores, fraction, kernel.num_active)
-        new_mask, keep, grown = update.new_mask, update.keep, update.grown
-        regrown = tf.reduce_sum(tf.cast(tf.gather(tf.reshape(mask, [-1]), grown), tf.int32))
-        flipped = 2 * (tf.size(grown, out_type=tf.int32) - regrown)
-        nonfinite = update.num_nonfinite
-    return _write_layer_update(config, engine, kernel, variable, weights, new_mask, keep, step,
-                               _stats(step, flipped, kernel.num_active, fraction, nonfinite))
-
-
-def _update_layer_in_region(config, engine, kernel, variable, mask, gradient, step, fraction,
-                            allowed):
-    """`_update_layer` of channel-level DST: the layer's mask stays inside ``allowed`` (see
-    `masks.update_mask_in_region`); static shapes, dynamic counts."""
-    weights = tf.convert_to_tensor(variable)
-    scores = _grow_scores(config, engine, kernel, gradient, step, signed=True)
-    new_mask, keep, count = masks.update_mask_in_region(mask, weights, scores, fraction,
-                                                        kernel.num_active, allowed)
-    stats = _stats(step, masks.changed_positions(mask, new_mask), count, fraction,
-                   _count_nonfinite(weights))
-    return _write_layer_update(config, engine, kernel, variable, weights, new_mask, keep, step,
-                               stats)
-
-
-def _write_layer_update(config, engine, kernel, variable, weights, new_mask, keep, step, stats):
-    """Writes one layer's mask update: weights (and masked optimizer state) reset outside
-    ``keep``, grown weights drawn with ``grown_weight_scale``, the mask and the statistics.
-    Returns the mask the step's optimizer update is confined to."""
-    # Resets by a dense `where`, not a scatter into the variables: a scatter op switches a TF
-    # resource variable to copy-on-read for good, which then costs a copy of the kernel at
-    # every read (docs/benchmarks.md).
-    kept = masks.zero_off_mask(keep, weights)
-    if config.random_grown:  # SET-style: grown weights ~ N(0, (scale * Glorot std)^2)
-        std = engine.grown_scale() * glorot_std(tuple(kernel.kernel.shape))
-        seed = masks.rng_seed(engine.seed(), -step, kernel.index)  # -step: apart from growth
-        noise = tf.random.stateless_normal(tf.shape(weights), seed, dtype=tf.float32) * std
-        grown_positions = tf.logical_and(new_mask, tf.logical_not(keep))
-        kept = tf.where(grown_positions, tf.cast(noise, weights.dtype), kept)
-    variable.assign(kept)
-    if config.optimizer_state == "masked":
-        for slot in kernel.slots:
-            value = tf.convert_to_tensor(slot.value)
-            slot.value.assign(masks.zero_off_mask(keep, value))
-    kernel.mask.value.assign(new_mask)
-    kernel.stats.assign(stats)
-    if config.random_grown:  # the grown weights' random start stays through this step
-        return new_mask
-    return keep
 
 
 _SAME_WIDTH_UINT = {2: tf.uint16, 4: tf.uint32, 8: tf.uint64}
@@ -804,7 +151,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._last_seen_step = 0
         self._static_shapes = False
         self._split = False
-        self._split_step = None  # the step `_make_split_train_function` made last (tests)
+        self._split_step = None  # the split step made by the last fit under XLA (tests)
         self._configured = False
         self._optimizer = None
 
@@ -826,7 +173,7 @@ class SparseTraining(keras.callbacks.Callback):
         optimizer = _keras_compat.base_optimizer(model.optimizer)
         self._momentum = None
         if self.updates_masks and self.grow == "momentum":
-            self._momentum = _momentum_kind(optimizer)
+            self._momentum = optimizer_hook.momentum_kind(optimizer)
             if self._momentum is None:
                 raise ValueError(
                     f"grow='momentum' needs an optimizer with momentum (SGD with momentum > 0, "
@@ -834,7 +181,7 @@ class SparseTraining(keras.callbacks.Callback):
                     "grow='gradient' or 'random', or give the optimizer momentum."
                 )
         self._optimizer = optimizer
-        self._engine = _Engine.of(model, optimizer)
+        self._engine = optimizer_hook.Engine.of(model, optimizer)
         self._engine.find_slots(self.optimizer_state)
         if self._momentum:
             self._engine.add_momentum_buffers(self._momentum)
@@ -847,13 +194,13 @@ class SparseTraining(keras.callbacks.Callback):
         momentum = ()
         if self.updates_masks and self.grow == "momentum":
             momentum = self._momentum
-        return _GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
+        return optimizer_hook.GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
                             bool(self._static_shapes), momentum,
                             self.updates_masks and self.grown_weight_scale > 0,
                             bool(self._split), self._channel_config())
 
     def _channel_config(self):
-        """`_GraphConfig.channels`: () unless channel-level DST runs (`DynamicSparsity`)."""
+        """``GraphConfig.channels``: () unless channel-level DST runs (`DynamicSparsity`)."""
         return ()
 
     def on_train_begin(self, logs=None):
@@ -867,17 +214,17 @@ class SparseTraining(keras.callbacks.Callback):
                 or self._engine is not optimizer.__dict__.get("_ftk_engine")):
             self._prepare(model)
         else:
-            self._engine = _Engine.of(model, optimizer)  # refreshes the active counts
+            self._engine = optimizer_hook.Engine.of(model, optimizer)  # refreshes the active counts
         self._configured = False
         self._sanitize()
-        # Under XLA the update steps run uncompiled where they can (`_split_train_step`) and
+        # Under XLA the update steps run uncompiled where they can (`split_train_step`) and
         # work on compacted positions, as without XLA; where they cannot, the update is
         # compiled with the other steps and needs static shapes.
         jit_compile = bool(getattr(model, "jit_compile", False))
-        self._split = jit_compile and self.updates_masks and _can_split(model)
+        self._split = jit_compile and self.updates_masks and optimizer_hook.can_split(model)
         self._static_shapes = jit_compile and not self._split
         trainable = {_keras_compat.variable_key(optimizer, v) for v in model.trainable_variables}
-        self._hook = _OptimizerHook(self._engine, self._graph_config, trainable)
+        self._hook = optimizer_hook.OptimizerHook(self._engine, self._graph_config, trainable)
         self._hook.install()
         self._use_train_function(model)
         self._last_seen_step = int(optimizer.iterations.numpy())
@@ -889,13 +236,14 @@ class SparseTraining(keras.callbacks.Callback):
         key = self._stash_key(self._graph_config(), model)
         for stashed_key, function in model.__dict__.get("_ftk_train_functions", ()):
             if len(stashed_key) == len(key) and all(
-                    a is b or (isinstance(a, (_GraphConfig, bool, int, tuple)) and a == b)
+                    a is b or (isinstance(a, (optimizer_hook.GraphConfig, bool, int, tuple))
+                               and a == b)
                     for a, b in zip(stashed_key, key)):
                 model.train_function = function
                 return
         # fit() made its train function before calling us; make one that sees the hook.
         if self._split:
-            self._split_step = _make_split_train_function(model, self._engine)
+            self._split_step = optimizer_hook.make_split_train_function(model, self._engine)
         else:
             model.make_train_function(force=True)
 
@@ -924,7 +272,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._log_configuration()
 
     def _schedule_values(self, epoch):
-        """``(ints, floats)`` for the schedule variables (layout: _I_* and _F_* above)."""
+        """``(ints, floats)`` for the schedule variables (`_optimizer_hook`'s _I_*, _F_*)."""
         del epoch
         return [1, 0, -1, 0, 1, 0, 0], [0.0, 0.0, 0.0, 0.0, 0.0]
 
@@ -1252,7 +600,7 @@ class DynamicSparsity(SparseTraining):
 
     def on_train_begin(self, logs=None):
         if (self.channel_sparsity > 0 and getattr(self.model, "jit_compile", False)
-                and not _can_split(self.model)):
+                and not optimizer_hook.can_split(self.model)):
             raise ValueError(
                 f"channel_sparsity={self.channel_sparsity} is not supported with "
                 "jit_compile=True on several replicas (or with run_eagerly): the channel step "
@@ -1295,9 +643,6 @@ class DynamicSparsity(SparseTraining):
             self._engine.write_channel_schedule(self.start_step, self._last_channel_step(end),
                                                 self.channel_sparsity)
         return ints, floats
-
-    def _end_step_or_none(self):
-        return self._resolved_end_step
 
     def _log_configuration(self):
         logging.info(

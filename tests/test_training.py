@@ -11,6 +11,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
 import ft_keras as ftk
+from ft_keras import _graph_updates
 from ft_keras import schedules
 from tests.conftest import masked_state
 
@@ -221,8 +222,9 @@ def _assert_xla_trains_as_without(x, y, grow, split):
 @pytest.mark.parametrize("grow", ["gradient", "random", "momentum"])
 def test_xla_split_step_trains_as_without_xla(fashion_mnist_small, grow):
     """Under XLA on one replica the update steps run uncompiled and the ordinary steps
-    compiled (`_split_train_step`): the same updates at the same steps as without XLA, the
-    same masks, the same weights up to XLA's rounding, whatever steps_per_execution."""
+    compiled (`ft_keras._optimizer_hook.split_train_step`): the same updates at the same steps
+    as without XLA, the same masks, the same weights up to XLA's rounding, whatever
+    steps_per_execution."""
     (x, y), _ = fashion_mnist_small
     _assert_xla_trains_as_without(x, y, grow, split=True)
 
@@ -574,9 +576,9 @@ def test_fused_sgd_path_matches_keras_sgd(fashion_mnist_small, monkeypatch, mome
         return masked_state(model), [v.numpy() for v in model.optimizer.variables]
 
     fused_state, fused_slots = run()
-    from ft_keras import training as callbacks_lib  # pylint: disable=import-outside-toplevel
+    from ft_keras import _optimizer_hook  # pylint: disable=import-outside-toplevel
 
-    monkeypatch.setattr(callbacks_lib._OptimizerHook, "_apply",  # pylint: disable=W0212
+    monkeypatch.setattr(_optimizer_hook.OptimizerHook, "_apply",
                         lambda self, g, v, lr: self.original(g, v, lr))
     keras_state, keras_slots = run()
     for name in fused_state:
@@ -930,10 +932,10 @@ def test_grown_weight_scale_starts_grown_weights_at_random_values(fashion_mnist_
     assert changed.mean() < 0.01
     assert np.abs(before_kernel[kept][changed]).max() <= np.median(np.abs(before_kernel[kept]))
     fan_in, fan_out = layer.masked_kernel.shape
-    assert ftk.training.glorot_std((fan_in, fan_out)) == pytest.approx(
+    assert _graph_updates.glorot_std((fan_in, fan_out)) == pytest.approx(
         np.sqrt(2.0 / (fan_in + fan_out)))
     assert np.std(kernel[grown]) == pytest.approx(
         0.5 * np.sqrt(2.0 / (fan_in + fan_out)), rel=0.15)
-    assert ftk.training.glorot_std((3, 3, 4, 8)) == pytest.approx(np.sqrt(2.0 / (36 + 72)))
+    assert _graph_updates.glorot_std((3, 3, 4, 8)) == pytest.approx(np.sqrt(2.0 / (36 + 72)))
     with pytest.raises(ValueError, match="grown_weight_scale=-1"):
         ftk.DynamicSparsity(grown_weight_scale=-1.0)

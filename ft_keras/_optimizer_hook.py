@@ -1,0 +1,420 @@
+"""The optimizer hook of sparse training and the in-graph state it reads and writes.
+
+`Engine` holds the state of sparse training for one (model, optimizer) pair; `OptimizerHook`
+replaces the optimizer's ``update_step`` while a sparsity callback (`ft_keras.training`) trains
+the model, and emits the conditional mask update (`ft_keras._graph_updates`) once per step;
+`split_train_step` is the train step under XLA on one replica. How the pieces fit together is
+described in `ft_keras.training`'s module docstring and docs/method.md, section 3.
+"""
+
+import dataclasses
+import numbers
+
+import keras
+import tensorflow as tf
+
+from ft_keras import _graph_updates as graph_updates
+from ft_keras import _keras_compat
+from ft_keras import channels as channels_lib
+from ft_keras import masks
+from ft_keras import schedules
+from ft_keras import sparsify as sparsify_lib
+
+# Layout of the schedule variables the compiled step reads.
+_I_EVERY, _I_START, _I_END, _I_JUMP_FIRST, _I_JUMP_PERIOD, _I_JUMP_COUNT, _I_SEED = range(7)
+_F_INITIAL, _F_FINAL, _F_COSINE, _F_JUMP, _F_GROWN_SCALE = range(5)
+_NUM_INT, _NUM_FLOAT = 7, 5
+
+
+@dataclasses.dataclass
+class _MaskedKernel:
+    """What the optimizer hook needs to know about one masked layer."""
+
+    layer: keras.layers.Layer
+    index: int  # position among the model's masked layers: keys the RNG
+    num_active: int
+    size: int
+    slots: list  # optimizer per-weight state variables (keras Variables) of this kernel
+    stats: object  # tf.Variable [last update step, flipped, nnz, drop fraction, non-finite]
+    grad_m: object = None  # dense-gradient first moment (grow="momentum")
+    grad_v: object = None  # dense-gradient second moment (Adam-like optimizers)
+
+    @property
+    def mask(self):
+        return self.layer.kernel_mask
+
+    @property
+    def kernel(self):
+        return self.layer.masked_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphConfig:
+    """Everything the traced train step depends on besides variables (the reuse key)."""
+
+    updates: bool  # False: fixed masks (no conditional update in the graph)
+    grow: str
+    optimizer_state: str
+    static_shapes: bool  # XLA: whole-kernel passes with static shapes
+    momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
+    random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
+    split: bool = False  # XLA: ordinary steps compiled, update steps not (`split_train_step`)
+    channels: tuple = ()  # channel-level DST: the protected count of each group; () = off
+
+
+@dataclasses.dataclass
+class _Follower:
+    """A variable whose slices along ``axis`` follow a channel group's channels (tiled)."""
+
+    variable: object  # keras Variable: a bias, a BN beta / moving mean, a plain consumer kernel
+    axis: int
+    tile: int
+    slots: list  # optimizer per-weight state (trainable followers, "masked" mode)
+
+
+@dataclasses.dataclass
+class _ChannelGroupState:
+    """One channel group (`ft_keras.channels.ChannelGroup`) during channel-level DST."""
+
+    group: object
+    alive: object  # keras Variable, float32 [C]: 1.0 = the channel survives
+    producer: object  # the producer's `_MaskedKernel`
+    depthwise: bool
+    protect: int  # the channels of this layer that are never removed
+    consumers: list  # [(`_MaskedKernel`, tile)]: masked consumers (their mask follows)
+    followers: list  # `_Follower`s: zeroed at removal; trainable ones gradient-masked
+
+
+def momentum_kind(optimizer):
+    """("sgd", beta) or ("adam", beta_1, beta_2, epsilon) for SNFS growth, or None."""
+    momentum = getattr(optimizer, "momentum", None)
+    if isinstance(momentum, numbers.Real) and momentum > 0:
+        return ("sgd", float(momentum))
+    beta_1 = getattr(optimizer, "beta_1", None)
+    if isinstance(beta_1, numbers.Real) and beta_1 > 0:
+        beta_2 = getattr(optimizer, "beta_2", None)
+        epsilon = getattr(optimizer, "epsilon", None) or 1e-7
+        if isinstance(beta_2, numbers.Real) and beta_2 > 0:
+            return ("adam", float(beta_1), float(beta_2), float(epsilon))
+        return ("sgd_ema", float(beta_1))
+    return None
+
+
+class Engine:
+    """The in-graph state of sparse training for one (model, optimizer) pair.
+
+    Kept on the optimizer object, so that every sparsity callback that trains the model with this
+    optimizer reads and writes the same variables: the schedule (int64 and float64 vectors), the
+    per-layer statistics of the latest update, and the dense-gradient buffers of SNFS growth.
+    """
+
+    def __init__(self, model, optimizer, layers):
+        self.optimizer = optimizer
+        self.layer_ids = tuple(id(layer) for layer in layers)
+        strategy = model.distribute_strategy
+        with strategy.scope():
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            self.schedule_int = tf.Variable(tf.zeros([_NUM_INT], tf.int64), trainable=False,
+                                            name="ftk_schedule_int")
+            self.schedule_float = tf.Variable(tf.zeros([_NUM_FLOAT], tf.float64),
+                                              trainable=False, name="ftk_schedule_float")
+            self.kernels = [
+                _MaskedKernel(
+                    layer=layer,
+                    index=index,
+                    num_active=layer.num_active,
+                    size=layer.kernel_size_total,
+                    slots=[],
+                    stats=tf.Variable(tf.zeros([5], tf.float32), trainable=False,
+                                      name=f"ftk_stats_{index}"),
+                )
+                for index, layer in enumerate(layers)
+            ]
+        self._strategy = strategy
+        self._slots_found = False
+        # Set while `split_train_step` traces one of its two step functions: "plain" (masks
+        # fixed at this step) or "update" (the mask update runs, unconditionally).
+        self.trace_mode = None
+
+    @classmethod
+    def of(cls, model, optimizer):
+        """The engine of ``model`` trained by ``optimizer`` (created at first use)."""
+        layers = sparsify_lib.masked_layers_of(model)
+        engine = optimizer.__dict__.get("_ftk_engine")
+        if engine is None or engine.layer_ids != tuple(id(layer) for layer in layers):
+            engine = cls(model, optimizer, layers)
+            optimizer.__dict__["_ftk_engine"] = engine
+        for kernel in engine.kernels:  # masks may have been replaced (set_mask) since
+            kernel.num_active = kernel.layer.num_active
+        return engine
+
+    def find_slots(self, optimizer_state):
+        """Looks up the optimizer's per-weight state of each kernel ("masked" mode needs it)."""
+        if self._slots_found or optimizer_state != "masked":
+            return
+        for kernel in self.kernels:
+            kernel.slots = _keras_compat.optimizer_slots(self.optimizer, kernel.kernel)
+        self._slots_found = True
+
+    def add_momentum_buffers(self, kind):
+        """Dense-gradient moving averages for SNFS, kept with the optimizer's variables."""
+        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
+        with self._strategy.scope():
+            for kernel in self.kernels:
+                names = ["ftk_grad_m"] + (["ftk_grad_v"] if kind[0] == "adam" else [])
+                buffers = []
+                for name in names:
+                    key = (kernel.kernel.path, name)
+                    if key not in cache:
+                        cache[key] = self.optimizer.add_variable_from_reference(
+                            kernel.kernel, name=name)
+                    buffers.append(cache[key])
+                kernel.grad_m = buffers[0]
+                kernel.grad_v = buffers[1] if len(buffers) > 1 else None
+
+    def write_schedule(self, ints, floats):
+        self.schedule_int.assign(tf.constant(ints, tf.int64))
+        self.schedule_float.assign(tf.constant(floats, tf.float64))
+
+    def add_channel_state(self, groups, min_keep):
+        """The state of channel-level DST: a survival vector per group, kept with the
+        optimizer's variables (so BackupAndRestore saves and restores it), and the schedule."""
+        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
+        by_layer = {id(kernel.layer): kernel for kernel in self.kernels}
+        states = []
+        with self._strategy.scope():
+            if getattr(self, "channel_schedule_int", None) is None:
+                self.channel_schedule_int = tf.Variable(
+                    tf.zeros([2], tf.int64), trainable=False, name="ftk_channel_schedule_int")
+                self.channel_schedule_float = tf.Variable(
+                    tf.zeros([1], tf.float64), trainable=False, name="ftk_channel_schedule_float")
+            for group in groups:
+                producer = by_layer[id(group.producer)]
+                key = (producer.kernel.path, "ftk_channels")
+                if key not in cache:
+                    cache[key] = self.optimizer.add_variable(
+                        (group.num_channels,), initializer="ones", dtype="float32",
+                        name="ftk_channels")
+                consumers, followers = [], []
+                for weight in group.producer.weights:
+                    if weight.name == "bias":
+                        followers.append(self._follower(weight, -1, 1))
+                for norm in group.norms:
+                    for weight in norm.weights:
+                        if weight.name in ("beta", "moving_mean"):
+                            followers.append(self._follower(weight, -1, 1))
+                for consumer in group.consumers:
+                    if id(consumer.layer) in by_layer:
+                        consumers.append((by_layer[id(consumer.layer)], consumer.tile))
+                    else:
+                        followers.append(self._follower(
+                            channels_lib.kernel_of(consumer.layer), -2, consumer.tile))
+                states.append(_ChannelGroupState(
+                    group=group, alive=cache[key], producer=producer,
+                    depthwise=isinstance(group.producer, keras.layers.DepthwiseConv2D),
+                    protect=channels_lib.protected_count(min_keep, group.num_channels),
+                    consumers=consumers, followers=followers))
+        self.channel_groups = states
+
+    def _follower(self, variable, axis, tile):
+        slots = []
+        if variable.trainable:
+            slots = _keras_compat.optimizer_slots(self.optimizer, variable)
+        return _Follower(variable, axis, tile, slots)
+
+    def write_channel_schedule(self, start_step, last_step, sparsity):
+        self.channel_schedule_int.assign(tf.constant([start_step, last_step], tf.int64))
+        self.channel_schedule_float.assign(tf.constant([sparsity], tf.float64))
+
+    # ---------------------------------------------------------------------- in the graph
+    def is_update_step(self, step):
+        """Whether a mask update happens at ``step`` (int64 scalar tensor counted from 1)."""
+        ints = tf.convert_to_tensor(self.schedule_int)
+        regular = schedules.is_update_step(step, ints[_I_EVERY], ints[_I_END], ints[_I_START])
+        return tf.logical_or(regular, self._is_jump(step, ints))
+
+    @staticmethod
+    def _is_jump(step, ints):
+        since = step - ints[_I_JUMP_FIRST]
+        period = tf.maximum(ints[_I_JUMP_PERIOD], 1)
+        return tf.logical_and(
+            tf.logical_and(since >= 0, tf.equal(since % period, 0)),
+            since // period < ints[_I_JUMP_COUNT],
+        )
+
+    def drop_fraction_at(self, step):
+        """The drop fraction at ``step``, a float64 scalar tensor (float64: exact ceil(p n))."""
+        ints = tf.convert_to_tensor(self.schedule_int)
+        floats = tf.convert_to_tensor(self.schedule_float)
+        cosine = schedules.drop_fraction(step, floats[_F_INITIAL], "cosine", ints[_I_END],
+                                         floats[_F_FINAL])
+        use_cosine = tf.logical_and(floats[_F_COSINE] > 0.5, ints[_I_END] > 0)
+        regular = tf.where(use_cosine, cosine, floats[_F_INITIAL])
+        return tf.where(self._is_jump(step, ints), floats[_F_JUMP], regular)
+
+    def seed(self):
+        return tf.convert_to_tensor(self.schedule_int)[_I_SEED]
+
+    def grown_scale(self):
+        return tf.cast(tf.convert_to_tensor(self.schedule_float)[_F_GROWN_SCALE], tf.float32)
+
+
+class OptimizerHook:
+    """Replaces ``update_step`` of one optimizer instance while training runs."""
+
+    def __init__(self, engine, config_fn, trainable_keys):
+        self.engine = engine
+        self._config_fn = config_fn
+        self.config = None  # fixed at the first trace
+        optimizer = engine.optimizer
+        self.optimizer = optimizer
+        self.original = _keras_compat.original_update_step(optimizer)
+        self.by_key = {_keras_compat.variable_key(optimizer, k.kernel): k for k in engine.kernels}
+        self.calls = 0  # Python calls = masked kernels x times the train step was traced
+        # Masked kernels the optimizer updates (trainable ones); the last of them in a step
+        # emits the step's conditional update of all of them.
+        self.expected = len(trainable_keys & set(self.by_key))
+        # Channel-level DST: variables that follow channels (their gradient is masked).
+        self.followers = {
+            _keras_compat.variable_key(optimizer, follower.variable): (state, follower)
+            for state in getattr(engine, "channel_groups", ()) for follower in state.followers
+            if follower.variable.trainable}
+        self.pending = {}  # (graph, device) -> [(kernel, variable, mask, gradient)] of this step
+
+    def install(self):
+        _keras_compat.install_update_step(self.optimizer, self)
+
+    def uninstall(self):
+        _keras_compat.remove_update_step(self.optimizer, self)
+
+    def _apply(self, gradient, variable, learning_rate):
+        """The optimizer's update of a masked kernel.
+
+        For stock SGD on float32 kernels this is TensorFlow's fused training kernel
+        (``ResourceApplyGradientDescent`` / ``ResourceApplyKerasMomentum``: the same formula as
+        Keras's SGD, in one pass over the kernel instead of about five), which pays for the extra
+        pass that masks the gradient. Every other optimizer runs its own ``update_step``.
+        """
+        optimizer = self.optimizer
+        if type(optimizer) is not keras.optimizers.SGD or variable.dtype != tf.float32:
+            return self.original(gradient, variable, learning_rate)
+        lr = tf.cast(learning_rate, tf.float32)
+        if optimizer.momentum == 0:
+            return tf.raw_ops.ResourceApplyGradientDescent(
+                var=variable.handle, alpha=lr, delta=gradient
+            )
+        slot = optimizer.momentums[_keras_compat.variable_index(optimizer, variable)]
+        return tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle,
+            accum=slot.value.handle,
+            lr=lr,
+            grad=gradient,
+            momentum=tf.cast(optimizer.momentum, tf.float32),
+            use_nesterov=bool(optimizer.nesterov),
+        )
+
+    def __call__(self, gradient, variable, learning_rate):
+        key = _keras_compat.variable_key(self.optimizer, variable)
+        kernel = self.by_key.get(key)
+        if kernel is None:
+            if self.followers and key in self.followers:
+                if self.config is None:
+                    self.config = self._config_fn()
+                if self.config.channels:
+                    return graph_updates.follower_apply(
+                        self.original, *self.followers[key], gradient, variable, learning_rate)
+            return self.original(gradient, variable, learning_rate)
+        self.calls += 1
+        if self.config is None:
+            self.config = self._config_fn()
+        config = self.config
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.convert_to_tensor(gradient)
+        mask = tf.convert_to_tensor(kernel.mask.value)
+        if not config.updates:
+            self._masked_apply(config, gradient, variable, learning_rate, mask)
+            return None
+        if config.grow == "momentum":
+            graph_updates.accumulate_momentum(config.momentum, kernel, gradient)
+        if self.engine.trace_mode == "plain":
+            self._masked_apply(config, gradient, variable, learning_rate, mask)
+            return None
+        # The mask update comes first, and it needs every masked layer's gradient: the updates
+        # of the masked kernels wait for the last of them (one conditional per step and
+        # replica for all layers; per-layer conditionals cost a function call each at every
+        # step without XLA).
+        key = (id(tf.compat.v1.get_default_graph()), variable.device)
+        pending = self.pending.setdefault(key, [])
+        pending.append((kernel, variable, mask, gradient, learning_rate))
+        if len(pending) < self.expected:
+            return None
+        items = self.pending.pop(key)
+        step = tf.cast(self.optimizer.iterations, tf.int64) + 1
+        if self.engine.trace_mode == "update":
+            effective = graph_updates.update_all_layers(config, self.engine, items, step)
+        elif config.static_shapes and not config.random_grown:
+            effective = graph_updates.update_with_writes_outside(config, self.engine, items, step)
+        else:
+            effective = graph_updates.update_with_writes_inside(config, self.engine, items, step)
+        for (_, variable_, _, gradient_, learning_rate_), mask_ in zip(items, effective):
+            self._masked_apply(config, gradient_, variable_, learning_rate_, mask_)
+        return None
+
+    def _masked_apply(self, config, gradient, variable, learning_rate, mask):
+        """The optimizer's update of a kernel that keeps it zero outside ``mask``."""
+        if config.optimizer_state == "masked":
+            self._apply(masks.zero_off_mask(mask, gradient), variable, learning_rate)
+        else:
+            self._apply(gradient, variable, learning_rate)
+            variable.assign(masks.zero_off_mask(mask, tf.convert_to_tensor(variable)))
+
+
+def split_train_step(model, engine):
+    """The train step under XLA: ordinary steps compiled by XLA, update steps not.
+
+    XLA treats a variable written anywhere in a compiled step as written at every step (a
+    conditional passes it through both branches), so an update inside the compiled step costs
+    a copy of every mask at every step. Here the choice is made outside XLA, by one ``tf.cond``
+    on the step in the (uncompiled) train function: it calls either the XLA-compiled step with
+    the masks fixed, or an uncompiled step that runs the mask update as it runs without XLA (on
+    compacted positions). Ordinary steps pay for the predicate and a function call; update
+    steps run without XLA. Same step, same results as the other paths (tested).
+    """
+    original = model.train_step
+
+    def traced_as(mode):
+        def step(data):
+            engine.trace_mode = mode
+            try:
+                return original(data)
+            finally:
+                engine.trace_mode = None
+        return step
+
+    plain = tf.function(traced_as("plain"), jit_compile=True, reduce_retracing=True)
+    update = tf.function(traced_as("update"), reduce_retracing=True)
+
+    def train_step(data):
+        step = tf.cast(engine.optimizer.iterations, tf.int64) + 1
+        return tf.cond(engine.is_update_step(step), lambda: update(data), lambda: plain(data))
+
+    train_step.plain, train_step.update = plain, update  # for inspection (tests)
+    return train_step
+
+
+def make_split_train_function(model, engine):
+    """Makes ``model.train_function`` around `split_train_step`; returns that step."""
+    split_step = split_train_step(model, engine)
+    _keras_compat.make_train_function_around(model, split_step)
+    return split_step
+
+
+def can_split(model):
+    """Whether `split_train_step` applies: a traced train function on one replica.
+
+    Several replicas keep the update inside the compiled step (a synchronising optimizer
+    update inside a conditional of the replica function is not supported by every strategy).
+    """
+    return (not model.run_eagerly
+            and model.distribute_strategy.num_replicas_in_sync == 1)
