@@ -139,8 +139,13 @@ def test_prune_smallest_grow_largest_dense_gradient(fashion_mnist_small, optimiz
     assert np.abs(w0[keep]).min() >= np.abs(w0[dropped]).max()  # pruned = smallest |w|
     grown = mask1 & ~keep
     not_grown = ~mask1
-    # grown = largest |dense gradient| among positions outside keep (dropped ones allowed)
-    assert np.abs(grad[grown]).min() >= np.abs(grad[not_grown]).max() * (1 - 1e-5)
+    # grown = largest score among positions outside keep (dropped ones allowed): |dense
+    # gradient|, or for Adam-like SNFS |m| / (sqrt(v) + eps) after one step, which is nearly
+    # constant in |g| (its float32 values tie where |g| differ by less than ~1e-3)
+    score = np.abs(grad)
+    if grow == "momentum" and not isinstance(optimizer_fn(), keras.optimizers.SGD):
+        score = (0.1 * score) / (np.sqrt(0.001 * np.square(score)) + 1e-7)
+    assert score[grown].min() >= score[not_grown].max() * (1 - 1e-5)
     assert (grown & mask0).sum() < k  # not simply a re-growth of the same positions
     assert (grad[~mask0] != 0).any(), "the gradient off-mask must be the dense gradient"
 
