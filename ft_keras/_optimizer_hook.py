@@ -100,16 +100,38 @@ def momentum_kind(optimizer):
     return None
 
 
-class Engine:
-    """The in-graph state of sparse training for one (model, optimizer) pair.
+#: The one attribute of the optimizer that holds its `Engine`.
+ENGINE_ATTRIBUTE = "_ftk_engine"
 
-    Kept on the optimizer object, so that every sparsity callback that trains the model with this
-    optimizer reads and writes the same variables: the schedule (int64 and float64 vectors), the
-    per-layer statistics of the latest update, and the dense-gradient buffers of SNFS growth.
+
+class Engine:
+    """All the state of sparse training for one (model, optimizer) pair, in one object.
+
+    Lifetime: `Engine.of` creates it at a sparsity callback's first use of the pair and keeps it
+    in one attribute of the optimizer (`ENGINE_ATTRIBUTE`), so that every sparsity callback that
+    trains the model with this optimizer shares it; it lives as long as the optimizer, and is
+    replaced (keeping ``buffers``) when the optimizer trains another set of masked layers. It
+    owns:
+
+    * the variables the train step reads and writes: the schedule, the per-layer statistics of
+      the latest update (``kernels``) and, with channel-level DST, the channel schedule;
+    * ``buffers``: the variables it added to the optimizer (SNFS's dense-gradient moments, the
+      channel survival vectors), by (kernel path, name), so BackupAndRestore saves them;
+    * ``hook``: the `OptimizerHook` installed while a fit runs (None between fits), and
+      ``pending``: the gradients of the step being traced, collected by the hook until the last
+      masked kernel's arrives (keyed by graph and device; emptied when the hook is removed);
+    * ``train_functions``: the train functions traced with the hook, each with what it depends on
+      (`SparseTraining` reuses one in a later fit instead of tracing again).
     """
 
-    def __init__(self, model, optimizer, layers):
+    def __init__(self, model, optimizer, layers, buffers=None):
         self.optimizer = optimizer
+        self.buffers = {} if buffers is None else buffers
+        self.hook = None
+        self.pending = {}
+        self.train_functions = []
+        self.channel_groups = ()
+        self.channel_schedule_int = self.channel_schedule_float = None
         self.layer_ids = tuple(id(layer) for layer in layers)
         strategy = model.distribute_strategy
         with strategy.scope():
@@ -137,14 +159,20 @@ class Engine:
         # fixed at this step) or "update" (the mask update runs, unconditionally).
         self.trace_mode = None
 
+    @staticmethod
+    def attached_to(optimizer):
+        """The engine kept on ``optimizer``, or None."""
+        return optimizer.__dict__.get(ENGINE_ATTRIBUTE)
+
     @classmethod
     def of(cls, model, optimizer):
         """The engine of ``model`` trained by ``optimizer`` (created at first use)."""
         layers = sparsify_lib.masked_layers_of(model)
-        engine = optimizer.__dict__.get("_ftk_engine")
+        engine = cls.attached_to(optimizer)
         if engine is None or engine.layer_ids != tuple(id(layer) for layer in layers):
-            engine = cls(model, optimizer, layers)
-            optimizer.__dict__["_ftk_engine"] = engine
+            engine = cls(model, optimizer, layers,
+                         buffers=engine.buffers if engine is not None else None)
+            optimizer.__dict__[ENGINE_ATTRIBUTE] = engine
         for kernel in engine.kernels:  # masks may have been replaced (set_mask) since
             kernel.num_active = kernel.layer.num_active
         return engine
@@ -159,7 +187,7 @@ class Engine:
 
     def add_momentum_buffers(self, kind):
         """Dense-gradient moving averages for SNFS, kept with the optimizer's variables."""
-        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
+        cache = self.buffers
         with self._strategy.scope():
             for kernel in self.kernels:
                 names = ["ftk_grad_m"] + (["ftk_grad_v"] if kind[0] == "adam" else [])
@@ -180,11 +208,11 @@ class Engine:
     def add_channel_state(self, groups, min_keep):
         """The state of channel-level DST: a survival vector per group, kept with the
         optimizer's variables (so BackupAndRestore saves and restores it), and the schedule."""
-        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
+        cache = self.buffers
         by_layer = {id(kernel.layer): kernel for kernel in self.kernels}
         states = []
         with self._strategy.scope():
-            if getattr(self, "channel_schedule_int", None) is None:
+            if self.channel_schedule_int is None:
                 self.channel_schedule_int = tf.Variable(
                     tf.zeros([2], tf.int64), trainable=False, name="ftk_channel_schedule_int")
                 self.channel_schedule_float = tf.Variable(
@@ -222,6 +250,39 @@ class Engine:
         if variable.trainable:
             slots = _keras_compat.optimizer_slots(self.optimizer, variable)
         return _Follower(variable, axis, tile, slots)
+
+    def install_hook(self, config_fn, trainable_keys):
+        """Installs a new `OptimizerHook` on the optimizer (see there for the arguments)."""
+        self.remove_hook()
+        self.hook = OptimizerHook(self, config_fn, trainable_keys)
+        _keras_compat.install_update_step(self.optimizer, self.hook)
+        return self.hook
+
+    def remove_hook(self, hook=None):
+        """Gives the optimizer its own ``update_step`` back and forgets the pending gradients
+        (with ``hook``: only if that is the installed hook)."""
+        if hook is not None and hook is not self.hook:
+            return
+        if self.hook is not None:
+            _keras_compat.remove_update_step(self.optimizer, self.hook)
+        self.hook = None
+        self.pending.clear()
+
+    def find_train_function(self, key):
+        """The train function stashed under ``key`` (`stash_train_function`), or None."""
+        for stashed_key, function in self.train_functions:
+            if len(stashed_key) == len(key) and all(
+                    a is b or (isinstance(a, (GraphConfig, bool, int, tuple)) and a == b)
+                    for a, b in zip(stashed_key, key)):
+                return function
+        return None
+
+    def stash_train_function(self, key, function):
+        """Keeps ``function`` for a later fit whose train step depends on the same ``key``: the
+        graph configuration, the layers' active counts and the compile call."""
+        self.train_functions[:] = [entry for entry in self.train_functions
+                                   if entry[1] is not function]
+        self.train_functions.append((key, function))
 
     def write_channel_schedule(self, start_step, last_step, sparsity):
         self.channel_schedule_int.assign(tf.constant([start_step, last_step], tf.int64))
@@ -261,7 +322,12 @@ class Engine:
 
 
 class OptimizerHook:
-    """Replaces ``update_step`` of one optimizer instance while training runs."""
+    """Replaces ``update_step`` of one optimizer instance while training runs.
+
+    Made and installed by `Engine.install_hook`. ``config_fn()`` gives the `GraphConfig` (read
+    at the first trace); ``trainable_keys`` are the optimizer keys of the model's trainable
+    variables.
+    """
 
     def __init__(self, engine, config_fn, trainable_keys):
         self.engine = engine
@@ -278,15 +344,8 @@ class OptimizerHook:
         # Channel-level DST: variables that follow channels (their gradient is masked).
         self.followers = {
             _keras_compat.variable_key(optimizer, follower.variable): (state, follower)
-            for state in getattr(engine, "channel_groups", ()) for follower in state.followers
+            for state in engine.channel_groups for follower in state.followers
             if follower.variable.trainable}
-        self.pending = {}  # (graph, device) -> [(kernel, variable, mask, gradient)] of this step
-
-    def install(self):
-        _keras_compat.install_update_step(self.optimizer, self)
-
-    def uninstall(self):
-        _keras_compat.remove_update_step(self.optimizer, self)
 
     def _apply(self, gradient, variable, learning_rate):
         """The optimizer's update of a masked kernel.
@@ -345,11 +404,11 @@ class OptimizerHook:
         # replica for all layers; per-layer conditionals cost a function call each at every
         # step without XLA).
         key = (id(tf.compat.v1.get_default_graph()), variable.device)
-        pending = self.pending.setdefault(key, [])
+        pending = self.engine.pending.setdefault(key, [])
         pending.append((kernel, variable, mask, gradient, learning_rate))
         if len(pending) < self.expected:
             return None
-        items = self.pending.pop(key)
+        items = self.engine.pending.pop(key)
         step = tf.cast(self.optimizer.iterations, tf.int64) + 1
         if self.engine.trace_mode == "update":
             effective = graph_updates.update_all_layers(config, self.engine, items, step)

@@ -211,7 +211,7 @@ class SparseTraining(keras.callbacks.Callback):
         distribute.check_steps_per_execution(model)
         optimizer = _keras_compat.base_optimizer(model.optimizer)
         if (self._optimizer is not optimizer or self._engine is None
-                or self._engine is not optimizer.__dict__.get("_ftk_engine")):
+                or self._engine is not optimizer_hook.Engine.attached_to(optimizer)):
             self._prepare(model)
         else:
             self._engine = optimizer_hook.Engine.of(model, optimizer)  # refreshes the active counts
@@ -224,8 +224,7 @@ class SparseTraining(keras.callbacks.Callback):
         self._split = jit_compile and self.updates_masks and optimizer_hook.can_split(model)
         self._static_shapes = jit_compile and not self._split
         trainable = {_keras_compat.variable_key(optimizer, v) for v in model.trainable_variables}
-        self._hook = optimizer_hook.OptimizerHook(self._engine, self._graph_config, trainable)
-        self._hook.install()
+        self._hook = self._engine.install_hook(self._graph_config, trainable)
         self._use_train_function(model)
         self._last_seen_step = int(optimizer.iterations.numpy())
         if self.log_dir and self._writer is None and _is_chief(model):
@@ -233,14 +232,10 @@ class SparseTraining(keras.callbacks.Callback):
 
     def _use_train_function(self, model):
         """Reuses a train function traced by an earlier fit for the same configuration."""
-        key = self._stash_key(self._graph_config(), model)
-        for stashed_key, function in model.__dict__.get("_ftk_train_functions", ()):
-            if len(stashed_key) == len(key) and all(
-                    a is b or (isinstance(a, (optimizer_hook.GraphConfig, bool, int, tuple))
-                               and a == b)
-                    for a, b in zip(stashed_key, key)):
-                model.train_function = function
-                return
+        function = self._engine.find_train_function(self._stash_key(self._graph_config(), model))
+        if function is not None:
+            model.train_function = function
+            return
         # fit() made its train function before calling us; make one that sees the hook.
         if self._split:
             self._split_step = optimizer_hook.make_split_train_function(model, self._engine)
@@ -248,18 +243,10 @@ class SparseTraining(keras.callbacks.Callback):
             model.make_train_function(force=True)
 
     def _stash_key(self, config, model):
-        """What a traced train function depends on: the graph configuration, the engine (its
-        variables), the layers' active counts (static in the graph) and the compile call."""
+        """What a traced train function depends on besides the engine's variables: the graph
+        configuration, the layers' active counts (static in the graph) and the compile call."""
         counts = tuple(kernel.num_active for kernel in self._engine.kernels)
-        return (config, self._engine, counts) + _keras_compat.compile_token(model)
-
-    def _stash_train_function(self, model):
-        if self._hook.config is None or model.train_function is None:
-            return  # never traced (e.g. no step ran)
-        key = self._stash_key(self._hook.config, model)
-        stash = model.__dict__.setdefault("_ftk_train_functions", [])
-        stash[:] = [entry for entry in stash if entry[1] is not model.train_function]
-        stash.append((key, model.train_function))
+        return (config, counts) + _keras_compat.compile_token(model)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._configured or self._engine is None:
@@ -283,10 +270,13 @@ class SparseTraining(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._collect()
         if self._hook is not None:
-            self._hook.uninstall()
-            self._stash_train_function(self.model)
+            model = self.model
+            if self._hook.config is not None and model.train_function is not None:  # traced
+                self._engine.stash_train_function(self._stash_key(self._hook.config, model),
+                                                  model.train_function)
+            self._engine.remove_hook(self._hook)
             self._hook = None
-            self.model.train_function = None
+            model.train_function = None
         if self._writer is not None:
             self._writer.flush()
 

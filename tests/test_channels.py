@@ -235,8 +235,7 @@ def test_no_channel_code_without_channel_sparsity(channel_sparsity):
     callback = ftk.DynamicSparsity(update_every=2, channel_sparsity=channel_sparsity)
     x, y = _data(32)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
-    config, function = model.__dict__["_ftk_train_functions"][-1][0][0], \
-        model.__dict__["_ftk_train_functions"][-1][1]
+    (config, *_), function = callback._engine.train_functions[-1]  # pylint: disable=W0212
     has_channels = channel_sparsity > 0
     assert bool(config.channels) is has_channels
     assert any("ftk_channels" in v.path for v in model.optimizer.variables) is has_channels
