@@ -17,13 +17,8 @@ from ft_keras import _graph_updates as graph_updates
 from ft_keras import _keras_compat
 from ft_keras import channels as channels_lib
 from ft_keras import masks
-from ft_keras import schedules
 from ft_keras import sparsify as sparsify_lib
 
-# Layout of the schedule variables the compiled step reads.
-_I_EVERY, _I_START, _I_END, _I_JUMP_FIRST, _I_JUMP_PERIOD, _I_JUMP_COUNT, _I_SEED = range(7)
-_F_INITIAL, _F_FINAL, _F_COSINE, _F_JUMP, _F_GROWN_SCALE = range(5)
-_NUM_INT, _NUM_FLOAT = 7, 5
 
 
 @dataclasses.dataclass
@@ -60,6 +55,7 @@ class GraphConfig:
     random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
     split: bool = False  # XLA: ordinary steps compiled, update steps not (`split_train_step`)
     channels: tuple = ()  # channel-level DST: the protected count of each group; () = off
+    schedule: tuple = ()  # the drop schedule's `graph_signature` (() with fixed masks)
 
 
 @dataclasses.dataclass
@@ -113,8 +109,11 @@ class Engine:
     replaced (keeping ``buffers``) when the optimizer trains another set of masked layers. It
     owns:
 
-    * the variables the train step reads and writes: the schedule, the per-layer statistics of
-      the latest update (``kernels``) and, with channel-level DST, the channel schedule;
+    * the variables the train step reads and writes: the numbers of the drop schedule
+      (`ft_keras.schedules.DropSchedule.numbers`, one variable each, shared by the schedules of
+      one `graph_signature`), EDST's global explorations, the random seed and the grown-weight
+      scale, the per-layer statistics of the latest update (``kernels``) and, with
+      channel-level DST, the channel schedule;
     * ``buffers``: the variables it added to the optimizer (SNFS's dense-gradient moments, the
       channel survival vectors), by (kernel path, name), so BackupAndRestore saves them;
     * ``hook``: the `OptimizerHook` installed while a fit runs (None between fits), and
@@ -132,15 +131,21 @@ class Engine:
         self.train_functions = []
         self.channel_groups = ()
         self.channel_schedule_int = self.channel_schedule_float = None
+        self.drop_schedule = None  # the `DropSchedule` the train step evaluates
+        self._schedule_variables = {}  # graph signature -> {number name: variable}
         self.layer_ids = tuple(id(layer) for layer in layers)
         strategy = model.distribute_strategy
         with strategy.scope():
             if not optimizer.built:
                 optimizer.build(model.trainable_variables)
-            self.schedule_int = tf.Variable(tf.zeros([_NUM_INT], tf.int64), trainable=False,
-                                            name="ftk_schedule_int")
-            self.schedule_float = tf.Variable(tf.zeros([_NUM_FLOAT], tf.float64),
-                                              trainable=False, name="ftk_schedule_float")
+            # EDST's global explorations: [first step, period, count] and their drop fraction.
+            self._explorations = tf.Variable(tf.zeros([3], tf.int64), trainable=False,
+                                             name="ftk_explorations")
+            self._exploration_fraction = tf.Variable(tf.zeros([], tf.float64), trainable=False,
+                                                     name="ftk_exploration_fraction")
+            self._seed = tf.Variable(tf.zeros([], tf.int64), trainable=False, name="ftk_seed")
+            self._grown_scale = tf.Variable(tf.zeros([], tf.float64), trainable=False,
+                                            name="ftk_grown_weight_scale")
             self.kernels = [
                 _MaskedKernel(
                     layer=layer,
@@ -201,9 +206,30 @@ class Engine:
                 kernel.grad_m = buffers[0]
                 kernel.grad_v = buffers[1] if len(buffers) > 1 else None
 
-    def write_schedule(self, ints, floats):
-        self.schedule_int.assign(tf.constant(ints, tf.int64))
-        self.schedule_float.assign(tf.constant(floats, tf.float64))
+    def write_schedule(self, schedule=None, end_step=None, explorations=(1, 1, 0, 0.0), seed=0,
+                       grown_scale=0.0):
+        """Sets what the next traced or reused train step reads: ``schedule`` (a
+        `ft_keras.schedules.DropSchedule`, or None for fixed masks) with ``end_step`` in place
+        of its own (None: no end), ``explorations`` ``(first_step, period, count, fraction)``,
+        the seed of random growth and the grown-weight scale."""
+        if schedule is not None:
+            key = schedule.graph_signature()
+            numbers = dict(schedule.numbers(), end_step=-1 if end_step is None else end_step)
+            variables = self._schedule_variables.get(key)
+            if variables is None:
+                with self._strategy.scope():
+                    variables = {
+                        name: tf.Variable(tf.zeros([], dtype), trainable=False,
+                                          name=f"ftk_schedule_{name}")
+                        for name, dtype in key[1:]}
+                self._schedule_variables[key] = variables
+            for name, value in numbers.items():
+                variables[name].assign(tf.constant(value, variables[name].dtype))
+            self.drop_schedule = schedule
+        self._explorations.assign(tf.constant(explorations[:3], tf.int64))
+        self._exploration_fraction.assign(tf.constant(explorations[3], tf.float64))
+        self._seed.assign(tf.constant(seed, tf.int64))
+        self._grown_scale.assign(tf.constant(grown_scale, tf.float64))
 
     def add_channel_state(self, groups, min_keep):
         """The state of channel-level DST: a survival vector per group, kept with the
@@ -289,36 +315,36 @@ class Engine:
         self.channel_schedule_float.assign(tf.constant([sparsity], tf.float64))
 
     # ---------------------------------------------------------------------- in the graph
+    def _schedule_values(self):
+        variables = self._schedule_variables[self.drop_schedule.graph_signature()]
+        return {name: tf.convert_to_tensor(variable) for name, variable in variables.items()}
+
     def is_update_step(self, step):
         """Whether a mask update happens at ``step`` (int64 scalar tensor counted from 1)."""
-        ints = tf.convert_to_tensor(self.schedule_int)
-        regular = schedules.is_update_step(step, ints[_I_EVERY], ints[_I_END], ints[_I_START])
-        return tf.logical_or(regular, self._is_jump(step, ints))
+        regular = self.drop_schedule.is_update_step_in_graph(step, self._schedule_values())
+        return tf.logical_or(regular, self._is_exploration(step))
 
-    @staticmethod
-    def _is_jump(step, ints):
-        since = step - ints[_I_JUMP_FIRST]
-        period = tf.maximum(ints[_I_JUMP_PERIOD], 1)
+    def _is_exploration(self, step):
+        first, period, count = tf.unstack(tf.convert_to_tensor(self._explorations))
+        since = step - first
+        period = tf.maximum(period, 1)
         return tf.logical_and(
             tf.logical_and(since >= 0, tf.equal(since % period, 0)),
-            since // period < ints[_I_JUMP_COUNT],
+            since // period < count,
         )
 
     def drop_fraction_at(self, step):
         """The drop fraction at ``step``, a float64 scalar tensor (float64: exact ceil(p n))."""
-        ints = tf.convert_to_tensor(self.schedule_int)
-        floats = tf.convert_to_tensor(self.schedule_float)
-        cosine = schedules.drop_fraction(step, floats[_F_INITIAL], "cosine", ints[_I_END],
-                                         floats[_F_FINAL])
-        use_cosine = tf.logical_and(floats[_F_COSINE] > 0.5, ints[_I_END] > 0)
-        regular = tf.where(use_cosine, cosine, floats[_F_INITIAL])
-        return tf.where(self._is_jump(step, ints), floats[_F_JUMP], regular)
+        regular = tf.cast(
+            self.drop_schedule.drop_fraction_in_graph(step, self._schedule_values()), tf.float64)
+        return tf.where(self._is_exploration(step),
+                        tf.convert_to_tensor(self._exploration_fraction), regular)
 
     def seed(self):
-        return tf.convert_to_tensor(self.schedule_int)[_I_SEED]
+        return tf.convert_to_tensor(self._seed)
 
     def grown_scale(self):
-        return tf.cast(tf.convert_to_tensor(self.schedule_float)[_F_GROWN_SCALE], tf.float32)
+        return tf.cast(tf.convert_to_tensor(self._grown_scale), tf.float32)
 
 
 class OptimizerHook:

@@ -7,7 +7,9 @@ Two layers, both pure (no Keras objects):
   with Python or tensor parameters;
 * serialisable schedule objects (`ConstantDrop`, `CosineDrop`, like tfmot's
   ``PruningSchedule``): ``schedule(step) -> (is_update_step, drop_fraction)``, ``get_config`` /
-  ``from_config``, and `EDSTPlan`, the phase plan of an EDST run.
+  ``from_config``, and `EDSTPlan`, the phase plan of an EDST run. `ft_keras.DynamicSparsity`
+  evaluates its `DropSchedule` inside the compiled train step; a subclass of `DropSchedule`
+  is a user schedule (see there for the contract).
 
 The step is the optimizer step *being taken*, counted from 1: the update that runs while
 ``optimizer.iterations`` goes from ``t - 1`` to ``t`` belongs to step ``t``. So after the
@@ -141,11 +143,35 @@ class _Configurable:
 class DropSchedule(_Configurable, abc.ABC):
     """When the masks change and by how much: ``schedule(step) -> (is_update, drop_fraction)``.
 
-    The base of `ConstantDrop` and `CosineDrop`. A mask update happens at every multiple of
-    ``update_every`` in ``(start_step, end_step)``; ``end_step=None`` means "no end" (or, for
-    `ft_keras.DynamicSparsity`, "the end of the current fit", filled in with `with_end_step`).
-    Objects are immutable, compare equal by configuration, and serialise with
+    The base of `ConstantDrop`, `CosineDrop` and user schedules. A mask update happens at every
+    multiple of ``update_every`` in ``(start_step, end_step)``; ``end_step=None`` means "no end"
+    (or, for `ft_keras.DynamicSparsity`, "the end of the current fit", filled in with
+    `with_end_step`). Objects are immutable, compare equal by configuration, and serialise with
     ``get_config()`` / ``from_config(config)`` (or `ft_keras.schedules.get`).
+
+    In the train step. `ft_keras.DynamicSparsity(schedule=...)` evaluates the schedule inside
+    the compiled train step, from variables: each entry of `numbers` (an int or a float) is kept
+    in a scalar variable (int64 or float64), and `drop_fraction_in_graph` and
+    `is_update_step_in_graph` get the step and a dict of those variables' values. A later fit
+    with a schedule of the same class and the same `numbers` names writes its numbers into the
+    same variables and reuses the traced train step, so the ``*_in_graph`` methods must take
+    every number from ``values``, never from ``self`` (a number read from ``self`` is frozen
+    into the traced step at its first fit).
+
+    A user schedule subclasses `DropSchedule` and implements `drop_fraction_in_graph` in
+    TensorFlow ops; a schedule with numbers of its own adds them to ``__init__``,
+    `get_config` and `numbers`; one whose drop fraction needs the end step sets
+    ``needs_end_step = True``. Python evaluation (``schedule(step)``, `drop_fraction_at`) runs
+    the same TensorFlow ops eagerly unless the subclass overrides `drop_fraction_at`.
+
+    >>> class HalvingDrop(DropSchedule):
+    ...     # p_t = p_0 / 2 ** (number of updates before t)
+    ...     def drop_fraction_in_graph(self, step, values):
+    ...         done = (step - values["start_step"] - 1) // values["update_every"]
+    ...         return values["drop_fraction"] * tf.pow(tf.constant(0.5, tf.float64),
+    ...                                                 tf.cast(done, tf.float64))
+    >>> HalvingDrop(update_every=100, drop_fraction=0.4)(300)
+    (True, 0.1)
 
     Args:
         update_every: optimizer steps between mask updates (dT), an int >= 1.
@@ -159,7 +185,11 @@ class DropSchedule(_Configurable, abc.ABC):
             change).
     """
 
+    #: The name of the decay (`DECAYS`), None for a user schedule.
     decay = None
+    #: Whether the drop fraction depends on ``end_step`` (`ft_keras.DynamicSparsity` then needs
+    #: an end step: explicit, or the end of a fit of known length).
+    needs_end_step = False
 
     def __init__(self, update_every=100, drop_fraction=0.3, end_step=None, start_step=0):
         self.update_every = _checks.check_positive_int("update_every", update_every)
@@ -184,9 +214,48 @@ class DropSchedule(_Configurable, abc.ABC):
         """Whether a mask update happens at ``step`` (Python int or scalar tensor)."""
         return is_update_step(step, self.update_every, self.end_step, self.start_step)
 
-    @abc.abstractmethod
     def drop_fraction_at(self, step):
-        """p_t at ``step`` (float, or float64 tensor for a tensor ``step``)."""
+        """p_t at ``step`` (float, or float64 tensor for a tensor ``step``).
+
+        By default `drop_fraction_in_graph` with this schedule's own `numbers`."""
+        values = {name: tf.constant(value, _dtype_of(self, name, value))
+                  for name, value in self.numbers().items()}
+        fraction = self.drop_fraction_in_graph(tf.cast(step, tf.int64), values)
+        return fraction if tf.is_tensor(step) else float(fraction)
+
+    def numbers(self):
+        """The numbers the train step reads from variables: ``{name: int or float}``.
+
+        The base's: ``update_every``, ``start_step``, ``end_step`` (-1 for None; an end step is
+        filled in before training) and ``drop_fraction``. A subclass with numbers of its own
+        returns ``dict(super().numbers(), name=value, ...)``.
+        """
+        return {
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+            "end_step": -1 if self.end_step is None else self.end_step,
+            "drop_fraction": float(self.drop_fraction),
+        }
+
+    def is_update_step_in_graph(self, step, values):
+        """Whether ``step`` (an int64 scalar tensor) has a mask update, a bool scalar tensor,
+        from ``values`` (`numbers`' names -> int64 / float64 scalar tensors). The base: every
+        multiple of ``update_every`` in ``(start_step, end_step)``."""
+        return is_update_step(step, values["update_every"], values["end_step"],
+                              values["start_step"])
+
+    @abc.abstractmethod
+    def drop_fraction_in_graph(self, step, values):
+        """The drop fraction at ``step`` (an int64 scalar tensor), a float64 scalar tensor in
+        (0, 1], computed with TensorFlow ops from ``values`` (`numbers`' names -> int64 /
+        float64 scalar tensors) only."""
+
+    def graph_signature(self):
+        """What the traced train step depends on: the class and the names and dtypes of
+        `numbers` (schedules with the same signature share variables and traced steps)."""
+        return (type(self),) + tuple(
+            (name, _dtype_of(self, name, value).name)
+            for name, value in sorted(self.numbers().items()))
 
     def __call__(self, step):
         return self.is_update_step(step), self.drop_fraction_at(step)
@@ -222,6 +291,9 @@ class ConstantDrop(DropSchedule):
     def drop_fraction_at(self, step):
         return drop_fraction(step, self.drop_fraction, "constant")
 
+    def drop_fraction_in_graph(self, step, values):
+        return drop_fraction(step, values["drop_fraction"], "constant")
+
 
 class CosineDrop(DropSchedule):
     """Cosine decay of the drop fraction from ``drop_fraction`` to ``final_drop_fraction``.
@@ -235,6 +307,7 @@ class CosineDrop(DropSchedule):
     """
 
     decay = "cosine"
+    needs_end_step = True
 
     def __init__(self, update_every=100, drop_fraction=0.3, end_step=None, start_step=0,
                  final_drop_fraction=0.0):
@@ -256,11 +329,27 @@ class CosineDrop(DropSchedule):
         return drop_fraction(step, self.drop_fraction, "cosine", self.end_step,
                              self.final_drop_fraction)
 
+    def numbers(self):
+        return dict(super().numbers(), final_drop_fraction=float(self.final_drop_fraction))
+
+    def drop_fraction_in_graph(self, step, values):
+        return drop_fraction(step, values["drop_fraction"], "cosine", values["end_step"],
+                             values["final_drop_fraction"])
+
     def get_config(self):
         return dict(super().get_config(), final_drop_fraction=self.final_drop_fraction)
 
 
 _SCHEDULES = {"ConstantDrop": ConstantDrop, "CosineDrop": CosineDrop}
+
+
+def _dtype_of(schedule, name, value):
+    """int64 for an int number of a schedule, float64 for a float; TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{type(schedule).__name__}.numbers()[{name!r}]={value!r} "
+            f"({type(value).__name__}): a schedule's numbers must be Python ints or floats.")
+    return tf.int64 if isinstance(value, int) else tf.float64
 
 
 def make_drop_schedule(decay, update_every=100, drop_fraction=0.3, end_step=None, start_step=0,

@@ -120,8 +120,8 @@ class SparseTraining(keras.callbacks.Callback):
     training (zeros off-mask in kernels and, with ``optimizer_state="masked"``, in optimizer
     state), reuses the traced train function across fits, stops on non-finite values, and logs
     per-layer statistics of the mask updates (absl logging, TensorBoard with ``log_dir``).
-    Subclasses say whether masks change (`updates_masks`) and fill in the schedule
-    (`_schedule_values`); use `StaticSparsity` or `DynamicSparsity`.
+    Subclasses say whether masks change (`updates_masks`) and write the schedule
+    (`_write_schedule`); use `StaticSparsity` or `DynamicSparsity`.
 
     Args:
         optimizer_state: "masked" (optimizer state zero off-mask, reset at dropped and grown
@@ -194,10 +194,14 @@ class SparseTraining(keras.callbacks.Callback):
         momentum = ()
         if self.updates_masks and self.grow == "momentum":
             momentum = self._momentum
-        return optimizer_hook.GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
-                            bool(self._static_shapes), momentum,
-                            self.updates_masks and self.grown_weight_scale > 0,
-                            bool(self._split), self._channel_config())
+        return optimizer_hook.GraphConfig(
+            self.updates_masks, self.grow, self.optimizer_state, bool(self._static_shapes),
+            momentum, self.updates_masks and self.grown_weight_scale > 0, bool(self._split),
+            self._channel_config(), self._schedule_signature())
+
+    def _schedule_signature(self):
+        """``GraphConfig.schedule``: () with fixed masks."""
+        return ()
 
     def _channel_config(self):
         """``GraphConfig.channels``: () unless channel-level DST runs (`DynamicSparsity`)."""
@@ -254,14 +258,13 @@ class SparseTraining(keras.callbacks.Callback):
         # First epoch of this fit: every callback's on_train_begin has run (BackupAndRestore
         # restored `iterations` and the initial epoch), no step has run yet.
         self._configured = True
-        ints, floats = self._schedule_values(epoch)
-        self._engine.write_schedule(ints, floats)
+        self._write_schedule(epoch)
         self._log_configuration()
 
-    def _schedule_values(self, epoch):
-        """``(ints, floats)`` for the schedule variables (`_optimizer_hook`'s _I_*, _F_*)."""
+    def _write_schedule(self, epoch):
+        """Writes this fit's schedule into the engine (`Engine.write_schedule`)."""
         del epoch
-        return [1, 0, -1, 0, 1, 0, 0], [0.0, 0.0, 0.0, 0.0, 0.0]
+        self._engine.write_schedule()
 
     def _log_configuration(self):
         logging.info("%s: %d masked layers, masks fixed (optimizer_state=%s)",
@@ -378,6 +381,11 @@ class SparseTraining(keras.callbacks.Callback):
                     tf.summary.scalar(f"sparsity/{name}/mask_churn", values["mask_churn"])
 
 
+#: `DynamicSparsity`'s schedule arguments and their defaults (``schedule=`` replaces them).
+_SCHEDULE_DEFAULTS = {"update_every": 100, "drop_fraction": 0.3, "decay": "cosine",
+                      "end_step": None, "start_step": 0, "final_drop_fraction": 0.0}
+
+
 class StaticSparsity(SparseTraining):
     """Trains a sparsified model with its masks fixed (no prune-and-grow).
 
@@ -405,7 +413,8 @@ class DynamicSparsity(SparseTraining):
 
     Args:
         update_every: optimizer steps between mask updates (dT). RigL uses 100; FreeTickets 1000 at
-            batch 128 on CIFAR.
+            batch 128 on CIFAR. ``update_every``, ``drop_fraction``, ``decay``, ``end_step``,
+            ``start_step`` and ``final_drop_fraction`` make the drop schedule (`schedule`).
         drop_fraction: initial drop fraction p_0 in (0, 1] (RigL 0.3, FreeTickets 0.5).
         decay: "cosine" (p_t anneals from p_0 to ``final_drop_fraction`` at ``end_step``) or
             "constant".
@@ -443,15 +452,30 @@ class DynamicSparsity(SparseTraining):
             update at or before it removes the last channels. None: the schedule's end step.
         channel_min_keep: in [0, 1]; ``ceil(channel_min_keep * C)`` (at least 1) channels of
             every prunable layer are never removed.
+        schedule: None, or a `ft_keras.schedules.DropSchedule` (`ConstantDrop`, `CosineDrop` or
+            a user subclass: see `DropSchedule` for the contract) used instead of the six
+            schedule arguments above, which must then keep their defaults. Its ``end_step``
+            None means the end of each fit, as for ``end_step``.
 
     Attributes:
-        schedule: the `ft_keras.schedules.DropSchedule` (``end_step`` None until a fit fills it).
+        schedule: the `ft_keras.schedules.DropSchedule`, evaluated inside the train step
+            (``end_step`` None: the end of each fit, which the schedule itself does not store).
+        update_every, drop_fraction, decay, end_step, start_step, final_drop_fraction: the
+            schedule's (read-only; ``decay`` None and ``final_drop_fraction`` 0.0 for a
+            schedule that has none).
         updates: what the callback observed of each mask update (step, drop fraction,
             per-layer churn and density; with ``channel_sparsity`` the surviving channels of
             each prunable layer under ``"channels"``).
     """
 
     updates_masks = True
+    update_every = property(lambda self: self.schedule.update_every)
+    drop_fraction = property(lambda self: self.schedule.drop_fraction)
+    decay = property(lambda self: self.schedule.decay)
+    end_step = property(lambda self: self.schedule.end_step)
+    start_step = property(lambda self: self.schedule.start_step)
+    final_drop_fraction = property(
+        lambda self: float(getattr(self.schedule, "final_drop_fraction", 0.0)))
 
     def __init__(
         self,
@@ -471,6 +495,7 @@ class DynamicSparsity(SparseTraining):
         channel_sparsity=0.0,
         channel_end_step=None,
         channel_min_keep=0.05,
+        schedule=None,
     ):
         super().__init__(optimizer_state=optimizer_state, log_dir=log_dir, verbose=verbose)
         self.grown_weight_scale = _checks.check_real("grown_weight_scale", grown_weight_scale,
@@ -483,15 +508,25 @@ class DynamicSparsity(SparseTraining):
                                                    low=0.0, high=1.0)
         self._channel_end_override = None
         self._channel_groups = ()  # the prunable `ft_keras.channels.ChannelGroup`s
-        self.schedule = schedules.make_drop_schedule(
-            decay, update_every=update_every, drop_fraction=drop_fraction, end_step=end_step,
-            start_step=start_step, final_drop_fraction=final_drop_fraction)
-        self.update_every = self.schedule.update_every
-        self.drop_fraction = self.schedule.drop_fraction
-        self.decay = self.schedule.decay
-        self.end_step = self.schedule.end_step
-        self.start_step = self.schedule.start_step
-        self.final_drop_fraction = float(getattr(self.schedule, "final_drop_fraction", 0.0))
+        if schedule is None:
+            schedule = schedules.make_drop_schedule(
+                decay, update_every=update_every, drop_fraction=drop_fraction, end_step=end_step,
+                start_step=start_step, final_drop_fraction=final_drop_fraction)
+        else:
+            if not isinstance(schedule, schedules.DropSchedule):
+                raise TypeError(
+                    "schedule must be None or an ft_keras.schedules.DropSchedule (ConstantDrop, "
+                    f"CosineDrop or a subclass); got {schedule!r} ({type(schedule).__name__}).")
+            given = dict(update_every=update_every, drop_fraction=drop_fraction, decay=decay,
+                         end_step=end_step, start_step=start_step,
+                         final_drop_fraction=final_drop_fraction)
+            for name, default in _SCHEDULE_DEFAULTS.items():
+                if given[name] != default:
+                    raise ValueError(
+                        f"{name}={given[name]!r} together with schedule={schedule!r}: the "
+                        f"schedule sets it. Pass it to the schedule, or leave {name} at its "
+                        f"default ({default!r}).")
+        self.schedule = schedule
         self.prune = _checks.check_choice("prune", prune, masks.PRUNE_MODES)
         self.grow = _checks.check_choice("grow", grow, masks.GROW_MODES)
         self.seed = _checks.check_seed("seed", seed)
@@ -613,26 +648,27 @@ class DynamicSparsity(SparseTraining):
         if epochs and steps:
             start = int(self._optimizer.iterations.numpy())
             return start + (int(epochs) - int(epoch)) * int(steps)
-        if self.decay == "cosine":
+        if self.schedule.needs_end_step:
             raise ValueError(
-                "end_step=None: the cosine decay needs the number of training steps, but fit() "
-                "does not know it (a dataset of unknown length without steps_per_epoch). Pass "
-                "end_step=..., steps_per_epoch=... to fit(), or decay='constant'."
+                f"end_step=None: the {self.decay or type(self.schedule).__name__} schedule "
+                "needs the number of training steps, but fit() does not know it (a dataset of "
+                "unknown length without steps_per_epoch). Pass end_step=..., "
+                "steps_per_epoch=... to fit(), or decay='constant'."
             )
         return None
 
-    def _schedule_values(self, epoch):
+    def _schedule_signature(self):
+        return self.schedule.graph_signature()
+
+    def _write_schedule(self, epoch):
         end = self._resolve_end_step(epoch)
         self._resolved_end_step = end
-        jumps = self._global_explorations or (1, 1, 0, 0.0)
-        ints = [self.update_every, self.start_step, -1 if end is None else end,
-                jumps[0], jumps[1], jumps[2], self.seed]
-        floats = [self.drop_fraction, self.final_drop_fraction,
-                  1.0 if self.decay == "cosine" else 0.0, jumps[3], self.grown_weight_scale]
+        self._engine.write_schedule(self.schedule, end_step=end,
+                                    explorations=self._global_explorations or (1, 1, 0, 0.0),
+                                    seed=self.seed, grown_scale=self.grown_weight_scale)
         if self.channel_sparsity > 0:
             self._engine.write_channel_schedule(self.start_step, self._last_channel_step(end),
                                                 self.channel_sparsity)
-        return ints, floats
 
     def _log_configuration(self):
         logging.info(
@@ -642,7 +678,7 @@ class DynamicSparsity(SparseTraining):
             len(self._kernels),
             self.update_every,
             self.drop_fraction,
-            self.decay,
+            self.decay or type(self.schedule).__name__,
             self.grow,
             self._resolved_end_step,
             self.optimizer_state,

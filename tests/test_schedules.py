@@ -320,3 +320,96 @@ def test_edst_plan_jump_learning_rate():
         0.1, 0.01, 0.01, 0.001, 0.001, 0.05, 0.05, 0.001, 0.001, 0.05, 0.05, 0.001, 0.001]
     with pytest.raises(ValueError, match="jump_lr_epochs=5"):
         schedules.EDSTPlan(1, 4, jump_lr=0.05, jump_lr_epochs=5)
+
+
+# ---------------------------------------------------------------- in-graph evaluation, user schedules
+class _Halving(schedules.DropSchedule):
+    """p_t = p_0 / 2 ** (updates before t): the example of DropSchedule's docstring."""
+
+    def drop_fraction_in_graph(self, step, values):
+        done = (step - values["start_step"] - 1) // values["update_every"]
+        return values["drop_fraction"] * tf.pow(tf.constant(0.5, tf.float64),
+                                                tf.cast(done, tf.float64))
+
+
+class _Stepped(schedules.DropSchedule):
+    """A user schedule with a number of its own: p_0 until ``switch_step``, then ``late``."""
+
+    def __init__(self, update_every=100, drop_fraction=0.3, end_step=None, start_step=0,
+                 late=0.1, switch_step=500):
+        super().__init__(update_every, drop_fraction, end_step, start_step)
+        self.late, self.switch_step = late, switch_step
+
+    def numbers(self):
+        return dict(super().numbers(), late=float(self.late), switch_step=int(self.switch_step))
+
+    def drop_fraction_in_graph(self, step, values):
+        return tf.where(step < values["switch_step"], values["drop_fraction"], values["late"])
+
+    def get_config(self):
+        return dict(super().get_config(), late=self.late, switch_step=self.switch_step)
+
+
+def _values(schedule):
+    return {name: tf.constant(value, tf.int64 if isinstance(value, int) else tf.float64)
+            for name, value in schedule.numbers().items()}
+
+
+def test_user_schedule_is_evaluated_from_its_tensor_method():
+    halving = _Halving(update_every=100, drop_fraction=0.4, start_step=100)
+    # steps 200, 300, 400, 450: 0, 1, 2, 3 updates before them -> 0.4, 0.2, 0.1, 0.05
+    assert [halving(t) for t in (200, 300, 400, 450)] == [
+        (True, 0.4), (True, 0.2), (True, 0.1), (False, 0.05)]
+    assert halving(100) == (False, pytest.approx(0.8))  # at start_step: no update
+    fraction = halving.drop_fraction_at(tf.constant(300, tf.int64))
+    assert fraction.dtype == tf.float64 and float(fraction) == 0.2
+    assert halving.decay is None and not halving.needs_end_step
+    assert _Halving.from_config(halving.get_config()) == halving
+    stepped = _Stepped(update_every=10, drop_fraction=0.5, late=0.25, switch_step=40)
+    assert [stepped(t)[1] for t in (10, 30, 40, 90)] == [0.5, 0.5, 0.25, 0.25]
+    assert stepped.with_end_step(50).end_step == 50 and stepped.with_end_step(50).late == 0.25
+
+
+def test_numbers_and_graph_signature():
+    cosine = schedules.CosineDrop(update_every=10, drop_fraction=0.3, final_drop_fraction=0.01)
+    assert cosine.numbers() == {"update_every": 10, "start_step": 0, "end_step": -1,
+                                "drop_fraction": 0.3, "final_drop_fraction": 0.01}
+    assert schedules.ConstantDrop(update_every=5, drop_fraction=0.5).numbers() == {
+        "update_every": 5, "start_step": 0, "end_step": -1, "drop_fraction": 0.5}
+    other = schedules.CosineDrop(update_every=7, drop_fraction=0.5, end_step=99)
+    assert cosine.graph_signature() == other.graph_signature()  # same variables, same trace
+    assert cosine.graph_signature()[0] is schedules.CosineDrop
+    assert dict(cosine.graph_signature()[1:]) == {
+        "update_every": "int64", "start_step": "int64", "end_step": "int64",
+        "drop_fraction": "float64", "final_drop_fraction": "float64"}
+    assert schedules.ConstantDrop().graph_signature() != cosine.graph_signature()
+    assert dict(_Stepped().graph_signature()[1:])["switch_step"] == "int64"
+
+
+@pytest.mark.parametrize("schedule", [
+    schedules.ConstantDrop(update_every=3, drop_fraction=0.5, start_step=2),
+    schedules.CosineDrop(update_every=100, drop_fraction=0.3, end_step=1000,
+                         final_drop_fraction=0.01),
+    _Halving(update_every=3, drop_fraction=0.8, end_step=20),
+])
+def test_in_graph_methods_match_python_evaluation(schedule):
+    values = _values(schedule)
+
+    @tf.function
+    def in_graph(step):
+        return (schedule.is_update_step_in_graph(step, values),
+                schedule.drop_fraction_in_graph(step, values))
+
+    for step in (1, 3, 5, 6, 9, 19, 21, 300, 999, 1000):
+        is_update, fraction = in_graph(tf.constant(step, tf.int64))
+        assert fraction.dtype == tf.float64
+        assert (bool(is_update), float(fraction)) == schedule(step)
+
+
+def test_schedule_numbers_must_be_ints_or_floats():
+    class _Bad(_Halving):
+        def numbers(self):
+            return dict(super().numbers(), late="0.1")
+
+    with pytest.raises(TypeError, match=r"_Bad.numbers\(\)\['late'\]='0.1' \(str\)"):
+        _Bad().graph_signature()

@@ -238,9 +238,9 @@ def test_xla_update_inside_the_compiled_step(fashion_mnist_small, monkeypatch):
     """The path that several replicas take under XLA (the update compiled into every step,
     static shapes, writes outside the conditional), forced on one replica: the same updates
     and masks as without XLA."""
-    from ft_keras import training  # pylint: disable=import-outside-toplevel
+    from ft_keras import _optimizer_hook  # pylint: disable=import-outside-toplevel
 
-    monkeypatch.setattr(training, "_can_split", lambda model: False)
+    monkeypatch.setattr(_optimizer_hook, "can_split", lambda model: False)
     (x, y), _ = fashion_mnist_small
     _assert_xla_trains_as_without(x, y, "gradient", split=False)
 
@@ -460,6 +460,11 @@ def test_hook_is_removed_and_second_fit_continues(fashion_mnist_small):
         (dict(start_step=6, end_step=4), ValueError, "start_step=6.*end_step=4"),
         (dict(update_every=100, end_step=50), ValueError, "end_step=50 leaves no mask update"),
         (dict(optimizer_state="sparse"), ValueError, "optimizer_state"),
+        (dict(schedule="cosine"), TypeError, "schedule must be None or an ft_keras.schedules"),
+        (dict(schedule=schedules.ConstantDrop(), update_every=5), ValueError,
+         r"update_every=5 together with schedule=ConstantDrop\(.*leave update_every at its "
+         r"default \(100\)"),
+        (dict(schedule=schedules.ConstantDrop(), decay="constant"), ValueError, "decay='constant'"),
     ],
 )
 def test_bad_arguments(kwargs, error, pattern):
@@ -701,6 +706,63 @@ def test_a_second_fit_reuses_the_traced_train_function(fashion_mnist_small):
     probe = _TrainFunctionProbe(fourth)
     model.fit(epochs=1, callbacks=[fourth, probe], **fit_args)
     assert probe.functions[0] is not traced and probe.trace_counts == [1]
+
+
+# ------------------------------------------------------------------------ user schedules
+class _HalvingDrop(schedules.DropSchedule):
+    """p_t = p_0 / 2 ** (updates before t), from the variables' values only."""
+
+    def drop_fraction_in_graph(self, step, values):
+        done = (step - values["start_step"] - 1) // values["update_every"]
+        return values["drop_fraction"] * tf.pow(tf.constant(0.5, tf.float64),
+                                                tf.cast(done, tf.float64))
+
+
+def test_a_user_schedule_drives_the_updates_and_reuses_the_trace(fashion_mnist_small, tmp_path):
+    (x, y), _ = fashion_mnist_small
+    model = _compile(_sparse_lenet(0.9))
+    fit_args = dict(x=x[:256], y=y[:256], batch_size=64, shuffle=False, verbose=0)
+    first = ftk.DynamicSparsity(schedule=_HalvingDrop(update_every=2, drop_fraction=0.4),
+                                log_dir=str(tmp_path))  # log_dir: every update is recorded
+    probe = _TrainFunctionProbe(first)
+    model.fit(epochs=2, callbacks=[first, probe], **fit_args)
+    # 8 steps, end step 8 (exclusive): updates at 2, 4, 6 after 0, 1, 2 updates.
+    assert [(u["step"], u["drop_fraction"]) for u in first.updates] == [
+        (2, pytest.approx(0.4)), (4, pytest.approx(0.2)), (6, pytest.approx(0.1))]
+    assert probe.trace_counts == [1, 1] and first.decay is None
+    traced = probe.functions[0]
+
+    # Another instance, other numbers: the traced step reads them from the same variables.
+    second = ftk.DynamicSparsity(schedule=_HalvingDrop(update_every=3, drop_fraction=0.5),
+                                 log_dir=str(tmp_path))
+    probe = _TrainFunctionProbe(second)
+    model.fit(epochs=1, callbacks=[second, probe], **fit_args)
+    assert probe.functions == [traced] and probe.trace_counts == [0]
+    # steps 9..12 (end 12, exclusive): an update at 9, after 2 updates (3, 6) -> 0.5 / 4
+    assert [(u["step"], u["drop_fraction"]) for u in second.updates] == [
+        (9, pytest.approx(0.125))]
+    for layer in ftk.masked_layers(model):
+        mask, kernel = masked_state(model)[layer.name]
+        assert mask.sum() == layer.num_active and not kernel[~mask].any()
+
+
+def test_schedule_argument_trains_as_the_schedule_arguments(fashion_mnist_small):
+    """``schedule=CosineDrop(...)`` and the same numbers as arguments: identical training."""
+    (x, y), _ = fashion_mnist_small
+
+    def run(**kwargs):
+        model = _compile(_sparse_lenet(0.9))
+        model.fit(x[:320], y[:320], batch_size=64, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[ftk.DynamicSparsity(seed=4, grow="random", **kwargs)])
+        return masked_state(model)
+
+    by_arguments = run(update_every=2, drop_fraction=0.5, final_drop_fraction=0.05,
+                       start_step=1)
+    by_object = run(schedule=schedules.CosineDrop(update_every=2, drop_fraction=0.5,
+                                                  final_drop_fraction=0.05, start_step=1))
+    for name, (mask, kernel) in by_arguments.items():
+        np.testing.assert_array_equal(by_object[name][0], mask)
+        np.testing.assert_array_equal(by_object[name][1], kernel)
 
 
 # ------------------------------------------------------------------ optimizer state modes
