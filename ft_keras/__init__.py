@@ -9,9 +9,6 @@ method is described in docs/method.md.
 >>> sparse.fit(..., callbacks=[ftk.DynamicSparsity(update_every=100, grow="gradient")])
 """
 
-import importlib
-import warnings
-
 from ft_keras import corruptions
 from ft_keras import data
 from ft_keras import densities
@@ -60,26 +57,6 @@ from ft_keras.version import __version__
 
 # Keras's model.fit cannot run under MultiWorkerMirroredStrategy; see ft_keras/_keras_compat.py.
 distribute.install_multiworker_fix()
-
-# Module names that moved (0.2.0): old name -> new module. Importing the old name warns.
-_MOVED_MODULES = {
-    "callbacks": "ft_keras.callbacks",
-    "topology": "ft_keras.topology",
-    "distributions": "ft_keras.distributions",
-}
-
-
-def __getattr__(name):
-    if name in _MOVED_MODULES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = importlib.import_module(_MOVED_MODULES[name])
-        warnings.warn(
-            f"ft_keras.{name} is deprecated: {module.__doc__.splitlines()[0]}",
-            DeprecationWarning, stacklevel=2)
-        return module
-    raise AttributeError(f"module 'ft_keras' has no attribute {name!r}")
-
 
 __all__ = [
     "DynamicSparsity",
