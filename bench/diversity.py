@@ -73,9 +73,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
-from ft_keras import metrics as metrics_lib  # noqa: E402
-from ft_keras import recipes  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
+from ft_keras.harness import metrics as metrics_lib  # noqa: E402
+from ft_keras.harness import recipes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
@@ -521,8 +521,9 @@ TEST_KEYS = ("test/accuracy", "test/nll", "test/ece", "test/brier", "test/disagr
 def evaluate_run(config, data, model, result):
     """The record's numbers of one trained run (tickets read back from disk)."""
     members = [ftk.read_ticket(path) for path in result.tickets]
-    reference = ftk.flops.training_macs_dense(
-        members[0][0], config.dense_epochs[model] * data.steps_per_epoch, config.batch_size)
+    reference = ftk.training_cost.training_macs(
+        members[0][0], config.dense_epochs[model] * data.steps_per_epoch, config.batch_size,
+        sparse=False)
     ev = evaluation.evaluate([m for m, _ in members], data.eval,
                              training_macs=result.training_macs, dense_training_macs=reference)
     values = ev.metrics

@@ -86,8 +86,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
-from ft_keras import recipes  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
+from ft_keras.harness import recipes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
@@ -661,9 +661,9 @@ class Runner:
                     model, metadata = ftk.read_ticket(path)
                     outputs[path] = (model, metadata, evaluation.predict(model, self.data.eval))
             members = [outputs[path] for path in paths]
-            reference = ftk.flops.training_macs_dense(
+            reference = ftk.training_cost.training_macs(
                 members[0][0], self.settings.epochs[model_name] * self.data.steps_per_epoch,
-                self.settings.batch_size)
+                self.settings.batch_size, sparse=False)
             result = evaluation.evaluate([m[2] for m in members], self.data.eval,
                                          training_macs=training, dense_training_macs=reference)
             metadata = [m[1] for m in members]

@@ -127,10 +127,10 @@ def _launch(argv, settings):
     with tempfile.TemporaryDirectory(prefix="ftk_tfmot_") as tmp:
         if not FLAGS.data:
             try:
-                import ft_keras.data as ftk_data  # pylint: disable=import-outside-toplevel
+                import ft_keras.harness.data as ftk_data  # pylint: disable=import-outside-toplevel
             except ImportError:
                 sys.path.insert(0, _REPO)
-                import ft_keras.data as ftk_data  # pylint: disable=import-outside-toplevel
+                import ft_keras.harness.data as ftk_data  # pylint: disable=import-outside-toplevel
             n = examples_needed(settings)
             images, labels = ftk_data.load_numpy("fashion_mnist", "train")
             index = np.arange(n) % len(images)

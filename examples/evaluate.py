@@ -44,7 +44,7 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
 
 DEFAULT_OOD = {"fashion_mnist": "mnist", "mnist": "fashion_mnist", "cifar10": "none"}
 NUM_BINS = evaluation.NUM_BINS

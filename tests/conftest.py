@@ -80,7 +80,7 @@ def has_cifar10():
 @functools.lru_cache(maxsize=None)
 def has_fashion_mnist():
     """True when `ft_keras.data` can find Fashion-MNIST (system package, env var or tfds)."""
-    from ft_keras import data  # pylint: disable=import-outside-toplevel
+    from ft_keras.harness import data  # pylint: disable=import-outside-toplevel
 
     try:
         data.load_numpy("fashion_mnist", "test[:1]")
@@ -143,7 +143,7 @@ def fashion_mnist_small():
 
     Skips the test when Fashion-MNIST is not installed.
     """
-    from ft_keras import data  # pylint: disable=import-outside-toplevel
+    from ft_keras.harness import data  # pylint: disable=import-outside-toplevel
 
     skip_without_fashion_mnist()
     x_train, y_train = data.load_numpy("fashion_mnist", "train[:2048]")

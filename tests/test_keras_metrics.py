@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ft_keras import keras_metrics
-from ft_keras import metrics
-from ft_keras.keras_metrics import BrierScore
-from ft_keras.keras_metrics import ExpectedCalibrationError
-from ft_keras.keras_metrics import NegativeLogLikelihood
+from ft_keras.harness import keras_metrics
+from ft_keras.harness import metrics
+from ft_keras.harness.keras_metrics import BrierScore
+from ft_keras.harness.keras_metrics import ExpectedCalibrationError
+from ft_keras.harness.keras_metrics import NegativeLogLikelihood
 
 
 def _random_probs(rng, shape):

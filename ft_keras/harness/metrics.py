@@ -28,7 +28,7 @@ Conventions:
 Example:
 
 >>> import numpy as np
->>> from ft_keras import metrics
+>>> from ft_keras.harness import metrics
 >>> member_probs = np.array([[[0.9, 0.1], [0.4, 0.6]],
 ...                          [[0.7, 0.3], [0.6, 0.4]]])      # M=2 members, N=2, K=2
 >>> labels = np.array([0, 1])
