@@ -345,8 +345,8 @@ def _timed_fit(model, variant, x, y, spe):
         # Mask updates inside the timed window: steps first_execution_steps+1 .. steps of this fit.
         expected = _update_steps_in(start_iteration + first_execution_steps + 1, end_iteration,
                                     FLAGS.update_every)
-        kernels = sparsity[0]._kernels  # pylint: disable=protected-access
-        last_seen = int(max(k.stats.numpy()[0] for k in kernels))
+        seen = sparsity[0].updates  # public: what the callback observed of its updates
+        last_seen = int(seen[-1]["step"]) if seen else 0
         all_updates = _update_steps_in(start_iteration + 1, end_iteration, FLAGS.update_every)
         result["mask_updates_timed"] = len(expected)
         result["mask_update_steps"] = expected

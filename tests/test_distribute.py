@@ -93,7 +93,17 @@ def test_env_var_turns_the_fix_off(monkeypatch):
         distribute.remove_multiworker_fix()
 
 
-def test_patched_reduce_is_the_original_off_multi_worker(two_cpus):
+@pytest.fixture
+def fix_installed():
+    """The multi-worker fix in place for one test (then back to how it was)."""
+    was_installed = distribute.multiworker_fix_installed()
+    assert distribute.install_multiworker_fix(force=True)
+    yield
+    if not was_installed:
+        distribute.remove_multiworker_fix()
+
+
+def test_patched_reduce_is_the_original_off_multi_worker(two_cpus, fix_installed):
     from keras.src.backend.tensorflow import trainer  # pylint: disable=import-outside-toplevel
 
     values = two_cpus.run(lambda: {"loss": tf.cast(
