@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts: summaries, ratios, merged table rows, memory
 accounting, the markdown of the tfmot and peak-memory sections, a CPU-contention meter, and the
-scripts' common plumbing (atomic writes, the shared data folder, seeds, a log filter).
+scripts' common plumbing (atomic writes, the shared data folder, seeds, a log filter, the data
+split of the recipe benchmarks, the run header of their reports, ``--render_only``).
 
-No TensorFlow, Keras or absl import, so that the scripts' launchers stay light and
-``tests/test_bench_tables.py`` can check the logic in milliseconds. Nothing here times a model.
+No TensorFlow, Keras or absl import at load time, so that the scripts' launchers stay light and
+``tests/test_bench_tables.py`` can check the logic in milliseconds (`Data` imports TensorFlow and
+ft_keras when it is built). Nothing here times a model.
 """
 
 import logging
@@ -559,3 +561,73 @@ def accounting_markdown(rows, variant):
         lines.append(f"| {phase} | {name} | {_mib(expected, 1)} "
                      f"| {_mib(measured, 1) if measured is not None else ''} |")
     return lines
+
+
+# ------------------------------------------------------------------------ recipe benchmarks
+class Data:
+    """One data set of `ft_keras.data` split for the recipe benchmarks (bench/diversity.py,
+    bench/reproduce.py): the first ``train_examples`` training examples (None: all), of which
+    the last ``validation_fraction`` validate, and the first ``test_examples`` test examples
+    (``test_images``, ``test_labels``: the scripts build their evaluation sets from them).
+
+    Args:
+        dataset: a name of `ft_keras.data.INFO`.
+        batch_size: examples per training batch (the last incomplete batch is dropped).
+        validation_fraction: the share of the training examples held out for validation.
+        train_examples, test_examples: how many examples to read (None: the whole split).
+        data_dir: where the data set is (None: `ft_keras.data`'s default).
+        augment: None, or a function ``(image, label) -> (image, label)`` mapped over the
+            training examples before batching.
+        usage: ``usage(flag, message)`` returns the exception to raise for a bad flag
+            (``--train_examples``, ``--data_dir``).
+    """
+
+    def __init__(self, dataset, batch_size, validation_fraction, *, train_examples=None,
+                 test_examples=None, data_dir=None, augment=None, usage=ValueError):
+        import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        self._ftk, self._tf = ftk, tf
+        self.dataset, self.batch_size, self.augment = dataset, batch_size, augment
+        self._data_dir, self._usage = data_dir, usage
+        info = ftk.data.INFO[dataset]
+        self.input_shape, self.num_classes = tuple(info["shape"]), int(info["num_classes"])
+        images, labels = self.load(dataset, _split("train", train_examples))
+        num_validation = int(round(validation_fraction * len(labels)))
+        self.num_train = len(labels) - num_validation
+        self.num_validation = num_validation
+        if num_validation < 1 or self.num_train < batch_size:
+            raise usage("train_examples", f"{len(labels)} examples give {self.num_train} "
+                        f"training and {num_validation} validation examples; need at least one "
+                        f"batch (--batch_size={batch_size}) and one validation example.")
+        self.steps_per_epoch = self.num_train // batch_size
+        self._train = tf.data.Dataset.from_tensor_slices(
+            (images[:self.num_train], labels[:self.num_train]))
+        self._validation = tf.data.Dataset.from_tensor_slices(
+            (images[self.num_train:], labels[self.num_train:]))
+        self.test_images, self.test_labels = self.load(dataset, _split("test", test_examples))
+
+    def load(self, name, split):
+        """``(images, labels)`` of a split of a data set; a missing data set is a usage error."""
+        try:
+            return self._ftk.data.load_numpy(name, split, data_dir=self._data_dir)
+        except FileNotFoundError as error:
+            raise self._usage("data_dir", str(error)) from None
+
+    def train(self, seed):
+        """Training batches of float images in [0, 1], reshuffled every epoch from ``seed``."""
+        tf = self._tf
+        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
+        if self.augment is not None:
+            ds = ds.map(self.augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        return self._ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+
+    def validation(self):
+        """Validation batches (at least 500 examples each) of float images in [0, 1]."""
+        ds = self._validation.batch(max(self.batch_size, 500))
+        return self._ftk.data.normalize(ds).prefetch(self._tf.data.AUTOTUNE)
+
+
+def _split(name, examples):
+    return f"{name}[:{examples}]" if examples else name

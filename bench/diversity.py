@@ -432,48 +432,13 @@ def _run_config(config, model, spec):
 
 
 # ----------------------------------------------------------------------------------- data
-class Data:
-    """Fashion-MNIST: the training / validation split and the test set."""
-
-    def __init__(self, config, data_dir):
-        split = f"train[:{config.train_examples}]" if config.train_examples else "train"
-        images, labels = self._load(split, data_dir)
-        num_validation = int(round(config.validation_fraction * len(labels)))
-        self.num_train = len(labels) - num_validation
-        self.num_validation = num_validation
-        if num_validation < 1 or self.num_train < config.batch_size:
-            raise _usage("train_examples", f"{len(labels)} examples give {self.num_train} "
-                         f"training and {num_validation} validation examples; need at least "
-                         f"one batch (--batch_size={config.batch_size}) and one validation "
-                         "example.")
-        self.batch_size = config.batch_size
-        self.steps_per_epoch = self.num_train // config.batch_size
-        self._train = tf.data.Dataset.from_tensor_slices(
-            (images[:self.num_train], labels[:self.num_train]))
-        self._validation = tf.data.Dataset.from_tensor_slices(
-            (images[self.num_train:], labels[self.num_train:]))
-        split = f"test[:{config.test_examples}]" if config.test_examples else "test"
-        test_images, test_labels = self._load(split, data_dir)
-        self.eval = evaluation.make_data(test_images, test_labels)
-        info = ftk.data.INFO[DATASET]
-        self.input_shape, self.num_classes = tuple(info["shape"]), int(info["num_classes"])
-
-    @staticmethod
-    def _load(split, data_dir):
-        try:
-            return ftk.data.load_numpy(DATASET, split, data_dir=data_dir)
-        except FileNotFoundError as error:
-            raise _usage("data_dir", str(error)) from None
-
-    def train(self, seed):
-        """Training batches of floats in [0, 1], reshuffled every epoch from ``seed``."""
-        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(self.batch_size, drop_remainder=True)
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
-
-    def validation(self):
-        ds = self._validation.batch(max(self.batch_size, 500))
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+def load_data(config, data_dir):
+    """Fashion-MNIST split for the runs (`bench_tables.Data`), with its evaluation sets."""
+    data = bench_tables.Data(DATASET, config.batch_size, config.validation_fraction,
+                             train_examples=config.train_examples,
+                             test_examples=config.test_examples, data_dir=data_dir, usage=_usage)
+    data.eval = evaluation.make_data(data.test_images, data.test_labels)
+    return data
 
 
 # ------------------------------------------------------------------------------- training
@@ -1181,7 +1146,7 @@ def main(argv):
     config = resolve_config()
     output_dir = _output_dir()
     markdown = FLAGS.markdown or os.path.join(output_dir, "results.md")
-    data = Data(config, FLAGS.data_dir)
+    data = load_data(config, FLAGS.data_dir)
     os.makedirs(output_dir, exist_ok=True)
     store = Store(os.path.join(output_dir, OUTPUT_NAME + ".json"), FLAGS.restart)
     work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="ft_keras_diversity_")

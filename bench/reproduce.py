@@ -443,75 +443,41 @@ def _augment(image, label):
     return tf.image.random_crop(image, shape), label
 
 
-class Data:
-    """The training / validation split, and the evaluation sets (`ft_keras.evaluation`)."""
-
-    def __init__(self, settings, ood_required):
-        self.settings = settings
-        info = ftk.data.INFO[settings.dataset]
-        self.input_shape = tuple(info["shape"])
-        self.num_classes = int(info["num_classes"])
-        split = f"train[:{settings.train_examples}]" if settings.train_examples else "train"
-        images, labels = self._load(settings.dataset, split)
-        num_validation = int(round(settings.validation_fraction * len(labels)))
-        self.num_train = len(labels) - num_validation
-        self.num_validation = num_validation
-        if num_validation < 1 or self.num_train < settings.batch_size:
-            raise app.UsageError(
-                f"--train_examples={settings.train_examples}: {len(labels)} examples give "
-                f"{self.num_train} training and {num_validation} validation examples; need at "
-                f"least one batch (--batch_size={settings.batch_size}) and one validation example.")
-        self.steps_per_epoch = self.num_train // settings.batch_size
-        self._train = tf.data.Dataset.from_tensor_slices(
-            (images[:self.num_train], labels[:self.num_train]))
-        self._validation = tf.data.Dataset.from_tensor_slices(
-            (images[self.num_train:], labels[self.num_train:]))
-        split = f"test[:{settings.test_examples}]" if settings.test_examples else "test"
-        test_images, test_labels = self._load(settings.dataset, split)
-        self.ood_name, self.ood_skipped = settings.ood_dataset, None
-        ood = {}
-        if self.ood_name:
-            try:
-                ood[self.ood_name], _ = ftk.data.load_numpy(
-                    self.ood_name, f"test[:{len(test_labels)}]", data_dir=settings.data_dir)
-            except FileNotFoundError as error:
-                if ood_required:
-                    raise app.UsageError(f"--ood_dataset={self.ood_name}: {error}") from None
-                self.ood_skipped = (f"{self.ood_name} not found: set FT_KERAS_DATA_DIR or place "
-                                    f"it at {os.path.join(SHARED_DATA, self.ood_name)}")
-                logging.warning("no OoD detection: %s (pass --ood_dataset=none to silence "
-                                "this).", self.ood_skipped)
-                self.ood_name = None
-        start = time.time()
-        self.eval = evaluation.make_data(
-            test_images, test_labels, ood=ood, corruptions=settings.corruptions,
-            severities=SEVERITIES, corruption_examples=settings.corruption_examples,
-            corruption_seed=settings.corruption_seed)
-        logging.info("%s: %d training, %d validation, %d test examples (%d steps per epoch); "
-                     "OoD %s: %s examples; %d corrupted sets of %d examples (%.1f s)",
-                     settings.dataset, self.num_train, self.num_validation, len(test_labels),
-                     self.steps_per_epoch, self.ood_name,
-                     len(ood[self.ood_name]) if self.ood_name else None,
-                     self.eval.num_corrupted_sets, len(self.eval.corruption_subset),
-                     time.time() - start)
-
-    def _load(self, name, split):
+def load_data(settings, ood_required):
+    """The split of ``settings.dataset`` (`bench_tables.Data`) and its evaluation sets
+    (`ft_keras.evaluation.make_data`: the test set, the OoD set, the corrupted sets); sets
+    ``ood_name`` (None when the OoD set is skipped) and ``ood_skipped`` (why) on it."""
+    data = bench_tables.Data(settings.dataset, settings.batch_size, settings.validation_fraction,
+                             train_examples=settings.train_examples,
+                             test_examples=settings.test_examples, data_dir=settings.data_dir,
+                             augment=_augment if settings.augment else None, usage=_usage)
+    data.ood_name, data.ood_skipped = settings.ood_dataset, None
+    ood = {}
+    if data.ood_name:
         try:
-            return ftk.data.load_numpy(name, split, data_dir=self.settings.data_dir)
+            ood[data.ood_name], _ = ftk.data.load_numpy(
+                data.ood_name, f"test[:{len(data.test_labels)}]", data_dir=settings.data_dir)
         except FileNotFoundError as error:
-            raise app.UsageError(f"--data_dir: {error}") from None
-
-    def train(self, seed):
-        """Training batches of float images in [0, 1], shuffled with ``seed`` every epoch."""
-        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
-        if self.settings.augment:
-            ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(self.settings.batch_size, drop_remainder=True)
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
-
-    def validation(self):
-        ds = self._validation.batch(max(self.settings.batch_size, 500))
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+            if ood_required:
+                raise app.UsageError(f"--ood_dataset={data.ood_name}: {error}") from None
+            data.ood_skipped = (f"{data.ood_name} not found: set FT_KERAS_DATA_DIR or place it "
+                                f"at {os.path.join(SHARED_DATA, data.ood_name)}")
+            logging.warning("no OoD detection: %s (pass --ood_dataset=none to silence this).",
+                            data.ood_skipped)
+            data.ood_name = None
+    start = time.time()
+    data.eval = evaluation.make_data(
+        data.test_images, data.test_labels, ood=ood, corruptions=settings.corruptions,
+        severities=SEVERITIES, corruption_examples=settings.corruption_examples,
+        corruption_seed=settings.corruption_seed)
+    logging.info("%s: %d training, %d validation, %d test examples (%d steps per epoch); "
+                 "OoD %s: %s examples; %d corrupted sets of %d examples (%.1f s)",
+                 settings.dataset, data.num_train, data.num_validation, len(data.test_labels),
+                 data.steps_per_epoch, data.ood_name,
+                 len(ood[data.ood_name]) if data.ood_name else None,
+                 data.eval.num_corrupted_sets, len(data.eval.corruption_subset),
+                 time.time() - start)
+    return data
 
 
 # ------------------------------------------------------------------------------- training
@@ -1151,7 +1117,7 @@ def main(argv):
     machine = machine_info()
     logging.info("settings: %s", json.dumps(settings.as_dict()))
     logging.info("outputs: %s/%s.{json,md}; tickets under %s", output_dir, output_name, work_dir)
-    data = Data(settings, ood_required=FLAGS.ood_dataset is not None)
+    data = load_data(settings, ood_required=FLAGS.ood_dataset is not None)
     settings = dataclasses.replace(settings, ood_dataset=data.ood_name)
     json_path = os.path.join(output_dir, output_name + ".json")
 
