@@ -42,7 +42,7 @@ How to run (from the repository root; ``../shared/data``, or ``$FT_KERAS_SHARED_
 to the data search path when it exists):
 
     python bench/diversity.py --quick               # a few minutes on 2 CPU cores, writes to /tmp
-    python bench/diversity.py                       # the full sweep (about 1.5 hours on 2 cores)
+    python bench/diversity.py                       # the full sweep
     python bench/diversity.py --models=lenet_300_100 --settings=base,opt_dense --seeds=0,1
     python bench/diversity.py --render_only=docs/diversity.json   # markdown + plot again
 """

@@ -51,8 +51,8 @@ asks for it explicitly: then a missing set is an error; ``--ood_dataset=none`` s
 How to run (from the repository root; ``../shared/data``, or ``$FT_KERAS_SHARED_DATA``, is added
 to the data search path when it exists):
 
-    python bench/reproduce.py --quick            # ~5 minutes on 2 CPU cores, writes to /tmp
-    python bench/reproduce.py                    # full Fashion-MNIST run (~1 hour on 2 cores)
+    python bench/reproduce.py --quick            # smoke run, writes to /tmp
+    python bench/reproduce.py                    # full Fashion-MNIST run
     python bench/reproduce.py --models=lenet_300_100 --methods=dense,edst --seeds=0,1,2
     python bench/reproduce.py --epochs=lenet_300_100:30,lenet5:15 --output_dir=/tmp/ftk_repro
     python bench/reproduce.py --config=cifar10 --quick      # CIFAR-10 (JPEG q75), ResNet-8
@@ -181,7 +181,7 @@ flags.DEFINE_string("ood_dataset", None,
                     "OoD data set, or 'none' (default: the config's, mnist for fashion_mnist, "
                     "skipped with a warning when not found; given explicitly, a missing set is "
                     "an error).")
-flags.DEFINE_bool("quick", False, "Smoke run (~5 minutes on 2 cores): fewer seeds, examples and "
+flags.DEFINE_bool("quick", False, "Smoke run: fewer seeds, examples and "
                   "epochs (see QUICK); output under the temp dir unless --output_dir is given.")
 flags.DEFINE_list("models", None, f"Models, from {sorted(MODELS)} (default: the config's).")
 flags.DEFINE_list("methods", list(METHODS), f"Methods, from {list(METHODS)}.")

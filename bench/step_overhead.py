@@ -47,14 +47,14 @@ Results go to ``--output_json`` (raw times, machine info) and ``--output_md`` (t
 
 How to run (from the repository root):
 
-    python bench/step_overhead.py            # the full default run (~14 minutes on 2 CPU cores)
+    python bench/step_overhead.py            # the full default run
     make bench                               # the same, in the project's virtualenv
     pip install -e '.[bench]'                # tf_keras + tensorflow-model-optimization (section 3)
     python bench/step_overhead.py --quick --output_json=/tmp/b.json --output_md=/tmp/b.md
-                                             # ~4-minute smoke run of every section
+                                             # smoke run of every section
     python bench/step_overhead.py --models=mlp --xla=false --spe=32 --rounds=7
     python bench/step_overhead.py --skip_xla_cnn   # leave out LeNet-5 with XLA (slow on CPU)
-    python bench/step_overhead.py --notfmot --nomemory   # sections 1 and 2 only (~8 minutes)
+    python bench/step_overhead.py --notfmot --nomemory   # sections 1 and 2 only
 """
 
 import datetime
@@ -128,7 +128,7 @@ flags.DEFINE_list("memory_allocators", ["default", "system"],
 flags.DEFINE_list("memory_hidden", ["4096", "4096"], "Hidden widths of the memory run's MLP.")
 flags.DEFINE_bool(
     "quick", False,
-    "Smoke run (~4 minutes): steps=100, rounds=2, warmup_steps=32, xla=false, update_reps=5, "
+    "Smoke run: steps=100, rounds=2, warmup_steps=32, xla=false, update_reps=5, "
     "memory_steps=20, memory_update_every=10, unless those flags are given explicitly.")
 flags.DEFINE_string("output_json", "docs/benchmarks.json", "Where to write the raw results.")
 flags.DEFINE_string("render_only", None,

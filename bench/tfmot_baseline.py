@@ -27,7 +27,7 @@ tf_keras / tensorflow-model-optimization it reports ``status: not_installed`` (i
 
 How to run (from the repository root); bench/step_overhead.py runs it and merges the rows:
 
-    python bench/tfmot_baseline.py --output_json=/tmp/tfmot.json   # ~2 minutes
+    python bench/tfmot_baseline.py --output_json=/tmp/tfmot.json
     python bench/tfmot_baseline.py --quick --output_json=-     # smoke run, JSON on stdout
 """
 
