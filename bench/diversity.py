@@ -52,7 +52,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -83,8 +82,9 @@ import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = bench_tables.shared_data_dir(_REPO)
 OUTPUT_NAME = "diversity"
-MARK_BEGIN = "<!-- diversity:begin -->"
-MARK_END = "<!-- diversity:end -->"
+REGION = "diversity"  # the page's generated region: <!-- diversity:begin --> ... :end -->
+# The hand-written page that explains the generated one (relative to the page, in docs/).
+NOTES = "reading_benchmarks.md#edst-ticket-diversity-benchmark"
 DATASET = "fashion_mnist"
 
 MODELS = {"lenet_300_100": "LeNet-300-100 (MLP)", "lenet5": "LeNet-5 (CNN)"}
@@ -704,46 +704,37 @@ MAIN_HEADER = ("Disagr. (%) | KL div. | Ens. acc. (%) | Mean ticket acc. (%) | N
 
 
 def _settings_lines(report):
-    c = report["config"]
-    data = report["data"]
-    lines = [
-        f"- Data: Fashion-MNIST, {data['train_examples']:,d} training and "
-        f"{data['validation_examples']:,d} validation examples (the last "
-        f"{c['validation_fraction']:.0%} of the training split selects every ticket), "
-        f"{data['test_examples']:,d} test examples.",
-        f"- Every run: SGD momentum {c['momentum']}, decoupled weight decay {c['weight_decay']} "
-        "(Keras's `weight_decay`, w <- w - lr * wd * w each step; with momentum 0.9 this is "
-        "about 10x weaker than an L2 term of the same value added to the gradient, as in the "
-        f"official PyTorch code), batch {c['batch_size']}, steps_per_execution "
-        f"{c['steps_per_execution']}, XLA {'on' if c['jit_compile'] else 'off'}; sparsity "
-        f"S = {c['sparsity']} (ERK), M = {c['num_members']}.",
-        f"- EDST base: exploration at lr {c['exploration_lr']}, refinement "
-        f"{c['refine_lr'][0]} then {c['refine_lr'][1]}; magnitude prune + gradient growth every "
-        f"{c['update_every']} steps, drop fraction {c['drop_fraction']} constant; global "
-        "exploration q = 0.8; `optimizer_state=\"masked\"`; grown weights start at 0; the first "
-        "epoch after a jump at refine_lr[0]. Each other setting changes one of these (the "
-        f"`jump_lr` settings for {c['jump_lr_epochs']} epoch(s) after each jump).",
+    c, data = report["config"], report["data"]
+    pairs = [
+        ("data", f"Fashion-MNIST: {data['train_examples']:,d} training, "
+                 f"{data['validation_examples']:,d} validation (fraction "
+                 f"{c['validation_fraction']}), {data['test_examples']:,d} test examples"),
+        ("optimizer", f"SGD momentum {c['momentum']}, decoupled weight decay "
+                      f"{c['weight_decay']}"),
+        ("batch size", c["batch_size"]),
+        ("steps_per_execution", c["steps_per_execution"]),
+        ("XLA", "on" if c["jit_compile"] else "off"),
+        ("sparsity S (ERK)", c["sparsity"]),
+        ("members M", c["num_members"]),
+        ("EDST base learning rates", f"exploration {c['exploration_lr']}, refinement "
+                                     f"{c['refine_lr'][0]} then {c['refine_lr'][1]}"),
+        ("update_every", c["update_every"]),
+        ("drop fraction", c["drop_fraction"]),
+        ("jump_lr epochs", c["jump_lr_epochs"]),
     ]
     for model in c["models"]:
-        base = report["plan_runs"][model]
-        edst = next(s for s in base if s["name"] == "edst:base")
-        lines.append(
-            f"- {MODELS[model]}: dense {c['dense_epochs'][model]} epochs (cosine from lr "
-            f"{c['learning_rate']}); EDST base {edst['exploration_epochs']} + "
-            f"{c['num_members']} x {edst['refine_epochs']} = {edst['epochs']} epochs; DST "
-            f"Ensemble: {c['num_members']} members x 1/{c['num_members']} of the EDST run's "
-            f"epochs (cosine from lr {c['learning_rate']}, the base's DST updates).")
-    lines.append(
-        f"- Seeds {c['seeds']}: mean ± sample standard deviation over seeds. EDST seed s uses "
-        "seed 100 s for its weights, masks and data order in every setting, so the differences "
-        "to the base (and between optimizer-state modes) are paired by seed; the dense model of "
-        "seed s uses 100 s, DST member m 100 s + m.")
+        edst = next(s for s in report["plan_runs"][model] if s["name"] == "edst:base")
+        pairs.append((f"{MODELS[model]} epochs",
+                      f"dense {c['dense_epochs'][model]} (cosine from lr {c['learning_rate']}); "
+                      f"EDST base {edst['exploration_epochs']} + {c['num_members']} x "
+                      f"{edst['refine_epochs']}; DST Ensemble {c['num_members']} x "
+                      f"{edst['epochs'] // c['num_members']}"))
+    pairs.append(("seeds", c["seeds"]))
     for model, follow in report.get("followups", {}).items():
-        lines.append(
-            f"- {MODELS[model]} runs {', '.join(c['plan'][model])} plus the "
-            f"{len(follow['chosen'])} best setting(s) of the {MODELS[follow['from']]} sweep by "
-            f"the rank sum of ensemble accuracy and NLL: {', '.join(follow['chosen']) or 'none'}.")
-    return lines
+        pairs.append((f"{MODELS[model]} follow-up settings",
+                      f"{', '.join(c['plan'][model])} + the best of the {MODELS[follow['from']]} "
+                      f"sweep: {', '.join(follow['chosen']) or 'none'}"))
+    return bench_tables.settings_lines(pairs)
 
 
 def _invocations_text(invocations):
@@ -760,40 +751,8 @@ def _invocations_text(invocations):
 
 def markdown_region(report):
     """The generated part (between the markers)."""
-    machine, timing = report["machine"], report["timing"]
-    others = timing.get("other_processes_cores")
     mode = "quick (smoke) mode" if report["config"]["quick"] else "full mode"
-    invocations = report.get("invocations", [])
-    lines = [
-        MARK_BEGIN,
-        "<!-- Generated by bench/diversity.py; edits between these markers are overwritten. -->",
-        "",
-        "## EDST ticket diversity: what steers it (`bench/diversity.py`)",
-        "",
-        f"{mode.capitalize()}. Command: `{report['command']}`" + _invocations_text(invocations)
-        + ".",
-        "",
-        f"Run on {report['date_utc']} (UTC), {machine['cpus_usable']} usable CPU cores"
-        + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
-        + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
-        f"{machine['ft_keras']}, commit `{(machine.get('git_commit') or 'unknown')[:12]}`. "
-        f"Total wall time {timing['total_s'] / 60:.1f} min (training "
-        f"{timing['training_s'] / 60:.1f} min)" + (f"; other processes kept {others:.2f} cores busy on average, so wall times "
-                   "are upper bounds" if others is not None and others > 0.1 else "") + ".",
-        "",
-        "Settings:",
-        "",
-    ] + _settings_lines(report) + [
-        "",
-        "Columns: pairwise disagreement of the tickets (fraction of test images where two "
-        "tickets' classes differ, mean over pairs), KL diversity (nats, mean over ordered pairs), "
-        "the ensemble's test accuracy (mean of the tickets' softmax probabilities), the mean "
-        "ticket's accuracy, the ensemble's NLL and ECE (15 bins), ensemble minus best-ticket "
-        "accuracy, and training FLOPs (`ft_keras.flops`, theoretical) relative to ONE dense run "
-        "of the dense model's epochs. Paired differences: mean ± std over seeds of "
-        "(setting - reference) for the same seed, with (k/n) the seeds where the setting is "
-        "better (higher diversity / accuracy, lower NLL / ECE).",
-    ]
+    lines = []
     for model, runs in report["summary"].items():
         if not runs:
             continue
@@ -874,25 +833,21 @@ def markdown_region(report):
     if report.get("plots"):
         lines += ["", "Plot:", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", f"Raw per-seed numbers (per-ticket accuracies, pairwise disagreement, ticket "
-              f"epochs): `{OUTPUT_NAME}.json`.", "", MARK_END]
-    return "\n".join(lines)
+              f"epochs): `{OUTPUT_NAME}.json`."]
+    return bench_tables.markdown_region(
+        "bench/diversity.py", report["command"],
+        bench_tables.run_line(report["date_utc"], report["machine"], report["timing"]),
+        _settings_lines(report), lines, NOTES,
+        heading="## EDST ticket diversity: what steers it (`bench/diversity.py`)",
+        intro=f"{mode.capitalize()}. ",
+        command_note=_invocations_text(report.get("invocations", [])))
 
 
 def write_markdown(path, report):
     """Writes the region into ``path`` (appended when the file has no markers), keeping the
     text outside the markers."""
-    region = markdown_region(report)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: region, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + region + "\n"
-    else:
-        text = "# EDST ticket diversity\n\n" + region + "\n"
-    bench_tables.write_text(path, text)
+    bench_tables.write_region(path, REGION, markdown_region(report),
+                              "# EDST ticket diversity\n\n{region}\n")
 
 
 # ------------------------------------------------------------------------------------ plot
@@ -1117,13 +1072,9 @@ def render(report, output_dir, markdown_path, plots):
 
 
 def render_only(json_path):
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            report = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise _usage("render_only", f"cannot read {json_path!r}: {error}") from None
-    if report.get("output_name") != OUTPUT_NAME:
-        raise _usage("render_only", f"{json_path!r} is not a diversity report.")
+    report = bench_tables.read_report(
+        json_path, _usage,
+        lambda r: None if r.get("output_name") == OUTPUT_NAME else "is not a diversity report.")
     output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(json_path))
     os.makedirs(output_dir, exist_ok=True)
     markdown = FLAGS.markdown or os.path.join(output_dir, "results.md")

@@ -120,8 +120,9 @@ NUM_BINS = evaluation.NUM_BINS
 SEVERITIES = (1, 2, 3, 4, 5)
 EDST_EXPLORATION_RATIO = 0.6  # 150 / 250 epochs in the paper's CIFAR setting
 EDST_REFINE_RATIO = 0.4  # 100 / 250
-MARK_BEGIN = "<!-- results:begin -->"
-MARK_END = "<!-- results:end -->"
+REGION = "results"  # the page's generated region: <!-- results:begin --> ... <!-- results:end -->
+# The hand-written page that explains the generated one (relative to the page, in docs/).
+NOTES = "reading_benchmarks.md#reproduction-benchmark"
 
 # Per configuration: data sets, default models, epochs of one dense run per model, and the rest.
 CONFIGS = {
@@ -765,80 +766,44 @@ def _cell(stat, fmt, scale):
 
 # --------------------------------------------------------------------------------- markdown
 def _settings_lines(report):
-    s = report["settings"]
-    lines = []
+    s, data = report["settings"], report["data"]
+    pairs = []
     for model in s["models"]:
         exploration, refine = s["edst_epochs"][model]
-        lines.append(
-            f"- {MODELS[model][0]}: {s['epochs'][model]} epochs per dense / DST / static run "
-            f"(cosine learning rate from {s['learning_rate']}); EDST {exploration} exploration "
-            f"epochs at {s['learning_rate']} + {s['num_members']} x {refine} refinement epochs "
-            f"(learning rate {s['refine_lr'][0]} then {s['refine_lr'][1]}) = "
-            f"{exploration + s['num_members'] * refine} epochs"
-            + (", the checkpoint ensemble's one DST run the same epochs and learning rates"
-               if "checkpoint_ensemble" in s["methods"] else "") + ".")
-    data = report["data"]
-    lines += [
-        f"- Data: {s['dataset']}, {data['train_examples']:,d} training and "
-        f"{data['validation_examples']:,d} validation examples (the last "
-        f"{s['validation_fraction']:.0%} of the training split selects every ticket), "
-        f"{data['test_examples']:,d} test examples; OoD set: "
-        + (f"{s['ood_dataset']} test ({data['ood_examples']:,d} images)"
-           if s["ood_dataset"] else "none")
-        + (f" ({data['ood_skipped']})" if data.get("ood_skipped") else "") + ".",
-        f"- M = {s['num_members']} members, sparsity S = {s['sparsity']} (ERK), DST: RigL "
-        f"gradient growth, magnitude pruning every {s['update_every']} steps, drop fraction "
-        f"{s['drop_fraction']} cosine-annealed to 0.005; EDST global exploration q = "
-        f"{s['explore_fraction']}. SGD momentum 0.9, batch {s['batch_size']}, weight decay "
-        f"{s['weight_decay']}, steps_per_execution {s['steps_per_execution']}"
-        + (", flip + crop augmentation" if s["augment"] else "") + ".",
-        f"- Seeds {s['seeds']}: mean ± sample standard deviation over seeds (no ± where all "
-        "seeds give the same number); member m of seed s "
-        "uses seed 100 s + m. The dense single model is member 0 of the deep ensemble of the same "
-        "seed (trained once)."
-        + (" The checkpoint ensemble's snapshots are the best epoch of each of EDST's refinement "
-           "windows of one DST run without global exploration (seed 100 s)."
-           if "checkpoint_ensemble" in s["methods"] else ""),
-        f"- Corruptions: {len(s['corruptions'])} types ({', '.join(s['corruptions']) or 'none'})"
-        f" x severities 1-5 of `ft_keras.corruptions` (this project's own, not CIFAR-10-C) on a "
-        f"fixed subset of {data['corrupted_examples']:,d} test images; corruption seed "
-        f"{s['corruption_seed']}.",
+        pairs.append((f"{MODELS[model][0]} epochs",
+                      f"{s['epochs'][model]} per dense / DST / static run; EDST {exploration} + "
+                      f"{s['num_members']} x {refine}"))
+    pairs += [
+        ("learning rate", f"{s['learning_rate']} (EDST refinement: {s['refine_lr'][0]} then "
+                          f"{s['refine_lr'][1]})"),
+        ("data", f"{s['dataset']}: {data['train_examples']:,d} training, "
+                 f"{data['validation_examples']:,d} validation (fraction "
+                 f"{s['validation_fraction']}), {data['test_examples']:,d} test examples"),
+        ("OoD set", (f"{s['ood_dataset']} test ({data['ood_examples']:,d} images)"
+                     if s["ood_dataset"] else "none")
+         + (f" ({data['ood_skipped']})" if data.get("ood_skipped") else "")),
+        ("members M", s["num_members"]),
+        ("sparsity S (ERK)", s["sparsity"]),
+        ("update_every", s["update_every"]),
+        ("drop fraction", s["drop_fraction"]),
+        ("EDST explore fraction q", s["explore_fraction"]),
+        ("batch size", s["batch_size"]),
+        ("weight decay", s["weight_decay"]),
+        ("steps_per_execution", s["steps_per_execution"]),
+        ("augmentation", "flip + crop" if s["augment"] else "none"),
+        ("seeds", s["seeds"]),
+        ("corruptions", f"{', '.join(s['corruptions']) or 'none'} x severities 1-5 on "
+                        f"{data['corrupted_examples']:,d} test images, seed "
+                        f"{s['corruption_seed']}"),
     ]
-    return lines
+    return bench_tables.settings_lines(pairs)
 
 
 def markdown_region(report):
     """The generated part of the markdown file (between the markers)."""
-    s, machine, timing = report["settings"], report["machine"], report["timing"]
+    s = report["settings"]
     mode = "quick (smoke) mode" if s["quick"] else "full mode"
-    others = timing.get("other_processes_cores")
-    lines = [
-        MARK_BEGIN,
-        "<!-- Generated by bench/reproduce.py; edits between these markers are overwritten. -->",
-        "",
-        f"Configuration `{s['config']}`, {mode}. Command: `{report['command']}`",
-        "",
-        f"Run on {report['date_utc']} (UTC), {machine['cpus_usable']} usable CPU cores"
-        + (f" ({machine['cpu_model']})" if machine["cpu_model"] else "")
-        + (f", GPUs {machine['gpus']}" if machine["gpus"] else ", no GPU")
-        + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
-        f"{machine['ft_keras']}, commit `{(machine['git_commit'] or 'unknown')[:12]}`. Total wall "
-        f"time {timing['total_s'] / 60:.1f} min (training {timing['training_s'] / 60:.1f} min)"
-        + (f"; other processes kept {others:.2f} cores busy on average, so wall times are upper "
-           "bounds" if others is not None and others > 0.1 else "") + ".",
-        "",
-        "Settings:",
-        "",
-    ] + _settings_lines(report) + [
-        "",
-        "Ensembles average the members' softmax probabilities. FLOPs are theoretical "
-        "multiply-accumulates of the sparse arithmetic (`ft_keras.flops`), relative to ONE dense "
-        "model (training: one dense run of the same number of epochs; inference: one dense "
-        "forward pass). Active parameters are summed over the members (biases included). "
-        "Training time is the wall time of all of a method's fits (validation and ticket "
-        "writing included); the masked layers run dense kernels, so sparse methods are not "
-        "faster in wall time.",
-    ]
+    lines = []
     ood = s.get("ood_dataset")
     second = [("test/accuracy_member_mean", "{:.2f}", 100.0), ("test/kl_diversity", "{:.4f}", 1.0),
               ("corrupt/mean/ece", "{:.4f}", 1.0)] + [
@@ -862,8 +827,11 @@ def markdown_region(report):
         for path in report["plots"]:
             name = os.path.basename(path)
             lines.append(f"![{name}]({name})")
-    lines += ["", f"Raw per-seed numbers: `{report['output_name']}.json`.", "", MARK_END]
-    return "\n".join(lines)
+    lines += ["", f"Raw per-seed numbers: `{report['output_name']}.json`."]
+    return bench_tables.markdown_region(
+        "bench/reproduce.py", report["command"],
+        bench_tables.run_line(report["date_utc"], report["machine"], report["timing"]),
+        _settings_lines(report), lines, NOTES, intro=f"Configuration `{s['config']}`, {mode}. ")
 
 
 DEFAULT_DISCUSSION = """
@@ -875,20 +843,10 @@ DEFAULT_DISCUSSION = """
 
 def write_markdown(path, report):
     """Writes the generated region into ``path``, keeping any text outside the markers."""
-    region = markdown_region(report)
     title = ("# Reproduction: FreeTickets on " + report["settings"]["dataset"]
              + (" (quick mode)" if report["settings"]["quick"] else ""))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: region, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + region + "\n"
-    else:
-        text = f"{title}\n\n{region}\n{DEFAULT_DISCUSSION}"
-    bench_tables.write_text(path, text)
+    bench_tables.write_region(path, REGION, markdown_region(report),
+                              f"{title}\n\n{{region}}\n{DEFAULT_DISCUSSION}")
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -1074,13 +1032,9 @@ def build_report(settings, data, records, command, start, meter, machine, output
 
 def render_only(json_path):
     """Re-writes the markdown and the plots of a finished run from its JSON."""
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            report = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise _usage("render_only", f"cannot read {json_path!r}: {error}") from None
-    if not report.get("complete"):
-        raise _usage("render_only", f"{json_path!r} is from an unfinished run.")
+    report = bench_tables.read_report(
+        json_path, _usage,
+        lambda r: None if r.get("complete") else "is from an unfinished run.")
     upgrade_report(report)
     output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(json_path))
     os.makedirs(output_dir, exist_ok=True)
