@@ -175,3 +175,24 @@ def masked_state(model):
         )
         for layer in ftk.masked_layers(model)
     }
+
+
+# LeNet-300-100: 784*300 + 300*100 + 100*10 MACs per example dense; 90% uniform sparsity keeps
+# round(0.1 * n) of each kernel: 23,520 + 3,000 + 100 (tests/test_flops.py,
+# tests/test_training_cost.py).
+LENET_DENSE = 784 * 300 + 300 * 100 + 100 * 10
+LENET_SPARSE = 23_520 + 3_000 + 100
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+
+    return ftk.models.lenet_300_100()
+
+
+@pytest.fixture(scope="module")
+def lenet_sparse(lenet):  # pylint: disable=redefined-outer-name
+    import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+
+    return ftk.sparsify(lenet, 0.9, distribution="uniform", seed=0)

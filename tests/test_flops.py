@@ -8,23 +8,10 @@ import pytest
 import ft_keras as ftk
 from ft_keras import flops
 from ft_keras import layers as masked_layers
+from tests.conftest import LENET_DENSE
+from tests.conftest import LENET_SPARSE
 
 L = keras.layers
-
-# LeNet-300-100: 784*300 + 300*100 + 100*10 dense; 90% uniform sparsity keeps
-# round(0.1 * n) of each kernel: 23,520 + 3,000 + 100.
-LENET_DENSE = 784 * 300 + 300 * 100 + 100 * 10
-LENET_SPARSE = 23_520 + 3_000 + 100
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    return ftk.models.lenet_300_100()
-
-
-@pytest.fixture(scope="module")
-def lenet_sparse(lenet):
-    return ftk.sparsify(lenet, 0.9, distribution="uniform", seed=0)
 
 
 def _conv_model():

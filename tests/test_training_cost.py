@@ -9,19 +9,8 @@ import ft_keras as ftk
 from ft_keras import flops
 from ft_keras.harness import training_cost as tc
 
-# LeNet-300-100 dense, and at 90% uniform sparsity (see tests/test_flops.py).
-F_D = 784 * 300 + 300 * 100 + 100 * 10
-F_S = 23_520 + 3_000 + 100
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    return ftk.models.lenet_300_100()
-
-
-@pytest.fixture(scope="module")
-def lenet_sparse(lenet):
-    return ftk.sparsify(lenet, 0.9, distribution="uniform", seed=0)
+from tests.conftest import LENET_DENSE as F_D
+from tests.conftest import LENET_SPARSE as F_S
 
 
 def _free_tickets(tmp_path, num_tickets=3, exploration_epochs=1, refine_epochs=2, **kwargs):
