@@ -908,7 +908,8 @@ def _memory_section(report):
     note = _xla_note(children)
     if note:
         lines += ["", note.strip()]
-    lines += ["", f"How to reduce the extra memory: [{NOTES}]({NOTES}#how-to-reduce-the-extra-memory).", ""]
+    lines += ["", f"How to reduce the extra memory: "
+              f"[{NOTES}]({NOTES}#how-to-reduce-the-extra-memory).", ""]
     return lines
 
 

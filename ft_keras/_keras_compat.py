@@ -516,8 +516,9 @@ def metric_direction(model, monitor):
     The rule of Keras's callbacks in ``mode="auto"``: a ``"val_"`` prefix is dropped; ``"loss"``
     is ``"min"``; any other name is looked up among the model's metrics (the compiled metrics,
     Keras's and ft_keras's alike, and metrics added by layers), and the metric's declared
-    direction decides. Keras's metrics and the metrics of `ft_keras.keras_metrics` declare one; a user metric declares one by setting
-    ``self._direction = "down"`` (lower is better) or ``"up"`` in its ``__init__``. A name that
+    direction decides. Keras's metrics and the metrics of `ft_keras.keras_metrics` declare one;
+    a user metric declares one by setting ``self._direction = "down"`` (lower is better) or
+    ``"up"`` in its ``__init__``. A name that
     is not found, or a metric that declares no direction, gives None: the caller should then
     ask for an explicit ``mode``. Unlike Keras's callbacks, this also knows the compiled metrics
     before the first step (e.g. in ``on_train_begin``) and the ``<output>_<metric>`` names of
