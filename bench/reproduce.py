@@ -120,6 +120,9 @@ NUM_BINS = evaluation.NUM_BINS
 SEVERITIES = (1, 2, 3, 4, 5)
 EDST_EXPLORATION_RATIO = 0.6  # 150 / 250 epochs in the paper's CIFAR setting
 EDST_REFINE_RATIO = 0.4  # 100 / 250
+# The key scheme of the records (ft_keras/harness/evaluation.py), as reports name it; reports
+# without it are upgraded on reading (`upgrade_report`).
+METRIC_KEYS = "ft_keras.evaluation"
 REGION = "results"  # the page's generated region: <!-- results:begin --> ... <!-- results:end -->
 # The hand-written page that explains the generated one (relative to the page, in docs/).
 NOTES = "reading_benchmarks.md#reproduction-benchmark"
@@ -736,7 +739,7 @@ def aggregate(records, settings):
 
 def upgrade_report(report):
     """A report of an earlier version (flat record keys) in the current key scheme, in place."""
-    if report.get("metric_keys") == evaluation.__name__:
+    if report.get("metric_keys") == METRIC_KEYS:
         return report
     ood = report["settings"].get("ood_dataset")
     for methods in report["summary"].values():
@@ -751,7 +754,7 @@ def upgrade_report(report):
                     if key:
                         new[key] = value
             methods[name] = new
-    report["metric_keys"] = evaluation.__name__
+    report["metric_keys"] = METRIC_KEYS
     return report
 
 
@@ -1002,7 +1005,7 @@ def build_report(settings, data, records, command, start, meter, machine, output
     sets = data.eval
     return {
         "output_name": output_name,
-        "metric_keys": evaluation.__name__,
+        "metric_keys": METRIC_KEYS,
         "complete": complete,
         "command": command,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
