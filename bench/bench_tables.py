@@ -564,6 +564,20 @@ def accounting_markdown(rows, variant):
     return lines
 
 
+# ------------------------------------------------------------------- timing and memory data
+def fashion_mnist_slice(num_examples, data_dir=None):
+    """The first ``num_examples`` Fashion-MNIST training images (uint8) and labels (int64),
+    wrapping around past the end: the fixed slice the timing and memory benchmarks train on (its
+    content does not matter, only that every run sees the same)."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+
+    images, labels = ftk.data.load_numpy("fashion_mnist", "train", data_dir=data_dir)
+    index = np.arange(num_examples) % len(images)
+    return images[index], labels[index].astype(np.int64)
+
+
 # ------------------------------------------------------------------------ recipe benchmarks
 class Data:
     """One data set of `ft_keras.data` split for the recipe benchmarks (bench/diversity.py,

@@ -158,10 +158,9 @@ def _child(variant, hidden):
         import ft_keras as ftk  # pylint: disable=import-outside-toplevel
     out["rss_after_import"] = _status_bytes("VmRSS")
 
-    images, labels = ftk.data.load_numpy("fashion_mnist", f"train[:{FLAGS.examples}]")
+    images, y = bench_tables.fashion_mnist_slice(FLAGS.examples)
     x = images.astype(np.float32) / 255.0
-    y = labels.astype(np.int64)
-    del images, labels
+    del images
     keras.utils.set_random_seed(FLAGS.seed)
     model = ftk.models.mlp(hidden=tuple(hidden))
     if variant != "dense":

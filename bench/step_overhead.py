@@ -193,13 +193,8 @@ def _machine_info():
 
 
 def _load_data(num_examples):
-    images, labels = ftk.data.load_numpy("fashion_mnist", "train")
-    x = images.astype(np.float32) / 255.0
-    y = labels.astype(np.int64)
-    if num_examples > len(x):  # wrap around: the slice is fixed, its content does not matter
-        index = np.arange(num_examples) % len(x)
-        return x[index], y[index]
-    return np.ascontiguousarray(x[:num_examples]), np.ascontiguousarray(y[:num_examples])
+    images, labels = bench_tables.fashion_mnist_slice(num_examples)
+    return images.astype(np.float32) / 255.0, labels
 
 
 def _compile(model, xla, spe):
