@@ -648,6 +648,29 @@ def _split(name, examples):
     return f"{name}[:{examples}]" if examples else name
 
 
+class Progress:
+    """Planned and finished epochs of a recipe benchmark, for its progress log lines (one
+    count for bench/reproduce.py and bench/diversity.py)."""
+
+    def __init__(self, total_epochs=0, start=None):
+        self.total_epochs = total_epochs
+        self.done_epochs = 0
+        self.start = time.time() if start is None else start
+
+    def advance(self, epochs):
+        """Counts ``epochs`` more as done; returns `line`."""
+        self.done_epochs += epochs
+        return self.line()
+
+    def line(self, now=None):
+        """``"<elapsed> s elapsed, <share>% of the planned epochs, ~<eta> s left"``."""
+        elapsed = (time.time() if now is None else now) - self.start
+        done = self.done_epochs / max(self.total_epochs, 1)
+        eta = elapsed / done - elapsed if done > 0 else float("nan")
+        return (f"{elapsed:.0f} s elapsed, {100 * done:.0f}% of the planned epochs, ~{eta:.0f} s "
+                "left (epoch-count estimate)")
+
+
 # ------------------------------------------------------------------- recipe benchmark pages
 def settings_lines(pairs):
     """A markdown list of ``(name, value)`` settings, values as the run's configuration has them."""

@@ -933,8 +933,7 @@ class Runner:
         self.command, self.start = command, start
         self.plan_runs = {}
         self.trained_s = 0.0
-        self.total_epochs = 0
-        self.done_epochs = 0
+        self.progress = bench_tables.Progress(start=start)
 
     def settings_for(self, model):
         names = list(self.config.plan[model])
@@ -965,8 +964,8 @@ class Runner:
                 if spec["kind"] == "edst":
                     spec["dst_member_epochs"] = dst_epochs_for(self.config, spec["epochs"])
             self.plan_runs[model] = specs
-            self.total_epochs = sum(len(self.config.seeds) * s["epochs"]
-                                    for m in self.plan_runs.values() for s in m)
+            self.progress.total_epochs = sum(len(self.config.seeds) * s["epochs"]
+                                             for m in self.plan_runs.values() for s in m)
             for spec in specs:
                 for seed in self.config.seeds:
                     self._one(model, spec, seed)
@@ -975,7 +974,7 @@ class Runner:
     def _one(self, model, spec, seed):
         run_config = _run_config(self.config, model, spec)
         if self.store.find(model, spec["name"], seed, run_config) is not None:
-            self.done_epochs += spec["epochs"]
+            self.progress.advance(spec["epochs"])
             logging.info("[%s, seed %d] %s: in the JSON already, skipped", model, seed,
                          spec["name"])
             return
@@ -992,17 +991,14 @@ class Runner:
                   "wall_time_s": float(result.wall_time_s),
                   "run_time_s": time.time() - started, "metrics": metrics, **info}
         self.store.add(record)
-        self.done_epochs += spec["epochs"]
         self.trained_s += record["wall_time_s"]
-        elapsed = time.time() - self.start
-        done = self.done_epochs / max(self.total_epochs, 1)
         logging.info("[%s, seed %d] %s: accuracy %.4f (tickets %s), NLL %.4f, disagreement %s, "
-                     "training %.3fx dense, %.0f s; %.0f s elapsed, %.0f%% of the planned "
-                     "epochs so far", model, seed, spec["name"], metrics["test/accuracy"],
+                     "training %.3fx dense, %.0f s; %s", model, seed, spec["name"],
+                     metrics["test/accuracy"],
                      " ".join(f"{a:.4f}" for a in metrics["member_accuracy"]),
                      metrics["test/nll"], f"{metrics.get('test/disagreement', float('nan')):.4f}",
-                     metrics["cost/training_macs_relative"], record["run_time_s"], elapsed,
-                     100 * done)
+                     metrics["cost/training_macs_relative"], record["run_time_s"],
+                     self.progress.advance(spec["epochs"]))
         self.write(self.report(complete=False))
         keras.backend.clear_session()
         gc.collect()

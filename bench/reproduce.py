@@ -575,11 +575,9 @@ class Runner:
         self.work_dir = work_dir
         self.on_progress = on_progress
         self.records = []
-        self._epochs_total = sum(
+        self.progress = bench_tables.Progress(sum(
             method_epochs(settings, m, model) for model in settings.models
-            for m in self._trained_methods()) * len(settings.seeds)
-        self._epochs_done = 0
-        self._start = time.time()
+            for m in self._trained_methods()) * len(settings.seeds))
 
     def _trained_methods(self):
         methods = list(self.settings.methods)
@@ -595,13 +593,6 @@ class Runner:
                     self.on_progress(self.records)
         return self.records
 
-    def _log_progress(self, label):
-        elapsed = time.time() - self._start
-        done = self._epochs_done / max(self._epochs_total, 1)
-        eta = elapsed / done - elapsed if done > 0 else float("nan")
-        logging.info("%s done; %.0f s elapsed, %.0f%% of the planned epochs, ~%.0f s left "
-                     "(epoch-count estimate)", label, elapsed, 100 * done, eta)
-
     def _train(self, model_name, seed, method):
         """Trains one method; returns its `RecipeResult`."""
         s = self.settings
@@ -609,8 +600,9 @@ class Runner:
         logging.info("[%s, seed %d] training %s (%d epochs)", model_name, seed, LABELS[method],
                      method_epochs(s, method, model_name))
         result = train_method(s, self.data, model_name, seed, method, folder)
-        self._epochs_done += method_epochs(s, method, model_name)
-        self._log_progress(f"[{model_name}, seed {seed}] {method} ({result.wall_time_s:.1f} s)")
+        logging.info("[%s, seed %d] %s (%.1f s) done; %s", model_name, seed, method,
+                     result.wall_time_s,
+                     self.progress.advance(method_epochs(s, method, model_name)))
         return result
 
     def _run_group(self, model_name, seed):

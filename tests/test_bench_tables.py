@@ -372,3 +372,12 @@ def test_read_report_refuses_unreadable_and_unfit_reports(tmp_path):
         bt.read_report(str(path), usage, lambda r: None)
     with pytest.raises(ValueError, match="cannot read"):
         bt.read_report(str(tmp_path / "missing.json"), usage, lambda r: None)
+
+
+def test_progress_counts_planned_epochs():
+    progress = bt.Progress(total_epochs=40, start=100.0)
+    progress.advance(10)
+    assert progress.done_epochs == 10
+    assert progress.line(now=130.0) == ("30 s elapsed, 25% of the planned epochs, ~90 s left "
+                                        "(epoch-count estimate)")
+    assert "~nan s left" in bt.Progress(start=0.0).line(now=5.0)
