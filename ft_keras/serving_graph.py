@@ -1,0 +1,554 @@
+"""How a serving SavedModel evaluates its members: layer by layer, separately or grouped.
+
+`build_program` turns the members (Keras models) into a function from a request tensor to the
+list of member logits; every weight is read from the load-time cache of
+`ft_keras.serving_storage` (nothing else of the members is saved).
+
+**Chains.** A member whose layers form a chain (each layer feeds the next: a Sequential model,
+or a Functional model of that shape) is evaluated layer by layer. Members that are the same
+chain of layers up to names and weight values (the tickets of one run, or compacted members of
+equal widths) are *aligned*: each position is evaluated for all members together.
+
+**Dense layers** are computed by the serving graph with one of these kernels:
+
+- grouped (``group_members=True``, the default, for aligned members): one op per layer for all
+  members. A layer whose input is the request (shared by all members) multiplies it once by
+  the members' kernels side by side (``n_in x M * n_out``); later layers are one batched
+  product over the members' stacked kernels (``M x n_in x n_out``). bench/serving.py measures
+  grouped against separate evaluation (docs/benchmarks.md, "Serving"), which is why it is
+  the default.
+- ``"dense"`` (``group_members=False``, or members that are not aligned): one product per
+  member, ``x @ W``.
+- ``"csr"`` / ``"coo"`` (opt-in, ``sparse_kernels=``): for a kernel that holds zeros, one
+  sparse product per member: TensorFlow's CSR product (the CSR matrix is built at every call
+  from indices cached at load: a CSR matrix cannot be kept between calls in a SavedModel) or
+  ``tf.sparse.sparse_dense_matmul``. Kernels without zeros stay dense.
+
+All of them rebuild the kernels dense at load time (zeros of masked or compacted kernels
+included) except the sparse ones, which cache the indices and values of the nonzeros.
+
+**Other layers.** A layer without weights (Flatten, Dropout, pooling, Activation) runs once on
+all members' rows at once when members are grouped; a layer with weights that is not Dense
+(convolutions, batch normalisation) runs as its own Keras layer, once per member, its weights
+read from the cache. A member that is not a chain is evaluated whole by Keras; a member
+wrapping a loaded SavedModel (`keras.layers.TFSMLayer`) is called as it is.
+
+**Inside checks.** Each Dense step reports the sum over each example of its pre-activations,
+and each other step with weights the sum of its outputs; the serving function refuses the rows
+where one of them is not finite (``ft_keras.export``, "Requests").
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ft_keras import _checks
+from ft_keras import _tf_compat
+from ft_keras import layers as masked_layer_lib
+from ft_keras import serving_storage
+from ft_keras import sparsify as sparsify_lib
+
+SPARSE_KERNELS = ("dense", "csr", "coo")
+
+# States between steps: ("shared", x) before the first layer with weights; ("grouped", y)
+# with the members on a leading axis; ("list", [y_1, ..., y_M]).
+_SHARED, _GROUPED, _LIST = "shared", "grouped", "list"
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """One Dense position of an export, as `ft_keras.export.kernel_plan` reports it.
+
+    Attributes:
+        layer: the layer name (members' names joined with "+" when they differ).
+        members: how many members this step covers (the members of an aligned ensemble; 1
+            for a single model or a member that is not aligned).
+        shape: (n_in, n_out) of one member's kernel.
+        nnz: nonzero (or, for masked kernels, active) weights of all the members covered.
+        storage: the encoding of each member's kernel ("full", "bitmask", "rows").
+        kernels: "grouped", "dense", "csr" or "coo" (see the module doc).
+    """
+
+    layer: str
+    members: int
+    shape: tuple
+    nnz: int
+    storage: tuple
+    kernels: str
+
+
+# --------------------------------------------------------------------------------------------
+# Which layers and members the graph computes itself.
+
+
+def _is_masked(layer):
+    return masked_layer_lib.is_masked(layer)
+
+
+def _plain_class(layer):
+    return masked_layer_lib.PLAIN_CLASSES.get(type(layer), type(layer))
+
+
+def _is_float32(layer):
+    return getattr(layer, "compute_dtype", "float32") == "float32" and getattr(
+        layer, "variable_dtype", "float32"
+    ) == "float32"
+
+
+def _is_plain_dense(layer):
+    """A Dense layer (masked or not) that `_DenseStep` computes exactly like Keras."""
+    return (
+        _plain_class(layer) is keras.layers.Dense
+        and not getattr(layer, "lora_enabled", False)
+        and not getattr(layer, "quantization_mode", None)
+        and _is_float32(layer)
+    )
+
+
+def _chain(model):
+    """The layers of ``model`` if it is a chain (each layer feeds the next), else None."""
+    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
+        return None
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers or any(isinstance(layer, keras.Model) for layer in layers):
+        return None
+    try:
+        previous = model.inputs[0]
+        for layer in layers:
+            if layer.input is not previous:
+                return None
+            previous = layer.output
+        if previous is not model.outputs[0]:
+            return None
+    except (AttributeError, ValueError, IndexError):  # a layer called several times
+        return None
+    return layers
+
+
+def _layer_signature(layer):
+    """What must be equal for layers of different members to be evaluated together."""
+    config = dict(layer.get_config())
+    config.pop("name", None)
+    config.pop("trainable", None)
+    return (_plain_class(layer).__name__, repr(sorted(config.items())),
+            tuple(tuple(w.shape) for w in layer.weights))
+
+
+def _aligned(chains):
+    """Whether the chains are the same layers up to names and weight values."""
+    if len(chains) < 2 or any(chain is None for chain in chains):
+        return False
+    if len({len(chain) for chain in chains}) != 1:
+        return False
+    return all(len({_layer_signature(layer) for layer in layers}) == 1
+               for layers in zip(*chains))
+
+
+def _is_opaque(model):
+    return any(
+        isinstance(layer, keras.layers.TFSMLayer) for layer in sparsify_lib.walk_layers(model)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The module that a serving SavedModel saves.
+
+
+class ServingModule(tf.Module):
+    """What a serving SavedModel tracks: the stored variables and the load-time caches."""
+
+    def __init__(self):
+        super().__init__(name="ft_keras_serving")
+        self.storage = serving_storage.Storage()
+        self.float_cache = serving_storage.Cache(self.storage, tf.float32)
+        self.index_cache = serving_storage.Cache(self.storage, tf.int64)
+        self.other_variables = []
+        self.opaque_models = []
+
+    def cached(self, array, mask=None, kernel=True):
+        """Stores ``array``; returns (segment, index of its dense tensor in the cache)."""
+        segment = self.storage.add(array, mask, kernel)
+        index = self.float_cache.add(lambda decoded: serving_storage.Storage.tensor(segment,
+                                                                                    decoded))
+        return segment, index
+
+    def layer_state(self, layer):
+        """Cache entries for every float weight of ``layer``: [(variable, index, shape)].
+
+        The mask of a masked layer is folded into its kernel's storage; other weights of rank
+        2 or more (kernels) are stored compactly where they hold zeros; weights that are not
+        floating point (e.g. random-seed state) are tracked as they are.
+        """
+        state = []
+        mask_id = id(layer.kernel_mask) if _is_masked(layer) else None
+        kernel_id = id(layer.masked_kernel) if _is_masked(layer) else None
+        for variable in layer.weights:
+            if id(variable) == mask_id:
+                continue
+            value = np.asarray(keras.ops.convert_to_numpy(variable))
+            if value.dtype.kind != "f":
+                self.other_variables.append(variable)
+                continue
+            mask = None
+            if id(variable) == kernel_id:
+                mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+            segment, index = self.cached(value, mask, kernel=value.ndim >= 2)
+            state.append((variable, index, segment.shape))
+        return state
+
+    def track_other(self, model, mapped):
+        """Tracks the weights of ``model`` that are neither mapped to the cache nor masks."""
+        skip = {id(v) for v in mapped} | {id(v) for v in self.other_variables}
+        skip |= {
+            id(layer.kernel_mask)
+            for layer in sparsify_lib.walk_layers(model)
+            if _is_masked(layer)
+        }
+        for variable in model.weights:
+            if id(variable) not in skip:
+                self.other_variables.append(variable)
+                skip.add(id(variable))
+
+    def finish(self):
+        """Creates the stored variables and drops what the export does not use."""
+        stored = self.storage.finish(self)
+        if not len(self.index_cache):
+            del self.index_cache
+        if not self.other_variables:
+            del self.other_variables
+        if not self.opaque_models:
+            del self.opaque_models
+        for name in ("float_cache", "index_cache"):
+            cache = getattr(self, name, None)
+            if cache is not None:
+                with tf.init_scope():
+                    cache.resource_handle  # pylint: disable=pointless-statement
+        return stored
+
+    def initialize(self):
+        """Fills the caches in process (a loaded SavedModel fills its own)."""
+        for name in ("float_cache", "index_cache"):
+            cache = getattr(self, name, None)
+            if cache is not None:
+                cache._initialize()  # pylint: disable=protected-access
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# States and the per-example checks.
+
+
+def _members_of(state, members):
+    """The state as a list of M tensors."""
+    kind, value = state
+    if kind == _SHARED:
+        return [value] * members
+    if kind == _GROUPED:
+        return tf.unstack(value, num=members)
+    return list(value)
+
+
+def _example_sums(tensor, batch_axis):
+    """Graph code: the sum of ``tensor`` over every axis but ``batch_axis`` (one per example)."""
+    rank = tensor.shape.rank
+    return tf.reduce_sum(tensor, axis=[a for a in range(rank) if a != batch_axis])
+
+
+def _merge_members(x):
+    """(M, B, ...) -> (M * B, ...), keeping the static sizes of the other axes."""
+    inner = [d if d is not None else tf.shape(x)[i + 2] for i, d in enumerate(x.shape[2:])]
+    return tf.reshape(x, [-1] + inner)
+
+
+def _split_members(y, members):
+    """(M * B, ...) -> (M, B, ...)."""
+    inner = [d if d is not None else tf.shape(y)[i + 1] for i, d in enumerate(y.shape[1:])]
+    return tf.reshape(y, [members, -1] + inner)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps: each maps a state to (state, per-example check sums or None).
+
+
+class _DenseStep:
+    """A Dense layer of M >= 1 members (one position of aligned chains, or one member)."""
+
+    def __init__(self, module, layers, input_kind, sparse_kernels, group_members):
+        self.module = module
+        self.layers = list(layers)
+        self.members = len(self.layers)
+        self.shared_input = input_kind == _SHARED
+        first = self.layers[0]
+        self.segments = []
+        for layer in self.layers:
+            if _is_masked(layer):
+                kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
+                mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+            else:
+                kernel, mask = keras.ops.convert_to_numpy(layer.kernel), None
+            self.segments.append(module.storage.add(kernel, mask))
+        self.n_in, self.n_out = (int(d) for d in self.segments[0].shape)
+        self.activation = first.activation
+        self.nnz = sum(segment.nnz for segment in self.segments)
+        has_zeros = self.nnz < self.members * self.n_in * self.n_out
+        if sparse_kernels != "dense" and has_zeros:
+            self.kernel = sparse_kernels
+        elif group_members and self.members > 1:
+            self.kernel = "grouped"
+        else:
+            self.kernel = "dense"
+        self.output_kind = _GROUPED if self.kernel == "grouped" else _LIST
+        cache = module.float_cache
+        tensor = serving_storage.Storage.tensor
+        if self.kernel == "grouped":
+            self.kernel_index = cache.add(self._build_grouped)
+        elif self.kernel == "dense":
+            self.kernel_index = [cache.add(lambda d, s=segment: tensor(s, d))
+                                 for segment in self.segments]
+        else:
+            self.kernel_index = [
+                (module.index_cache.add(lambda d, s=segment: _transposed_coo(s, d)[0]),
+                 cache.add(lambda d, s=segment: _transposed_coo(s, d)[1]))
+                for segment in self.segments
+            ]
+        self.bias_index = None
+        if first.use_bias:
+            biases = np.stack([keras.ops.convert_to_numpy(layer.bias) for layer in self.layers])
+            if self.kernel == "grouped" and self.shared_input:
+                biases = biases.reshape(-1)
+            elif self.kernel == "grouped":
+                biases = biases[:, None, :]
+            segment = module.storage.add(biases, kernel=False)
+            self.bias_index = cache.add(lambda d: tensor(segment, d))
+            self.bias_shape = segment.shape
+
+    def _build_grouped(self, decoded):
+        kernels = [serving_storage.Storage.tensor(s, decoded) for s in self.segments]
+        return tf.concat(kernels, axis=1) if self.shared_input else tf.stack(kernels)
+
+    def _finish(self, pre, batch_axis):
+        """Activation of the pre-activations ``pre``, and their per-example sums."""
+        check = _example_sums(pre, batch_axis)
+        return (pre if self.activation is None else self.activation(pre)), check
+
+    def __call__(self, state):
+        get = self.module.float_cache.get
+        bias = get(self.bias_index, self.bias_shape) if self.bias_index is not None else None
+        if self.kernel == "grouped":
+            return self._grouped(state, get, bias)
+        outputs, checks = [], []
+        for m, x in enumerate(_members_of(state, self.members)):
+            lead = tf.shape(x)[:-1]
+            x2d = tf.reshape(x, [-1, self.n_in])
+            if self.kernel == "dense":
+                y = tf.matmul(x2d, get(self.kernel_index[m], (self.n_in, self.n_out)))
+            else:
+                y = _sparse_product(self.module, self.kernel_index[m], x2d, self.n_in,
+                                    self.n_out, self.kernel)
+            if bias is not None:
+                y = y + bias[m]
+            y = tf.reshape(y, tf.concat([lead, [self.n_out]], 0))
+            y, check = self._finish(y, 0)
+            outputs.append(y)
+            checks.append(check)
+        return (_LIST, outputs), tf.add_n(checks)
+
+    def _grouped(self, state, get, bias):
+        kind, x = state
+        members, n_in, n_out = self.members, self.n_in, self.n_out
+        if kind == _SHARED:
+            lead = tf.shape(x)[:-1]
+            w = get(self.kernel_index, (n_in, members * n_out))
+            y = tf.matmul(tf.reshape(x, [-1, n_in]), w)
+            if bias is not None:
+                y = y + bias
+            y, check = self._finish(tf.reshape(y, [lead[0], -1, members * n_out]), 0)
+            # (B, rows, M * n_out) -> (M, B, ..., n_out)
+            y = tf.transpose(tf.reshape(y, [-1, members, n_out]), [1, 0, 2])
+            return (_GROUPED, tf.reshape(y, tf.concat([[members], lead, [n_out]], 0))), check
+        if kind == _LIST:
+            x = tf.stack(x)
+        lead = tf.shape(x)[1:-1]
+        w = get(self.kernel_index, (members, n_in, n_out))
+        y = tf.matmul(tf.reshape(x, [members, -1, n_in]), w)
+        if bias is not None:
+            y = y + bias
+        y = tf.reshape(y, tf.concat([[members], lead, [n_out]], 0))
+        y, check = self._finish(y, 1)
+        return (_GROUPED, y), check
+
+    def plan(self):
+        return LayerPlan(
+            layer="+".join(dict.fromkeys(layer.name for layer in self.layers)),
+            members=self.members,
+            shape=(self.n_in, self.n_out),
+            nnz=self.nnz,
+            storage=tuple(segment.group for segment in self.segments),
+            kernels=self.kernel,
+        )
+
+
+def _transposed_coo(segment, decoded):
+    """Graph code: int64 indices [nnz, 2] and values of W^T (row-major), for sparse products.
+
+    Entries are the nonzeros of the rebuilt kernel (an active weight that is exactly 0 adds
+    nothing to a product, so leaving it out changes no output).
+    """
+    transposed = tf.transpose(serving_storage.Storage.tensor(segment, decoded))
+    where = tf.where(tf.not_equal(transposed, 0.0))
+    return where, tf.gather_nd(transposed, where)
+
+
+def _sparse_product(module, sparse_index, x2d, n_in, n_out, kernel):
+    """Graph code: x2d (rows, n_in) @ W with W^T cached sparse (indices, values)."""
+    index_i, value_i = sparse_index
+    indices = module.index_cache.get(index_i, [None, 2])
+    values = module.float_cache.get(value_i, [None])
+    dense_shape = tf.constant([n_out, n_in], tf.int64)
+    if kernel == "csr":
+        return _tf_compat.csr_matmul(indices, values, dense_shape, x2d)
+    product = tf.sparse.sparse_dense_matmul(
+        tf.SparseTensor(indices, values, dense_shape), x2d, adjoint_b=True
+    )
+    return tf.transpose(product)
+
+
+class _WeightlessStep:
+    """A layer without weights, run once on the shared input or on all members' rows."""
+
+    def __init__(self, layer, members, input_kind):
+        self.layer = layer
+        self.members = members
+        self.output_kind = input_kind
+
+    def __call__(self, state):
+        kind, x = state
+        if kind == _SHARED:
+            return (kind, self.layer(x, training=False)), None
+        if kind == _GROUPED:
+            y = self.layer(_merge_members(x), training=False)
+            return (kind, _split_members(y, self.members)), None
+        return (kind, [self.layer(v, training=False) for v in x]), None
+
+
+class _KerasStep:
+    """A layer (or a whole model) of one member run by Keras, its float weights read from the
+    cache."""
+
+    def __init__(self, module, layer):
+        self.layer = layer
+        self.module = module
+        self.state = []
+        targets = sparsify_lib.walk_layers(layer) if isinstance(layer, keras.Model) else [layer]
+        for target in targets:
+            self.state.extend(module.layer_state(target))
+        if isinstance(layer, keras.Model):
+            module.track_other(layer, [variable for variable, _, _ in self.state])
+
+    def __call__(self, x):
+        if not self.state:
+            return self.layer(x, training=False)
+        mapping = [
+            (variable, self.module.float_cache.get(index, shape))
+            for variable, index, shape in self.state
+        ]
+        with keras.StatelessScope(state_mapping=mapping):
+            return self.layer(x, training=False)
+
+
+class _OpaqueStep:
+    """A model wrapping a loaded SavedModel (`keras.layers.TFSMLayer`), called as it is.
+
+    Its variables and resources belong to the loaded SavedModel: the export tracks the whole
+    model (its weights are written as they are, not compactly).
+    """
+
+    def __init__(self, module, model):
+        self.model = model
+        module.opaque_models.append(model)
+
+    def __call__(self, x):
+        return self.model(x, training=False)
+
+
+class _PerMemberStep:
+    """One position run by each member's own step (Keras layers, whole models)."""
+
+    output_kind = _LIST
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, state):
+        outputs = [step(x) for step, x in zip(self.steps, _members_of(state, len(self.steps)))]
+        checks = [_example_sums(tf.cast(y, tf.float32), 0) for y in outputs]
+        return (_LIST, outputs), tf.add_n(checks)
+
+
+# --------------------------------------------------------------------------------------------
+# The program.
+
+
+def _steps(module, layers_by_position, members, sparse_kernels, group_members):
+    """The steps of one group of aligned members (or of one member), and their Dense steps."""
+    steps, dense_steps = [], []
+    kind = _SHARED
+    for layers in layers_by_position:
+        if isinstance(layers[0], keras.Model) and _is_opaque(layers[0]):
+            step = _PerMemberStep([_OpaqueStep(module, layers[0])])
+        elif all(_is_plain_dense(layer) for layer in layers):
+            step = _DenseStep(module, layers, kind, sparse_kernels, group_members)
+            dense_steps.append(step)
+        elif not any(layer.weights for layer in layers) and not any(
+                isinstance(layer, keras.Model) for layer in layers):
+            step = _WeightlessStep(layers[0], members, kind)
+        else:
+            step = _PerMemberStep([_KerasStep(module, layer) for layer in layers])
+        steps.append(step)
+        kind = step.output_kind
+    return steps, dense_steps
+
+
+def build_program(module, models, *, sparse_kernels="dense", group_members=True):
+    """A graph function for ``models`` (distinct objects) and the `LayerPlan` of its Dense steps.
+
+    Args:
+        module: the `ServingModule` that stores the weights.
+        models: the members (built single-input Keras models).
+        sparse_kernels: "dense", "csr" or "coo" (see the module doc).
+        group_members: evaluate aligned members together (see the module doc).
+
+    Returns:
+        ``(run, plan)``: ``run(x)`` returns ``(logits, check)``, the list of member logits
+        (float32) and the per-example sums whose finiteness the serving function checks.
+    """
+    sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
+    group_members = _checks.check_bool("group_members", group_members)
+    chains = [None if _is_opaque(model) else _chain(model) for model in models]
+    if _aligned(chains):
+        groups = [(len(models), list(zip(*chains)))]
+    else:
+        groups = [(1, [(layer,) for layer in chain] if chain is not None else [(model,)])
+                  for model, chain in zip(models, chains)]
+    programs, plan = [], []
+    for members, positions in groups:
+        steps, dense_steps = _steps(module, positions, members, sparse_kernels, group_members)
+        programs.append((members, steps))
+        plan.extend(step.plan() for step in dense_steps)
+
+    def run(x):
+        logits, checks = [], []
+        for members, steps in programs:
+            state = (_SHARED, x)
+            for step in steps:
+                state, check = step(state)
+                if check is not None:
+                    checks.append(check)
+            outputs = [tf.cast(y, tf.float32) for y in _members_of(state, members)]
+            checks.extend(_example_sums(y, 0) for y in outputs)
+            logits.extend(outputs)
+        return logits, tf.add_n(checks)
+
+    return run, plan
