@@ -55,8 +55,9 @@ def _check_member_logits(member_logits):
 
 
 def _entropy(probs, log_probs):
-    """Entropy in nats over the last axis; 0 * log 0 counts as 0."""
-    return -tf.reduce_sum(tf.math.multiply_no_nan(log_probs, probs), axis=-1)
+    """Entropy in nats over the last axis; 0 * log 0 counts as 0. Every p log p is <= 0, so
+    the entropy is the absolute value of their sum (+0.0, never -0.0, at certainty)."""
+    return tf.abs(tf.reduce_sum(tf.math.multiply_no_nan(log_probs, probs), axis=-1))
 
 
 def combine_members(member_logits, combine):
