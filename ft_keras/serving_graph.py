@@ -27,14 +27,22 @@ equal widths) are *aligned*: each position is evaluated for all members together
 All of them rebuild the kernels dense at load time (zeros of masked or compacted kernels
 included) except the sparse ones, which cache the indices and values of the nonzeros.
 
-**Other layers.** A layer without weights (Flatten, Dropout, pooling, Activation) runs once on
-all members' rows at once when members are grouped; a layer with weights that is not Dense
-(convolutions, batch normalisation) runs as its own Keras layer, once per member, its weights
-read from the cache. A member that is not a chain is evaluated whole by Keras; a member
-wrapping a loaded SavedModel (`keras.layers.TFSMLayer`) is called as it is.
+**Convolutions** (Conv1D / 2D / 3D, channels last, "valid" or "same" padding) of aligned
+members are grouped too (``group_members=True``): one convolution with the members' filters
+side by side, an ordinary one on the shared request and a grouped one (one group per member)
+after that; the members' channels then stay side by side on the last axis through layers that
+act on each channel alone (pooling, activations, dropout, padding, cropping) until a layer that
+needs them apart (Flatten, a Dense layer).
 
-**Inside checks.** Each Dense step reports the sum over each example of its pre-activations,
-and each other step with weights the sum of its outputs; the serving function refuses the rows
+**Other layers.** Any other layer without weights (Flatten, Reshape...) runs once on all
+members' rows at once when members are grouped; a layer with weights that is neither of the
+above (depthwise convolutions, batch normalisation, convolutions of members not grouped) runs as
+its own Keras layer, once per member, its weights read from the cache. A member that is not a
+chain is evaluated whole by Keras; a member wrapping a loaded SavedModel
+(`keras.layers.TFSMLayer`) is called as it is.
+
+**Inside checks.** Each Dense and grouped convolution step reports the sum over each example of
+its pre-activations, and each other step with weights the sum of its outputs; the serving function refuses the rows
 where one of them is not finite (``ft_keras.export``, "Requests").
 """
 
@@ -53,19 +61,39 @@ from ft_keras import sparsify as sparsify_lib
 SPARSE_KERNELS = ("dense", "csr", "coo")
 
 # States between steps: ("shared", x) before the first layer with weights; ("grouped", y)
-# with the members on a leading axis; ("list", [y_1, ..., y_M]).
-_SHARED, _GROUPED, _LIST = "shared", "grouped", "list"
+# with the members on a leading axis; ("channels", y) with the members' channels side by side
+# on the last axis (after grouped convolutions); ("list", [y_1, ..., y_M]).
+_SHARED, _GROUPED, _CHANNELS, _LIST = "shared", "grouped", "channels", "list"
+
+# Layers without weights that act on each channel alone (channels last): they run on the
+# members' channels side by side as they are.
+_PER_CHANNEL = (
+    keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.AveragePooling3D,
+    keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D, keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D, keras.layers.GlobalAveragePooling3D,
+    keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
+    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout, keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D,
+    keras.layers.ZeroPadding3D, keras.layers.Cropping1D, keras.layers.Cropping2D,
+    keras.layers.Cropping3D,
+)
+_CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 
 @dataclasses.dataclass
 class LayerPlan:
-    """One Dense position of an export, as `ft_keras.export.kernel_plan` reports it.
+    """One Dense (or grouped convolution) position of an export, as
+    `ft_keras.export.kernel_plan` reports it.
 
     Attributes:
         layer: the layer name (members' names joined with "+" when they differ).
         members: how many members this step covers (the members of an aligned ensemble; 1
             for a single model or a member that is not aligned).
-        shape: (n_in, n_out) of one member's kernel.
+        shape: (n_in, n_out) of one member's kernel (a convolution's n_in is its kernel's
+            height * width * input channels).
         nnz: nonzero (or, for masked kernels, active) weights of all the members covered.
         storage: the encoding of each member's kernel ("full", "bitmask", "rows").
         kernels: "grouped", "dense", "csr" or "coo" (see the module doc).
@@ -107,6 +135,32 @@ def _is_plain_dense(layer):
     )
 
 
+def _is_groupable_conv(layer):
+    """A convolution (masked or not) that `_ConvStep` computes exactly like Keras, members'
+    filters side by side."""
+    activation = getattr(getattr(layer, "activation", None), "__name__", "")
+    return (
+        _plain_class(layer) in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+        and getattr(layer, "groups", 1) == 1
+        and getattr(layer, "data_format", "channels_last") == "channels_last"
+        and str(getattr(layer, "padding", "")).lower() in ("valid", "same")
+        and activation not in _CHANNEL_MIXING_ACTIVATIONS
+        and not getattr(layer, "lora_enabled", False)
+        and not getattr(layer, "quantization_mode", None)
+        and _is_float32(layer)
+    )
+
+
+def _is_per_channel(layer):
+    """A layer without weights that acts on each channel alone (channels last)."""
+    if not isinstance(layer, _PER_CHANNEL):
+        return False
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return False
+    activation = getattr(getattr(layer, "activation", None), "__name__", "")
+    return activation not in _CHANNEL_MIXING_ACTIVATIONS
+
+
 def _chain(model):
     """The layers of ``model`` if it is a chain (each layer feeds the next), else None."""
     if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
@@ -132,8 +186,9 @@ def _layer_signature(layer):
     config = dict(layer.get_config())
     config.pop("name", None)
     config.pop("trainable", None)
-    return (_plain_class(layer).__name__, repr(sorted(config.items())),
-            tuple(tuple(w.shape) for w in layer.weights))
+    mask = id(layer.kernel_mask) if _is_masked(layer) else None
+    shapes = tuple(tuple(w.shape) for w in layer.weights if id(w) != mask)
+    return (_plain_class(layer).__name__, repr(sorted(config.items())), shapes)
 
 
 def _aligned(chains):
@@ -247,7 +302,33 @@ def _members_of(state, members):
         return [value] * members
     if kind == _GROUPED:
         return tf.unstack(value, num=members)
+    if kind == _CHANNELS:
+        return tf.split(value, members, axis=-1)
     return list(value)
+
+
+def _as_grouped(state, members):
+    """The state as one tensor (M, B, ...)."""
+    kind, value = state
+    if kind == _GROUPED:
+        return value
+    if kind == _CHANNELS:
+        # (B, ..., M * C) -> (B, ..., M, C) -> (M, B, ..., C)
+        channels = value.shape[-1] // members
+        inner = [d if d is not None else tf.shape(value)[i] for i, d in
+                 enumerate(value.shape[:-1])]
+        rank = value.shape.rank
+        split = tf.reshape(value, inner + [members, channels])
+        return tf.transpose(split, [rank - 1] + list(range(rank - 1)) + [rank])
+    return tf.stack(_members_of(state, members))
+
+
+def _as_channels(state, members):
+    """The state as one tensor (B, ..., M * C)."""
+    kind, value = state
+    if kind == _CHANNELS:
+        return value
+    return tf.concat(_members_of(state, members), axis=-1)
 
 
 def _example_sums(tensor, batch_axis):
@@ -368,8 +449,7 @@ class _DenseStep:
             # (B, rows, M * n_out) -> (M, B, ..., n_out)
             y = tf.transpose(tf.reshape(y, [-1, members, n_out]), [1, 0, 2])
             return (_GROUPED, tf.reshape(y, tf.concat([[members], lead, [n_out]], 0))), check
-        if kind == _LIST:
-            x = tf.stack(x)
+        x = _as_grouped(state, members)
         lead = tf.shape(x)[1:-1]
         w = get(self.kernel_index, (members, n_in, n_out))
         y = tf.matmul(tf.reshape(x, [members, -1, n_in]), w)
@@ -422,15 +502,78 @@ class _WeightlessStep:
         self.layer = layer
         self.members = members
         self.output_kind = input_kind
+        if input_kind == _CHANNELS and not _is_per_channel(layer):
+            self.output_kind = _GROUPED
 
     def __call__(self, state):
         kind, x = state
-        if kind == _SHARED:
+        if kind in (_SHARED, _CHANNELS) and self.output_kind == kind:
             return (kind, self.layer(x, training=False)), None
-        if kind == _GROUPED:
-            y = self.layer(_merge_members(x), training=False)
-            return (kind, _split_members(y, self.members)), None
-        return (kind, [self.layer(v, training=False) for v in x]), None
+        if kind == _LIST:
+            return (kind, [self.layer(v, training=False) for v in x]), None
+        y = self.layer(_merge_members(_as_grouped(state, self.members)), training=False)
+        return (_GROUPED, _split_members(y, self.members)), None
+
+
+class _ConvStep:
+    """A convolution of M >= 2 aligned members as one convolution: the members' filters side
+    by side; on the shared input an ordinary convolution, on the members' channels side by
+    side a grouped one (one group per member). Its output is in the "channels" state."""
+
+    output_kind = _CHANNELS
+
+    def __init__(self, module, layers):
+        self.module = module
+        self.layers = list(layers)
+        self.members = len(self.layers)
+        first = self.layers[0]
+        self.segments = []
+        for layer in self.layers:
+            if _is_masked(layer):
+                kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
+                mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+            else:
+                kernel, mask = keras.ops.convert_to_numpy(layer.kernel), None
+            self.segments.append(module.storage.add(kernel, mask))
+        shape = self.segments[0].shape
+        self.kernel_shape = tuple(shape[:-1]) + (self.members * shape[-1],)
+        self.nnz = sum(segment.nnz for segment in self.segments)
+        self.kernel_index = module.float_cache.add(
+            lambda d: tf.concat([serving_storage.Storage.tensor(s, d) for s in self.segments],
+                                axis=-1))
+        self.bias_index = None
+        if first.use_bias:
+            biases = np.concatenate([keras.ops.convert_to_numpy(layer.bias)
+                                     for layer in self.layers])
+            segment = module.storage.add(biases, kernel=False)
+            self.bias_index = module.float_cache.add(
+                lambda d: serving_storage.Storage.tensor(segment, d))
+        self.layer = first
+
+    def __call__(self, state):
+        x = state[1] if state[0] == _SHARED else _as_channels(state, self.members)
+        get = self.module.float_cache.get
+        layer = self.layer
+        y = keras.ops.conv(x, get(self.kernel_index, self.kernel_shape), strides=layer.strides,
+                           padding=layer.padding, data_format="channels_last",
+                           dilation_rate=layer.dilation_rate)
+        if self.bias_index is not None:
+            y = y + get(self.bias_index, (self.kernel_shape[-1],))
+        check = _example_sums(y, 0)
+        if layer.activation is not None:
+            y = layer.activation(y)
+        return (_CHANNELS, y), check
+
+    def plan(self):
+        kh_kw_in = int(np.prod(self.segments[0].shape[:-1]))
+        return LayerPlan(
+            layer="+".join(dict.fromkeys(layer.name for layer in self.layers)),
+            members=self.members,
+            shape=(kh_kw_in, int(self.segments[0].shape[-1])),
+            nnz=self.nnz,
+            storage=tuple(segment.group for segment in self.segments),
+            kernels="grouped",
+        )
 
 
 class _KerasStep:
@@ -500,6 +643,9 @@ def _steps(module, layers_by_position, members, sparse_kernels, group_members):
             step = _PerMemberStep([_OpaqueStep(module, layers[0])])
         elif all(_is_plain_dense(layer) for layer in layers):
             step = _DenseStep(module, layers, kind, sparse_kernels, group_members)
+            dense_steps.append(step)
+        elif group_members and members > 1 and all(map(_is_groupable_conv, layers)):
+            step = _ConvStep(module, layers)
             dense_steps.append(step)
         elif not any(layer.weights for layer in layers) and not any(
                 isinstance(layer, keras.Model) for layer in layers):

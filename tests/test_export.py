@@ -192,21 +192,71 @@ def test_plain_members_with_zeros_are_stored_compactly_and_grouped(tmp_path):
 
 @pytest.mark.parametrize("kernels", ["dense", "csr"])
 def test_convolutions_depthwise_batchnorm(tmp_path, kernels):
+    # Conv2D and Conv3D of aligned members are grouped; a causal Conv1D and the depthwise
+    # convolution run per member by Keras (kernels from the cache).
+    grouped_convs = {"conv2d": ["conv"], "conv1d": [], "conv3d": ["conv"]}
     for i, net in enumerate(_conv_nets(3)):
         _set_bn_statistics(net)
         sparse = ftk.sparsify(net, sparsity=0.6, distribution="uniform", seed=i)
         assert len(ftk.masked_layers(sparse)) >= 2
         twin = ftk.sparsify(net, sparsity=0.6, distribution="uniform", seed=i + 10)
         rows = export.kernel_plan([sparse, twin], sparse_kernels=kernels)
-        # Aligned: one row per Dense position; convolutions run by Keras, kernels dense.
         assert [(p.layer, p.members, p.kernels) for p in rows] == [
+            (name, 2, "grouped") for name in grouped_convs[net.name]] + [
             ("logits", 2, "grouped" if kernels == "dense" else kernels)]
         shape = (4,) + tuple(net.inputs[0].shape[1:])
         x = RNG.random(shape).astype(np.float32)
         models = [sparse, twin, net]
-        serve, _ = _serve(models, tmp_path, name=f"{net.name}_{kernels}",
-                          sparse_kernels=kernels)
-        assert np.max(np.abs(_outputs(serve, x) - _predict(models, x))) <= 1e-5, net.name
+        for grouped in (True, False):
+            serve, _ = _serve(models, tmp_path, name=f"{net.name}_{kernels}_{grouped}",
+                              sparse_kernels=kernels, group_members=grouped)
+            assert np.max(np.abs(_outputs(serve, x) - _predict(models, x))) <= 1e-5, net.name
+
+
+def _conv_chain(seed, dims):
+    """Convolutions whose members' channels stay side by side through pooling, leave that
+    layout for batch normalisation (per member) and come back to it."""
+    keras.utils.set_random_seed(seed)
+    if dims == 1:
+        return keras.Sequential([
+            keras.Input((16, 3)),
+            keras.layers.Conv1D(4, 3, activation="relu", name="c1"),
+            keras.layers.AveragePooling1D(2),
+            keras.layers.Conv1D(5, 3, padding="same", dilation_rate=2, name="c2"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="logits"),
+        ])
+    return keras.Sequential([
+        keras.Input((12, 12, 2)),
+        keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="c1"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(4, 3, strides=2, name="c2"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(2, 1, use_bias=False, name="c3"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, name="logits"),
+    ])
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_grouped_convolutions_equal_separate_ones(tmp_path, dims):
+    members = [_conv_chain(seed, dims) for seed in range(3)]
+    members[1] = ftk.sparsify(members[1], sparsity=0.5, seed=1)  # masked and plain mixed
+    for member in members:
+        _set_bn_statistics(member)
+    x = RNG.random((5,) + tuple(members[0].inputs[0].shape[1:])).astype(np.float32)
+    want = _predict(members, x)
+    got = {}
+    for grouped in (True, False):
+        serve, _ = _serve(members, tmp_path, name=f"g{grouped}", group_members=grouped)
+        got[grouped] = _outputs(serve, x)
+        assert np.max(np.abs(got[grouped] - want)) <= 1e-5
+    assert np.max(np.abs(got[True] - got[False])) <= 1e-5
+    plan = export.kernel_plan(members)
+    convs = ["c1", "c2"] if dims == 1 else ["c1", "c2", "c3"]
+    assert [(p.layer, p.kernels) for p in plan] == [(c, "grouped") for c in convs] + [
+        ("logits", "grouped")]
 
 
 def test_unknown_input_dimensions(tmp_path):
