@@ -40,6 +40,7 @@ import datetime
 import gc
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -351,7 +352,7 @@ def _markdown(report):
 
 
 def _command():
-    return " ".join(["python bench/serving.py"] + sys.argv[1:])
+    return shlex.join(["python", "bench/serving.py"] + sys.argv[1:])
 
 
 def _positive_ints(values, flag):

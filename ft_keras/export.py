@@ -138,7 +138,8 @@ def check_input_range(input_range, argument="input_range"):
 def _rows_assert(ok_rows, message, name):
     """Graph code: an Assert that all of ``ok_rows`` (bool, one per example) hold, whose
     message lists the first offending rows."""
-    bad_rows = tf.where(tf.logical_not(ok_rows))[:_ROWS_LISTED, 0]
+    # int32 (with the string) makes a plain Assert op, not a conditional around it.
+    bad_rows = tf.cast(tf.where(tf.logical_not(ok_rows))[:_ROWS_LISTED, 0], tf.int32)
     return tf.debugging.Assert(
         tf.reduce_all(ok_rows),
         [f"{SERVING_SIGNATURE}: {message} Offending rows (first {_ROWS_LISTED}):", bad_rows],

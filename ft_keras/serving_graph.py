@@ -396,14 +396,17 @@ class _DenseStep:
             ]
         self.bias_index = None
         if first.use_bias:
-            biases = np.stack([keras.ops.convert_to_numpy(layer.bias) for layer in self.layers])
-            if self.kernel == "grouped" and self.shared_input:
-                biases = biases.reshape(-1)
-            elif self.kernel == "grouped":
-                biases = biases[:, None, :]
-            segment = module.storage.add(biases, kernel=False)
-            self.bias_index = cache.add(lambda d: tensor(segment, d))
-            self.bias_shape = segment.shape
+            biases = [keras.ops.convert_to_numpy(layer.bias) for layer in self.layers]
+            if self.kernel == "grouped":
+                grouped = np.concatenate(biases) if self.shared_input else np.stack(biases)[
+                    :, None, :]
+                segment = module.storage.add(grouped, kernel=False)
+                self.bias_index = cache.add(lambda d: tensor(segment, d))
+                self.bias_shape = segment.shape
+            else:
+                segments = [module.storage.add(b, kernel=False) for b in biases]
+                self.bias_index = [cache.add(lambda d, s=seg: tensor(s, d)) for seg in segments]
+                self.bias_shape = (self.n_out,)
 
     def _build_grouped(self, decoded):
         kernels = [serving_storage.Storage.tensor(s, decoded) for s in self.segments]
@@ -416,21 +419,22 @@ class _DenseStep:
 
     def __call__(self, state):
         get = self.module.float_cache.get
-        bias = get(self.bias_index, self.bias_shape) if self.bias_index is not None else None
         if self.kernel == "grouped":
+            bias = None if self.bias_index is None else get(self.bias_index, self.bias_shape)
             return self._grouped(state, get, bias)
         outputs, checks = [], []
         for m, x in enumerate(_members_of(state, self.members)):
-            lead = tf.shape(x)[:-1]
-            x2d = tf.reshape(x, [-1, self.n_in])
+            flat = x.shape.rank == 2  # else a Dense on (batch, ..., n_in): rows flattened
+            x2d = x if flat else tf.reshape(x, [-1, self.n_in])
             if self.kernel == "dense":
                 y = tf.matmul(x2d, get(self.kernel_index[m], (self.n_in, self.n_out)))
             else:
                 y = _sparse_product(self.module, self.kernel_index[m], x2d, self.n_in,
                                     self.n_out, self.kernel)
-            if bias is not None:
-                y = y + bias[m]
-            y = tf.reshape(y, tf.concat([lead, [self.n_out]], 0))
+            if self.bias_index is not None:
+                y = y + get(self.bias_index[m], self.bias_shape)
+            if not flat:
+                y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.n_out]], 0))
             y, check = self._finish(y, 0)
             outputs.append(y)
             checks.append(check)
@@ -440,22 +444,28 @@ class _DenseStep:
         kind, x = state
         members, n_in, n_out = self.members, self.n_in, self.n_out
         if kind == _SHARED:
-            lead = tf.shape(x)[:-1]
+            flat = x.shape.rank == 2
             w = get(self.kernel_index, (n_in, members * n_out))
-            y = tf.matmul(tf.reshape(x, [-1, n_in]), w)
+            y = tf.matmul(x if flat else tf.reshape(x, [-1, n_in]), w)
             if bias is not None:
                 y = y + bias
+            if flat:  # (B, M * n_out) -> (M, B, n_out)
+                y, check = self._finish(y, 0)
+                y = tf.transpose(tf.reshape(y, [-1, members, n_out]), [1, 0, 2])
+                return (_GROUPED, y), check
+            lead = tf.shape(x)[:-1]
             y, check = self._finish(tf.reshape(y, [lead[0], -1, members * n_out]), 0)
             # (B, rows, M * n_out) -> (M, B, ..., n_out)
             y = tf.transpose(tf.reshape(y, [-1, members, n_out]), [1, 0, 2])
             return (_GROUPED, tf.reshape(y, tf.concat([[members], lead, [n_out]], 0))), check
         x = _as_grouped(state, members)
-        lead = tf.shape(x)[1:-1]
+        flat = x.shape.rank == 3
         w = get(self.kernel_index, (members, n_in, n_out))
-        y = tf.matmul(tf.reshape(x, [members, -1, n_in]), w)
+        y = tf.matmul(x if flat else tf.reshape(x, [members, -1, n_in]), w)
         if bias is not None:
             y = y + bias
-        y = tf.reshape(y, tf.concat([[members], lead, [n_out]], 0))
+        if not flat:
+            y = tf.reshape(y, tf.concat([[members], tf.shape(x)[1:-1], [n_out]], 0))
         y, check = self._finish(y, 1)
         return (_GROUPED, y), check
 

@@ -309,6 +309,7 @@ class Cache(_tf_compat.TrackableResource):
         self._dtype = dtype
         self._builders = []
         self._name = f"ft_keras_cache_{uuid.uuid4().hex}"
+        self._read = None  # (graph, the list read in it)
         super().__init__()
 
     def add(self, build):
@@ -333,7 +334,12 @@ class Cache(_tf_compat.TrackableResource):
                                          _tf_compat.tensor_list(tensors, self._dtype))
 
     def get(self, index, shape):
-        """Graph code: element ``index`` (static ``shape``, None for unknown dimensions)."""
+        """Graph code: element ``index`` (static ``shape``, None for unknown dimensions).
+
+        The list is read once per graph being built, and every element taken from that read.
+        """
+        graph = tf.compat.v1.get_default_graph()
+        if self._read is None or self._read[0] is not graph:
+            self._read = (graph, _tf_compat.read_variant(self.resource_handle))
         element_shape = [-1 if d is None else int(d) for d in shape]
-        return _tf_compat.tensor_list_get(_tf_compat.read_variant(self.resource_handle), index,
-                                          self._dtype, element_shape)
+        return _tf_compat.tensor_list_get(self._read[1], index, self._dtype, element_shape)
