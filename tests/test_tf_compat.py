@@ -4,6 +4,7 @@ Each test fails the day TensorFlow changes the internal it names (see the module
 ft_keras/_tf_compat.py for the list and what each is used for).
 """
 
+import ast
 import os
 
 import numpy as np
@@ -11,6 +12,24 @@ import pytest
 import tensorflow as tf
 
 from ft_keras import _tf_compat as compat
+
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ft_keras")
+
+
+def test_private_tensorflow_api_is_imported_in_one_module_only():
+    importers = set()
+    for name in sorted(os.listdir(PACKAGE)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(PACKAGE, name), encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m.startswith("tensorflow.python") for m in modules):
+                importers.add(name)
+    assert importers == {"_tf_compat.py"}
 
 
 def test_tensorflow_version_is_supported():
