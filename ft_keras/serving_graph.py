@@ -431,8 +431,8 @@ class _DenseStep:
             else:
                 y = _sparse_product(self.module, self.kernel_index[m], x2d, self.n_in,
                                     self.n_out, self.kernel)
-            if self.bias_index is not None:
-                y = y + get(self.bias_index[m], self.bias_shape)
+            if self.bias_index is not None:  # BiasAdd: Grappler fuses it into the MatMul
+                y = tf.nn.bias_add(y, get(self.bias_index[m], self.bias_shape))
             if not flat:
                 y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [self.n_out]], 0))
             y, check = self._finish(y, 0)
@@ -448,7 +448,7 @@ class _DenseStep:
             w = get(self.kernel_index, (n_in, members * n_out))
             y = tf.matmul(x if flat else tf.reshape(x, [-1, n_in]), w)
             if bias is not None:
-                y = y + bias
+                y = tf.nn.bias_add(y, bias)
             if flat:  # (B, M * n_out) -> (M, B, n_out)
                 y, check = self._finish(y, 0)
                 y = tf.transpose(tf.reshape(y, [-1, members, n_out]), [1, 0, 2])
@@ -568,7 +568,7 @@ class _ConvStep:
                            padding=layer.padding, data_format="channels_last",
                            dilation_rate=layer.dilation_rate)
         if self.bias_index is not None:
-            y = y + get(self.bias_index, (self.kernel_shape[-1],))
+            y = tf.nn.bias_add(y, get(self.bias_index, (self.kernel_shape[-1],)))
         check = _example_sums(y, 0)
         if layer.activation is not None:
             y = layer.activation(y)
