@@ -439,7 +439,7 @@ class Ensemble(keras.Model):
         combine = self.combine
         return lambda member_logits: ensemble_outputs(member_logits, combine)
 
-    def serving_fn(self, sparse_kernels="dense", group_members=True, input_range=None):
+    def serving_fn(self, sparse_kernels="dense", group_members="convolutions", input_range=None):
         """The `tf.function` that `export` saves as ``serving_default``, ready to call here.
 
         Args:
@@ -462,7 +462,7 @@ class Ensemble(keras.Model):
         return serve
 
     def export(self, export_dir, version=1, overwrite=False, *,  # pylint: disable=arguments-differ
-               sparse_kernels="dense", group_members=True, input_range=None):
+               sparse_kernels="dense", group_members="convolutions", input_range=None):
         """Writes the ensemble as a TF Serving SavedModel at ``export_dir/<version>/``.
 
         Unlike `keras.Model.export`, this writes TF Serving's layout (a numbered version folder
@@ -479,7 +479,8 @@ class Ensemble(keras.Model):
 
         Kernels that hold zeros (masked, or of compacted members) are stored compactly (an
         M-member ensemble at sparsity 0.8 is smaller than one dense model) and rebuilt dense
-        at load; members of equal shapes are evaluated together (`ft_keras.serving_graph`).
+        at load; the convolutions of members of equal shapes run as one op
+        (`ft_keras.serving_graph`).
 
         Example:
 
@@ -495,8 +496,9 @@ class Ensemble(keras.Model):
             sparse_kernels: how Dense kernels that hold zeros are computed: "dense" (default),
                 or the opt-in sparse products "csr" / "coo" (see docs/benchmarks.md, "Serving",
                 for where they pay).
-            group_members: evaluate members that are the same chain of layers together, one
-                op per layer (default True); False: one op per member and layer.
+            group_members: which layers of members that are the same chain of layers run as
+                one op for all members: "convolutions" (default; Dense layers run per member),
+                "all" (Dense layers too) or "none" (`ft_keras.serving_graph`).
             input_range: None (default: any finite value), or (low, high): requests holding a
                 value outside ``[low, high]`` are refused.
 
@@ -505,16 +507,18 @@ class Ensemble(keras.Model):
 
         Raises:
             ValueError: ``export_dir/<version>`` exists and is not empty and ``overwrite`` is
-                False; a bad ``version`` / ``sparse_kernels`` / ``input_range``; a member
+                False; a bad ``version`` / ``sparse_kernels`` / ``group_members`` /
+                ``input_range``; a member
                 weight that is NaN or Inf (the message names member, layer and variable).
-            TypeError: an argument of the wrong type (e.g. ``group_members="yes"``).
+            TypeError: an argument of the wrong type (e.g. ``group_members=True``).
         """
         export_dir = _checks.check_path("export_dir", export_dir)
         version = _checks.check_int("version", version, minimum=0)
         overwrite = _checks.check_bool("overwrite", overwrite)
         sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels,
                                               export_lib.SPARSE_KERNELS)
-        group_members = _checks.check_bool("group_members", group_members)
+        group_members = _checks.check_choice("group_members", group_members,
+                                             export_lib.GROUP_MODES)
         input_range = export_lib.check_input_range(input_range)
         if os.path.exists(export_dir) and not os.path.isdir(export_dir):
             raise ValueError(f"export_dir={export_dir!r} exists and is not a folder.")

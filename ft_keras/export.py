@@ -7,8 +7,8 @@ signature takes ``inputs`` (float32, ``(None,) + input_shape``) and returns what
 their outputs). `build_serving` gives the same function in process.
 
 How weights are stored (compactly where kernels hold zeros) and rebuilt at load:
-`ft_keras.serving_storage`. How members are evaluated (dense kernels, aligned members grouped
-into one op per layer, opt-in sparse kernels): `ft_keras.serving_graph`. Which choice is the
+`ft_keras.serving_storage`. How members are evaluated (dense kernels, positions of aligned
+members grouped into one op, opt-in sparse kernels): `ft_keras.serving_graph`. Which choice is the
 fastest where, measured: docs/benchmarks.md, "Serving".
 
 **Requests.** The serving function refuses, with an InvalidArgumentError:
@@ -32,7 +32,7 @@ Example:
 >>> export_models([sparse_model], "/tmp/sm/1", head, input_range=(0.0, 1.0))  # doctest: +SKIP
 '/tmp/sm/1'
 >>> [(r.layer, r.kernels) for r in kernel_plan(members)]            # doctest: +SKIP
-[('fc1', 'grouped'), ('fc2', 'grouped'), ('logits', 'grouped')]
+[('fc1', 'dense'), ('fc2', 'dense'), ('logits', 'dense')]
 """
 
 import os
@@ -50,6 +50,7 @@ from ft_keras.serving_storage import pack_kernel  # noqa: F401  pylint: disable=
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "inputs"
 SPARSE_KERNELS = serving_graph.SPARSE_KERNELS
+GROUP_MODES = serving_graph.GROUP_MODES
 # How many offending rows an error message lists.
 _ROWS_LISTED = 10
 
@@ -202,7 +203,7 @@ def _inside_check(check):
         "check_inside_finite")
 
 
-def build_serving(models, head, *, sparse_kernels="dense", group_members=True,
+def build_serving(models, head, *, sparse_kernels="dense", group_members="convolutions",
                   input_range=None, argument="models"):
     """The tf.Module and the `tf.function` of a serving SavedModel for ``models``.
 
@@ -212,8 +213,8 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members=True,
         head: a callable mapping stacked member logits (M, B, ..., K) (float32) to the dict of
             outputs.
         sparse_kernels: "dense" (default), "csr" or "coo" (`ft_keras.serving_graph`).
-        group_members: evaluate aligned members together (default True;
-            `ft_keras.serving_graph`).
+        group_members: which positions of aligned members run as one op: "convolutions"
+            (default), "all" or "none" (`ft_keras.serving_graph`).
         input_range: None, or (low, high): requests with values outside are refused.
         argument: how to name ``models`` in errors.
 
@@ -250,7 +251,7 @@ def initialize(module):
     return module.initialize()
 
 
-def kernel_plan(models, *, sparse_kernels="dense", group_members=True):
+def kernel_plan(models, *, sparse_kernels="dense", group_members="convolutions"):
     """The `LayerPlan` of every Dense position that `export_models` would write for ``models``.
     """
     models = _check_models(models)
@@ -279,7 +280,7 @@ def write_saved_model(module, serve, path):
     return path
 
 
-def export_models(models, path, head, *, sparse_kernels="dense", group_members=True,
+def export_models(models, path, head, *, sparse_kernels="dense", group_members="convolutions",
                   input_range=None):
     """Writes a serving SavedModel of ``models`` at ``path`` (not atomic: see the callers).
 
@@ -289,7 +290,7 @@ def export_models(models, path, head, *, sparse_kernels="dense", group_members=T
         path: the SavedModel folder to write (must not hold a SavedModel already).
         head: callable mapping stacked member logits (M, B, ..., K) to the outputs dict.
         sparse_kernels: "dense" (default), "csr" or "coo".
-        group_members: evaluate aligned members together (default True).
+        group_members: "convolutions" (default), "all" or "none" (`build_serving`).
         input_range: None (default), or (low, high): the export refuses requests holding
             values outside ``[low, high]``.
 
@@ -301,7 +302,7 @@ def export_models(models, path, head, *, sparse_kernels="dense", group_members=T
     """
     models = _check_models(models)
     sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
-    group_members = _checks.check_bool("group_members", group_members)
+    group_members = _checks.check_choice("group_members", group_members, GROUP_MODES)
     input_range = check_input_range(input_range)
     path = _checks.check_path("path", path)
     for i, model in enumerate(models):

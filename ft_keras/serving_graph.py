@@ -9,41 +9,41 @@ or a Functional model of that shape) is evaluated layer by layer. Members that a
 chain of layers up to names and weight values (the tickets of one run, or compacted members of
 equal widths) are *aligned*: each position is evaluated for all members together.
 
-**Dense layers** are computed by the serving graph with one of these kernels:
+**Grouping** (``group_members``) evaluates a position of aligned members as one op:
 
-- grouped (``group_members=True``, the default, for aligned members): one op per layer for all
-  members. A layer whose input is the request (shared by all members) multiplies it once by
-  the members' kernels side by side (``n_in x M * n_out``); later layers are one batched
-  product over the members' stacked kernels (``M x n_in x n_out``). bench/serving.py measures
-  grouped against separate evaluation (docs/benchmarks.md, "Serving"), which is why it is
-  the default.
-- ``"dense"`` (``group_members=False``, or members that are not aligned): one product per
-  member, ``x @ W``.
-- ``"csr"`` / ``"coo"`` (opt-in, ``sparse_kernels=``): for a kernel that holds zeros, one
-  sparse product per member: TensorFlow's CSR product (the CSR matrix is built at every call
-  from indices cached at load: a CSR matrix cannot be kept between calls in a SavedModel) or
-  ``tf.sparse.sparse_dense_matmul``. Kernels without zeros stay dense.
+- ``"convolutions"`` (the default): convolutions (Conv1D / 2D / 3D, channels last, "valid" or
+  "same" padding) run as one convolution with the members' filters side by side, an ordinary
+  one on the shared request and a grouped one (one group per member) after that; the members'
+  channels then stay side by side on the last axis through layers that act on each channel
+  alone (pooling, activations, dropout, padding, cropping) until a layer that needs them apart
+  (Flatten, a Dense layer). Dense layers run as one product per member.
+- ``"all"``: convolutions as above, and Dense layers as one op too: a layer whose input is the
+  request (shared by all members) multiplies it once by the members' kernels side by side
+  (``n_in x M * n_out``); later layers are one batched product over the members' stacked
+  kernels (``M x n_in x n_out``).
+- ``"none"``: one op per member and layer.
 
-All of them rebuild the kernels dense at load time (zeros of masked or compacted kernels
-included) except the sparse ones, which cache the indices and values of the nonzeros.
+bench/serving.py measures the three (docs/benchmarks.md, "Serving", says why the default is
+what it is).
 
-**Convolutions** (Conv1D / 2D / 3D, channels last, "valid" or "same" padding) of aligned
-members are grouped too (``group_members=True``): one convolution with the members' filters
-side by side, an ordinary one on the shared request and a grouped one (one group per member)
-after that; the members' channels then stay side by side on the last axis through layers that
-act on each channel alone (pooling, activations, dropout, padding, cropping) until a layer that
-needs them apart (Flatten, a Dense layer).
+**Dense kernels.** A Dense position is computed by one of these kernels (`LayerPlan.kernels`):
+``"grouped"`` (above), ``"dense"`` (one product ``x @ W`` per member, the kernel rebuilt dense at
+load with the zeros of masked or compacted kernels), or the opt-in sparse kernels
+(``sparse_kernels="csr"`` / ``"coo"``), which take precedence for a kernel that holds zeros:
+one sparse product per member, TensorFlow's CSR product (the CSR matrix is built at every call
+from indices cached at load: a CSR matrix cannot be kept between calls in a SavedModel) or
+``tf.sparse.sparse_dense_matmul``. Kernels without zeros stay dense.
 
 **Other layers.** Any other layer without weights (Flatten, Reshape...) runs once on all
 members' rows at once when members are grouped; a layer with weights that is neither of the
-above (depthwise convolutions, batch normalisation, convolutions of members not grouped) runs as
+above (depthwise convolutions, batch normalisation, convolutions not grouped) runs as
 its own Keras layer, once per member, its weights read from the cache. A member that is not a
 chain is evaluated whole by Keras; a member wrapping a loaded SavedModel
 (`keras.layers.TFSMLayer`) is called as it is.
 
 **Inside checks.** Each Dense and grouped convolution step reports the sum over each example of
-its pre-activations, and each other step with weights the sum of its outputs; the serving function refuses the rows
-where one of them is not finite (``ft_keras.export``, "Requests").
+its pre-activations, and each other step with weights the sum of its outputs; the serving
+function refuses the rows where one of them is not finite (``ft_keras.export``, "Requests").
 """
 
 import dataclasses
@@ -59,6 +59,7 @@ from ft_keras import serving_storage
 from ft_keras import sparsify as sparsify_lib
 
 SPARSE_KERNELS = ("dense", "csr", "coo")
+GROUP_MODES = ("convolutions", "all", "none")
 
 # States between steps: ("shared", x) before the first layer with weights; ("grouped", y)
 # with the members on a leading axis; ("channels", y) with the members' channels side by side
@@ -356,7 +357,7 @@ def _split_members(y, members):
 class _DenseStep:
     """A Dense layer of M >= 1 members (one position of aligned chains, or one member)."""
 
-    def __init__(self, module, layers, input_kind, sparse_kernels, group_members):
+    def __init__(self, module, layers, input_kind, sparse_kernels, grouped):
         self.module = module
         self.layers = list(layers)
         self.members = len(self.layers)
@@ -376,7 +377,7 @@ class _DenseStep:
         has_zeros = self.nnz < self.members * self.n_in * self.n_out
         if sparse_kernels != "dense" and has_zeros:
             self.kernel = sparse_kernels
-        elif group_members and self.members > 1:
+        elif grouped and self.members > 1:
             self.kernel = "grouped"
         else:
             self.kernel = "dense"
@@ -645,6 +646,7 @@ class _PerMemberStep:
 
 
 def _steps(module, layers_by_position, members, sparse_kernels, group_members):
+    # ``group_members`` is one of GROUP_MODES.
     """The steps of one group of aligned members (or of one member), and their Dense steps."""
     steps, dense_steps = [], []
     kind = _SHARED
@@ -652,9 +654,10 @@ def _steps(module, layers_by_position, members, sparse_kernels, group_members):
         if isinstance(layers[0], keras.Model) and _is_opaque(layers[0]):
             step = _PerMemberStep([_OpaqueStep(module, layers[0])])
         elif all(_is_plain_dense(layer) for layer in layers):
-            step = _DenseStep(module, layers, kind, sparse_kernels, group_members)
+            step = _DenseStep(module, layers, kind, sparse_kernels, group_members == "all")
             dense_steps.append(step)
-        elif group_members and members > 1 and all(map(_is_groupable_conv, layers)):
+        elif (group_members != "none" and members > 1
+              and all(map(_is_groupable_conv, layers))):
             step = _ConvStep(module, layers)
             dense_steps.append(step)
         elif not any(layer.weights for layer in layers) and not any(
@@ -667,21 +670,22 @@ def _steps(module, layers_by_position, members, sparse_kernels, group_members):
     return steps, dense_steps
 
 
-def build_program(module, models, *, sparse_kernels="dense", group_members=True):
+def build_program(module, models, *, sparse_kernels="dense", group_members="convolutions"):
     """A graph function for ``models`` (distinct objects) and the `LayerPlan` of its Dense steps.
 
     Args:
         module: the `ServingModule` that stores the weights.
         models: the members (built single-input Keras models).
         sparse_kernels: "dense", "csr" or "coo" (see the module doc).
-        group_members: evaluate aligned members together (see the module doc).
+        group_members: which positions of aligned members run as one op: "convolutions",
+            "all" or "none" (see the module doc).
 
     Returns:
         ``(run, plan)``: ``run(x)`` returns ``(logits, check)``, the list of member logits
         (float32) and the per-example sums whose finiteness the serving function checks.
     """
     sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
-    group_members = _checks.check_bool("group_members", group_members)
+    group_members = _checks.check_choice("group_members", group_members, GROUP_MODES)
     chains = [None if _is_opaque(model) else _chain(model) for model in models]
     if _aligned(chains):
         groups = [(len(models), list(zip(*chains)))]

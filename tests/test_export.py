@@ -149,20 +149,20 @@ def test_dense_layers_every_kernel_and_encoding(tmp_path, kernels, sparsity, enc
     x = RNG.random((9, 6, 5)).astype(np.float32)
     want = _predict(members, x)
     got = {}
-    for grouped in (True, False):
+    for grouped in ("all", "none"):
         plan = export.kernel_plan(members, sparse_kernels=kernels, group_members=grouped)
         assert [p.layer for p in plan] == ["fc1", "fc2", "logits"]
         assert [p.members for p in plan] == [3, 3, 3]
         assert plan[0].storage == (encoding,) * 3
         # Sparse kernels only where the kernels hold zeros; otherwise grouped or dense.
         expected = kernels if sparsity and kernels != "dense" else (
-            "grouped" if grouped else "dense")
+            "grouped" if grouped == "all" else "dense")
         assert {p.kernels for p in plan} == {expected}
         serve, _ = _serve(members, tmp_path, name=f"g{grouped}", sparse_kernels=kernels,
                           group_members=grouped)
         got[grouped] = _outputs(serve, x)
         assert np.max(np.abs(got[grouped] - want)) <= 1e-5
-    assert np.max(np.abs(got[True] - got[False])) <= 1e-5
+    assert np.max(np.abs(got["all"] - got["none"])) <= 1e-5
 
 
 def test_plain_members_with_zeros_are_stored_compactly_and_grouped(tmp_path):
@@ -174,14 +174,15 @@ def test_plain_members_with_zeros_are_stored_compactly_and_grouped(tmp_path):
                 kernel = layer.kernel.numpy()
                 kernel[RNG.random(kernel.shape) < 0.9] = 0.0
                 layer.kernel.assign(kernel)
-    plan = export.kernel_plan(members)
+    assert [p.kernels for p in export.kernel_plan(members)] == ["dense"] * 3  # the default
+    plan = export.kernel_plan(members, group_members="all")
     assert [p.kernels for p in plan] == ["grouped"] * 3
     assert plan[0].storage == ("bitmask",) * 3
     nonzeros = [int(np.count_nonzero(layer.kernel.numpy())) for member in members
                 for layer in member.layers if isinstance(layer, keras.layers.Dense)]
     assert sum(p.nnz for p in plan) == sum(nonzeros)
     x = RNG.random((5, 6, 5)).astype(np.float32)
-    serve, path = _serve(members, tmp_path)
+    serve, path = _serve(members, tmp_path, group_members="all")
     assert np.max(np.abs(_outputs(serve, x) - _predict(members, x))) <= 1e-5
     stored = dict(tf.train.list_variables(os.path.join(path, "variables", "variables")))
     biases = sum(layer.bias.shape[0] for member in members for layer in member.layers
@@ -202,12 +203,11 @@ def test_convolutions_depthwise_batchnorm(tmp_path, kernels):
         twin = ftk.sparsify(net, sparsity=0.6, distribution="uniform", seed=i + 10)
         rows = export.kernel_plan([sparse, twin], sparse_kernels=kernels)
         assert [(p.layer, p.members, p.kernels) for p in rows] == [
-            (name, 2, "grouped") for name in grouped_convs[net.name]] + [
-            ("logits", 2, "grouped" if kernels == "dense" else kernels)]
+            (name, 2, "grouped") for name in grouped_convs[net.name]] + [("logits", 2, kernels)]
         shape = (4,) + tuple(net.inputs[0].shape[1:])
         x = RNG.random(shape).astype(np.float32)
         models = [sparse, twin, net]
-        for grouped in (True, False):
+        for grouped in ("convolutions", "all", "none"):
             serve, _ = _serve(models, tmp_path, name=f"{net.name}_{kernels}_{grouped}",
                               sparse_kernels=kernels, group_members=grouped)
             assert np.max(np.abs(_outputs(serve, x) - _predict(models, x))) <= 1e-5, net.name
@@ -248,15 +248,17 @@ def test_grouped_convolutions_equal_separate_ones(tmp_path, dims):
     x = RNG.random((5,) + tuple(members[0].inputs[0].shape[1:])).astype(np.float32)
     want = _predict(members, x)
     got = {}
-    for grouped in (True, False):
+    for grouped in ("convolutions", "all", "none"):
         serve, _ = _serve(members, tmp_path, name=f"g{grouped}", group_members=grouped)
         got[grouped] = _outputs(serve, x)
         assert np.max(np.abs(got[grouped] - want)) <= 1e-5
-    assert np.max(np.abs(got[True] - got[False])) <= 1e-5
-    plan = export.kernel_plan(members)
+        assert np.max(np.abs(got[grouped] - got["convolutions"])) <= 1e-5
     convs = ["c1", "c2"] if dims == 1 else ["c1", "c2", "c3"]
-    assert [(p.layer, p.kernels) for p in plan] == [(c, "grouped") for c in convs] + [
-        ("logits", "grouped")]
+    for grouped, logits in (("convolutions", "dense"), ("all", "grouped")):
+        plan = export.kernel_plan(members, group_members=grouped)
+        assert [(p.layer, p.kernels) for p in plan] == [(c, "grouped") for c in convs] + [
+            ("logits", logits)]
+    assert [p.layer for p in export.kernel_plan(members, group_members="none")] == ["logits"]
 
 
 def test_unknown_input_dimensions(tmp_path):
@@ -270,7 +272,7 @@ def test_unknown_input_dimensions(tmp_path):
         keras.layers.GlobalAveragePooling1D(),
         keras.layers.Dense(3, name="logits"),
     ]), sparsity=0.5, seed=seed) for seed in range(2)]
-    for kernels, grouped in (("dense", True), ("dense", False), ("csr", True)):
+    for kernels, grouped in (("dense", "all"), ("dense", "none"), ("csr", "all")):
         serve, _ = _serve(models, tmp_path, name=f"{kernels}{grouped}", sparse_kernels=kernels,
                           group_members=grouped)
         for length in (1, 7):
@@ -300,7 +302,7 @@ def test_model_that_is_not_a_chain(tmp_path):
     assert [s for n, s in stored.items() if n.startswith("stored_values")] == [[num_values]]
 
 
-@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("grouped", ["all", "none"])
 def test_repeated_members_are_computed_once(tmp_path, grouped):
     members = [_dense_net(seed, 0.8) for seed in range(2)]
     models = [members[0], members[1], members[0]]
@@ -310,7 +312,8 @@ def test_repeated_members_are_computed_once(tmp_path, grouped):
     assert got.shape == (3, 6, 7)
     assert np.max(np.abs(got - _predict(models, x))) <= 1e-5
     plan = export.kernel_plan(models, group_members=grouped)
-    assert [(p.members, p.kernels) for p in plan] == [(2, "grouped" if grouped else "dense")] * 3
+    assert [(p.members, p.kernels) for p in plan] == [
+        (2, "grouped" if grouped == "all" else "dense")] * 3
 
 
 def test_members_that_differ_are_not_grouped(tmp_path):
@@ -325,7 +328,7 @@ def test_members_that_differ_are_not_grouped(tmp_path):
         keras.layers.Dense(24, activation="tanh", name="fc2"),
         keras.layers.Dense(7, name="logits")])
     models = [_dense_net(0, 0.8), other, wider]
-    plan = export.kernel_plan(models)
+    plan = export.kernel_plan(models, group_members="all")
     assert [(p.members, p.kernels) for p in plan] == [(1, "dense")] * 7
     x = RNG.random((3, 6, 5)).astype(np.float32)
     serve, _ = _serve(models, tmp_path)
@@ -441,8 +444,11 @@ def test_argument_errors(tmp_path):
     # The cost model's per-request choice is gone.
     with pytest.raises(ValueError, match=r"sparse_kernels='auto'.*\('dense', 'csr', 'coo'\)"):
         export.export_models([model], target, _head, sparse_kernels="auto")
-    with pytest.raises(TypeError, match="group_members must be True or False; got 'yes'"):
+    with pytest.raises(ValueError, match=r"group_members='yes' is not supported; allowed values "
+                                         r"are \('convolutions', 'all', 'none'\)"):
         export.export_models([model], target, _head, group_members="yes")
+    with pytest.raises(TypeError, match="group_members must be one of .* got True"):
+        ftk.Ensemble([model]).export(str(tmp_path / "b"), group_members=True)
     # The fusion and the legacy layout are gone: Python's own unknown-argument errors.
     with pytest.raises(TypeError, match="unexpected keyword argument 'fuse'"):
         export.export_models([model], target, _head, fuse="always")
