@@ -354,6 +354,20 @@ def _split_members(y, members):
 # Steps: each maps a state to (state, per-example check sums or None).
 
 
+def _store_kernels(module, layers):
+    """Stores the kernel of each layer (masked: positions from the mask; plain: from the
+    nonzero values); returns their segments."""
+    segments = []
+    for layer in layers:
+        if _is_masked(layer):
+            kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
+            mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+        else:
+            kernel, mask = keras.ops.convert_to_numpy(layer.kernel), None
+        segments.append(module.storage.add(kernel, mask))
+    return segments
+
+
 class _DenseStep:
     """A Dense layer of M >= 1 members (one position of aligned chains, or one member)."""
 
@@ -363,14 +377,7 @@ class _DenseStep:
         self.members = len(self.layers)
         self.shared_input = input_kind == _SHARED
         first = self.layers[0]
-        self.segments = []
-        for layer in self.layers:
-            if _is_masked(layer):
-                kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
-                mask = keras.ops.convert_to_numpy(layer.kernel_mask)
-            else:
-                kernel, mask = keras.ops.convert_to_numpy(layer.kernel), None
-            self.segments.append(module.storage.add(kernel, mask))
+        self.segments = _store_kernels(module, self.layers)
         self.n_in, self.n_out = (int(d) for d in self.segments[0].shape)
         self.activation = first.activation
         self.nnz = sum(segment.nnz for segment in self.segments)
@@ -538,14 +545,7 @@ class _ConvStep:
         self.layers = list(layers)
         self.members = len(self.layers)
         first = self.layers[0]
-        self.segments = []
-        for layer in self.layers:
-            if _is_masked(layer):
-                kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
-                mask = keras.ops.convert_to_numpy(layer.kernel_mask)
-            else:
-                kernel, mask = keras.ops.convert_to_numpy(layer.kernel), None
-            self.segments.append(module.storage.add(kernel, mask))
+        self.segments = _store_kernels(module, self.layers)
         shape = self.segments[0].shape
         self.kernel_shape = tuple(shape[:-1]) + (self.members * shape[-1],)
         self.nnz = sum(segment.nnz for segment in self.segments)
