@@ -88,7 +88,7 @@ def main(argv):
     test_images, test_labels = ftk.data.load_numpy("fashion_mnist", "test",
                                                    data_dir=FLAGS.data_dir)
     test = evaluation.make_data(test_images, test_labels)
-    # One data order per data set, made once (under the global seed), as the README's table.
+    # One data order per data set, made once (under the global seed), as in docs/results.md.
     keras.utils.set_random_seed(FLAGS.seed)
     train_all, train = _batches("all"), _batches("train")
     steps = FLAGS.epochs * -(-60_000 // FLAGS.batch_size)

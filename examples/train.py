@@ -107,7 +107,7 @@ flags.DEFINE_bool("overwrite", False, "Replace the tickets of an earlier run in 
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"],
                   "tf.distribute strategy: default (one device), mirrored (all local GPUs) or "
                   "multiworker (MultiWorkerMirroredStrategy; set TF_CONFIG on every host, see "
-                  "the README's 'Training on several machines').")
+                  "docs/distributed.md, 'Several machines').")
 flags.DEFINE_integer("steps_per_execution", 1,
                      "Keras steps_per_execution; must be 1 with --strategy=mirrored or multiworker.")
 flags.DEFINE_float("validation_fraction", 0.1,

@@ -12,6 +12,7 @@ method is described in docs/method.md.
 import importlib
 import warnings
 
+from ft_keras import channels
 from ft_keras import corruptions
 from ft_keras import data
 from ft_keras import densities
@@ -43,6 +44,7 @@ from ft_keras.recipes import train_dst_ensemble
 from ft_keras.recipes import train_edst
 from ft_keras.recipes import train_pf_ensemble
 from ft_keras.recipes import train_static_sparse_ensemble
+from ft_keras.sparsify import compact
 from ft_keras.sparsify import masked_layers_of as masked_layers
 from ft_keras.sparsify import sparsify
 from ft_keras.sparsify import sparsity_report
@@ -90,6 +92,8 @@ __all__ = [
     "StaticSparsity",
     "TicketCheckpoint",
     "__version__",
+    "channels",
+    "compact",
     "corruptions",
     "data",
     "densities",

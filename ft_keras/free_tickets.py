@@ -288,8 +288,10 @@ class FreeTickets(training.DynamicSparsity):
             data set and the model); the keys FreeTickets and `write_ticket` set are refused.
         overwrite: replace existing tickets in ``ticket_dir``.
         **dst_kwargs: `DynamicSparsity` arguments (update_every, drop_fraction, decay, grow,
-            optimizer_state, ...); FreeTickets' defaults are drop_fraction=0.5 annealed
-            (cosine) to 0.005 over the run.
+            optimizer_state, channel_sparsity, channel_min_keep, ...); FreeTickets' defaults
+            are drop_fraction=0.5 annealed (cosine) to 0.005 over the run, and
+            ``channel_end_step`` = the last step of the exploration phase, so that all tickets
+            of one run share their removed channels and differ in their unstructured masks.
     """
 
     def __init__(
@@ -328,6 +330,12 @@ class FreeTickets(training.DynamicSparsity):
         self.num_tickets = self.edst_plan.num_tickets
         self.exploration_epochs = self.edst_plan.exploration_epochs
         self.refine_epochs = self.edst_plan.refine_epochs
+        if (self.channel_sparsity > 0 and self.channel_end_step is None
+                and self.exploration_epochs == 0):
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} removes channels during the "
+                "exploration phase, but exploration_epochs=0; give the run an exploration "
+                "phase or pass channel_end_step.")
         self.explore_fraction = _checks.check_fraction("explore_fraction", explore_fraction)
         if self.explore_fraction == 1.0 and self.grown_weight_scale == 0 and num_tickets != 1:
             logging.warning(
@@ -424,6 +432,8 @@ class FreeTickets(training.DynamicSparsity):
             self.set_global_explorations(1, 1, 0, self.explore_fraction)
         if self.end_step is None:
             self.set_end_step(origin + self.total_epochs * steps)
+        if self.channel_sparsity > 0 and self.channel_end_step is None:
+            self.set_channel_end_step(max(origin + self.exploration_epochs * steps, 1))
         if not _is_chief(self.model):
             return
         if epoch == 0:
