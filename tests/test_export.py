@@ -261,6 +261,50 @@ def test_grouped_convolutions_equal_separate_ones(tmp_path, dims):
     assert [p.layer for p in export.kernel_plan(members, group_members="none")] == ["logits"]
 
 
+def _channel_ticket(seed):
+    """A masked conv net whose conv1 channels 0-2 and fc1 units 0-9 are off (as channel-level
+    sparsity leaves them): `ftk.compact` removes them, every ticket to the same widths."""
+    keras.utils.set_random_seed(seed)
+    model = ftk.sparsify(keras.Sequential([
+        keras.Input((10, 10, 1)),
+        keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv1"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(24, activation="relu", name="fc1"),
+        keras.layers.Dense(4, name="logits"),
+    ]), sparsity=0.5, distribution="uniform", seed=seed)
+    for name, off in (("conv1", slice(0, 3)), ("fc1", slice(0, 10))):
+        layer = model.get_layer(name)
+        mask = layer.kernel_mask.numpy()
+        mask[..., off] = False
+        layer.kernel_mask.assign(mask)
+        layer.masked_kernel.assign(np.where(mask, layer.masked_kernel.numpy(), 0.0))
+        bias = layer.bias.numpy()
+        bias[off] = 0.0
+        layer.bias.assign(bias)
+    logits = model.get_layer("logits")  # no fc1 unit loses all its outgoing weights by chance
+    logits.kernel_mask.assign(np.ones(logits.kernel_mask.shape, bool))
+    logits.masked_kernel.assign(RNG.normal(size=logits.kernel_mask.shape).astype(np.float32))
+    return model
+
+
+def test_compacted_tickets_are_grouped_and_stored_compactly(tmp_path):
+    tickets_ = [_channel_ticket(seed) for seed in range(3)]
+    members = [ftk.compact(ticket) for ticket in tickets_]
+    assert [m.get_layer("conv1").filters for m in members] == [3, 3, 3]
+    x = RNG.random((4, 10, 10, 1)).astype(np.float32)
+    want = _predict(tickets_, x)
+    for grouped in ("convolutions", "all"):
+        plan = export.kernel_plan(members, group_members=grouped)
+        assert [p.layer for p in plan] == ["conv1", "fc1", "logits"]
+        assert plan[0].kernels == "grouped" and plan[1].kernels == (
+            "grouped" if grouped == "all" else "dense")
+        # The unstructured zeros left in the compacted kernels are stored compactly.
+        assert plan[1].storage == ("bitmask",) * 3
+        serve, _ = _serve(members, tmp_path, name=grouped, group_members=grouped)
+        assert np.max(np.abs(_outputs(serve, x) - want)) <= 1e-5
+
+
 def test_unknown_input_dimensions(tmp_path):
     """A sequence model with a free length axis: Dense layers on rank-3 inputs, grouped or not;
     the request check tests the known axes only."""
