@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
-from ft_keras import recipes  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
+from ft_keras.harness import recipes  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("epochs", 20, "Training epochs for each model.")

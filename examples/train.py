@@ -362,9 +362,10 @@ def _strategy():
         strategy = tf.distribute.MirroredStrategy()
     elif FLAGS.strategy == "multiworker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        fixed = ftk.distribute.install_multiworker_fix()  # see ft_keras/distribute.py
         logging.info("MultiWorkerMirroredStrategy: worker %s, chief=%s, Keras fit fix %s",
                      strategy.cluster_resolver.task_id, ftk.distribute.is_chief(strategy),
-                     "on" if ftk.distribute.multiworker_fix_installed() else "off")
+                     "on" if fixed else "off")
     else:
         return tf.distribute.get_strategy()
     logging.info("%s over %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)

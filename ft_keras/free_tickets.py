@@ -28,7 +28,6 @@ from absl import logging
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
-from ft_keras import keras_metrics
 from ft_keras import schedules
 from ft_keras import tickets
 from ft_keras import training
@@ -56,7 +55,7 @@ def resolve_mode(model, monitor, mode):
     mode = _checks.check_choice("mode", mode, MODES)
     if mode != "auto":
         return mode
-    direction = keras_metrics.metric_direction(model, monitor)
+    direction = _keras_compat.metric_direction(model, monitor)
     if direction is None:
         raise ValueError(
             f"monitor={monitor!r}: cannot tell whether it should be maximised or minimised "

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import ft_keras as ftk
-from ft_keras import evaluation
-from ft_keras import metrics
+from ft_keras.harness import evaluation
+from ft_keras.harness import metrics
 
 N, K, M = 40, 3, 2
 CORRUPTIONS = ("gaussian_noise", "contrast")

@@ -147,16 +147,18 @@ def test_train_summary(runs, method):
     assert summary["inference_macs_relative_to_dense"] == pytest.approx(0.4, rel=0.01)
 
 
-def test_training_macs_follow_the_flops_formulas(runs):
+def test_training_macs_follow_the_training_cost_formulas(runs):
     spe, batch = 922 // 128, 128
     edst, dst, pf, checkpoints = (_summary(runs, m) for m in METHODS)
     model, _ = ftk.read_ticket(os.path.join(runs["edst"], "tickets", "ticket_0"))
-    assert edst["training_macs"] == ftk.flops.training_macs_edst(
-        model, 1, 1, NUM_MEMBERS, spe, batch, update_every=4, grow="gradient")
+    assert edst["training_macs"] == ftk.training_cost.training_macs(
+        model, (1 + NUM_MEMBERS) * spe, batch, grow="gradient",
+        update_steps=ftk.training_cost.edst_update_steps(1, 1, NUM_MEMBERS, spe, 4))
     assert edst["dense_reference"]["epochs"] == 1 + NUM_MEMBERS
     model, _ = ftk.read_ticket(os.path.join(runs["dst_ensemble"], "tickets", "ticket_0"))
-    assert dst["training_macs"] == NUM_MEMBERS * ftk.flops.training_macs_dst(
-        model, spe, batch, update_every=4, grow="gradient")
+    assert dst["training_macs"] == NUM_MEMBERS * ftk.training_cost.training_macs(
+        model, spe, batch, grow="gradient",
+        update_steps=ftk.training_cost.dst_update_steps(spe, 4))
     # PF: one dense run, then fixed-mask sparse steps (3 x sparse forward per example).
     sparse_forward = pf["members"][0]["forward_macs"]
     assert pf["training_macs"] == 3 * 266_200 * batch * spe + NUM_MEMBERS * (
@@ -164,11 +166,14 @@ def test_training_macs_follow_the_flops_formulas(runs):
     assert edst["training_macs_relative_to_dense"] < 1.0 < pf["training_macs_relative_to_dense"]
     # The checkpoint ensemble: one DST run as long as EDST's, regular updates only.
     model, _ = ftk.read_ticket(os.path.join(runs["checkpoint_ensemble"], "tickets", "ticket_0"))
-    assert checkpoints["training_macs"] == ftk.flops.training_macs_dst(
-        model, (1 + NUM_MEMBERS) * spe, batch, update_every=4, grow="gradient")
+    steps = (1 + NUM_MEMBERS) * spe
+    updates = ftk.training_cost.dst_update_steps(steps, 4)
+    assert checkpoints["training_macs"] == ftk.training_cost.training_macs(
+        model, steps, batch, grow="gradient", update_steps=updates)
     assert [m["cumulative_training_macs"] for m in checkpoints["members"]] == (
-        ftk.flops.training_macs_checkpoint_ensemble(model, 1, 1, NUM_MEMBERS, spe, batch, 4,
-                                                    cumulative=True))
+        ftk.training_cost.training_macs(model, steps, batch, grow="gradient",
+                                        update_steps=updates,
+                                        at=[(1 + i) * spe for i in range(1, NUM_MEMBERS + 1)]))
     assert [m["epoch"] for m in checkpoints["members"]] == [1, 2]  # one epoch per window
 
 
