@@ -649,11 +649,12 @@ class DynamicSparsity(SparseTraining):
             start = int(self._optimizer.iterations.numpy())
             return start + (int(epochs) - int(epoch)) * int(steps)
         if self.schedule.needs_end_step:
+            what = (f"the {self.decay} decay" if self.decay
+                    else f"the schedule {type(self.schedule).__name__}")
             raise ValueError(
-                f"end_step=None: the {self.decay or type(self.schedule).__name__} schedule "
-                "needs the number of training steps, but fit() does not know it (a dataset of "
-                "unknown length without steps_per_epoch). Pass end_step=..., "
-                "steps_per_epoch=... to fit(), or decay='constant'."
+                f"end_step=None: {what} needs the number of training steps, but fit() does not "
+                "know it (a dataset of unknown length without steps_per_epoch). Pass "
+                "end_step=..., steps_per_epoch=... to fit(), or decay='constant'."
             )
         return None
 
