@@ -7,7 +7,7 @@ evaluation, output = probabilities). It predicts, evaluates and summarises like 
 loads the tickets that `ft_keras.tickets.write_ticket` wrote (`Ensemble.from_directory`), and
 exports a TF Serving SavedModel with the ensemble's predictive distribution and two
 uncertainty scores (`Ensemble.export`): masked kernels stored compactly, sparse or dense
-kernels chosen per layer and batch size, members evaluated together where that is faster
+kernels dense (compacted members), members of equal widths evaluated together where that pays
 (see `ft_keras.export`).
 
 Example:
