@@ -74,6 +74,10 @@ flags.DEFINE_enum("grow", "gradient", ["gradient", "random", "momentum"],
 flags.DEFINE_integer("update_every", 100, "Optimizer steps between DST mask updates.")
 flags.DEFINE_float("drop_fraction", 0.5,
                    "Initial DST drop fraction, cosine-annealed to 0.005 (FreeTickets).")
+flags.DEFINE_float("channel_sparsity", 0.0,
+                   "Channel-level DST (dst_ensemble, edst, checkpoint_ensemble): the fraction of "
+                   "the prunable layers' units / channels removed during training (EDST: by the "
+                   "end of exploration); 0: unstructured only. Served tickets are compacted.")
 flags.DEFINE_float("explore_fraction", 0.8, "EDST: global exploration drop fraction q.")
 flags.DEFINE_integer("num_members", 3, "Members M of the ensemble (EDST: tickets; "
                      "checkpoint_ensemble: snapshots).")
@@ -242,6 +246,8 @@ def train(method, strategy, data, ticket_dir):
     sparse = dict(sparsity=FLAGS.sparsity, keep_dense=tuple(FLAGS.keep_dense))
     dst = dict(update_every=FLAGS.update_every, drop_fraction=FLAGS.drop_fraction,
                final_drop_fraction=0.005, grow=FLAGS.grow)
+    if FLAGS.channel_sparsity:
+        dst["channel_sparsity"] = FLAGS.channel_sparsity
     epochs_lr = _compile_fn(_learning_rate(), FLAGS.lr_schedule, FLAGS.epochs, data)
     recipes = ftk.recipes
     if method == "dense":

@@ -6,9 +6,9 @@ the default, output = logits) or their softmax probabilities (``combine="probs"`
 evaluation, output = probabilities). It predicts, evaluates and summarises like any Keras model,
 loads the tickets that `ft_keras.tickets.write_ticket` wrote (`Ensemble.from_directory`), and
 exports a TF Serving SavedModel with the ensemble's predictive distribution and two
-uncertainty scores (`Ensemble.export`): masked kernels stored compactly, sparse or dense
-kernels chosen per layer and batch size, members evaluated together where that is faster
-(see `ft_keras.export`).
+uncertainty scores (`Ensemble.export`): members compacted and computed with dense kernels,
+kernels that hold zeros stored compactly, members of equal widths evaluated together where that
+pays (see `ft_keras.export`).
 
 Example:
 

@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from ft_keras import _checks
+from ft_keras import _keras_compat
 from ft_keras import serving_graph
 from ft_keras import sparsify as sparsify_lib
 # Part of this module's interface (ticket tests measure their kernels with it).
@@ -207,6 +208,11 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members="convol
                   input_range=None, argument="models"):
     """The tf.Module and the `tf.function` of a serving SavedModel for ``models``.
 
+    Each Sequential / Functional member is served compacted (`ft_keras.compact`; with
+    `ft_keras.sparsify.compact_aligned`, so that members of equal widths stay equal): its
+    removable units and channels (those of channel-level DST, or units with provably zero
+    output) are gone, and the SavedModel computes a narrower dense network.
+
     Args:
         models: a non-empty list of built single-input Keras models that output logits and
             share their input shape (not checked again here; `export_models` checks them).
@@ -229,9 +235,10 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members="convol
     module = serving_graph.ServingModule()
     # The same model object appearing twice is evaluated once and stored once.
     unique = list({id(m): m for m in models}.values())
+    order = [next(i for i, u in enumerate(unique) if u is m) for m in models]
+    unique = _compacted(unique)
     run, plan = serving_graph.build_program(module, unique, sparse_kernels=sparse_kernels,
                                             group_members=group_members)
-    order = [next(i for i, u in enumerate(unique) if u is m) for m in models]
     module.finish()
     spec = tf.TensorSpec((None,) + tuple(input_shape), tf.float32, name=SERVING_INPUT)
 
@@ -244,6 +251,20 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members="convol
         return head(member_logits)
 
     return module, serve, plan
+
+
+def _compacted(models):
+    """``models`` as they are served: `ft_keras.sparsify.compact_aligned` of the Sequential /
+    Functional ones (removable units and channels sliced out, masks baked into plain kernels;
+    members of equal widths stay equal), the others as they are (a subclassed model, or one
+    wrapping a loaded SavedModel, is evaluated by its own layers)."""
+    graph = [i for i, model in enumerate(models)
+             if _keras_compat.is_graph_model(model) and not serving_graph.is_opaque(model)]
+    served = list(models)
+    if graph:
+        for i, model in zip(graph, sparsify_lib.compact_aligned([models[i] for i in graph])):
+            served[i] = model
+    return served
 
 
 def initialize(module):

@@ -202,7 +202,8 @@ def _aligned(chains):
                for layers in zip(*chains))
 
 
-def _is_opaque(model):
+def is_opaque(model):
+    """Whether ``model`` wraps a loaded SavedModel (`keras.layers.TFSMLayer`): served as it is."""
     return any(
         isinstance(layer, keras.layers.TFSMLayer) for layer in sparsify_lib.walk_layers(model)
     )
@@ -651,7 +652,7 @@ def _steps(module, layers_by_position, members, sparse_kernels, group_members):
     steps, dense_steps = [], []
     kind = _SHARED
     for layers in layers_by_position:
-        if isinstance(layers[0], keras.Model) and _is_opaque(layers[0]):
+        if isinstance(layers[0], keras.Model) and is_opaque(layers[0]):
             step = _PerMemberStep([_OpaqueStep(module, layers[0])])
         elif all(_is_plain_dense(layer) for layer in layers):
             step = _DenseStep(module, layers, kind, sparse_kernels, group_members == "all")
@@ -686,7 +687,7 @@ def build_program(module, models, *, sparse_kernels="dense", group_members="conv
     """
     sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
     group_members = _checks.check_choice("group_members", group_members, GROUP_MODES)
-    chains = [None if _is_opaque(model) else _chain(model) for model in models]
+    chains = [None if is_opaque(model) else _chain(model) for model in models]
     if _aligned(chains):
         groups = [(len(models), list(zip(*chains)))]
     else:

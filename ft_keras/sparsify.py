@@ -264,16 +264,53 @@ def compact(model):
     """
     _check_model(model)
     plain = strip(model)
+    return _slice_out(plain, _removable_channels(plain))
+
+
+def compact_aligned(models):
+    """`compact` of each model, removing only the channels removable in all of them.
+
+    Members of equal architecture (the tickets of one run) keep equal widths, so that serving can
+    evaluate them together (`ft_keras.serving_graph`); a layer that is not in every model, or
+    whose width differs, is compacted per model as `compact` does.
+
+    Args:
+        models: a non-empty list of Sequential or Functional `keras.Model`s.
+    """
+    for i, model in enumerate(models):
+        _check_model(model, f"models[{i}]")
+    plains = [strip(model) for model in models]
+    removables = [_removable_channels(plain) for plain in plains]
+    for name in set(removables[0]).intersection(*removables[1:]):
+        shapes = {removable[name][1].shape for removable in removables}
+        if len(shapes) == 1:
+            joint = np.logical_and.reduce([removable[name][1] for removable in removables])
+            for removable in removables:
+                removable[name] = (removable[name][0], joint.copy())
+    return [_slice_out(plain, removable) for plain, removable in zip(plains, removables)]
+
+
+def _removable_channels(plain):
+    """{producer name: (`ChannelGroup`, bool [C]: removable)} of a plain (stripped) model."""
     groups, _ = channels_lib.analyse(plain)
     kernels = _baked_kernels(plain)
-    out_keep, in_keep, norm_keep = {}, {}, {}
+    removables = {}
     for group in groups:
         if isinstance(group.producer, keras.layers.DepthwiseConv2D):
             continue
-        removable = channels_lib.removable_channels(group, kernels)
+        removables[group.producer.name] = (group,
+                                           channels_lib.removable_channels(group, kernels))
+    return removables
+
+
+def _slice_out(plain, removables):
+    """``plain`` with the removable channels of ``removables`` sliced out (a new model)."""
+    out_keep, in_keep, norm_keep = {}, {}, {}
+    for group, removable in removables.values():
         if not removable.any():
             continue
         if removable.all():
+            removable = removable.copy()
             removable[0] = False
         kept = np.flatnonzero(~removable)
         out_keep[id(group.producer)] = kept

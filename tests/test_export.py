@@ -10,6 +10,7 @@ import tensorflow as tf
 import ft_keras as ftk
 from ft_keras import export
 from ft_keras import tickets
+from ft_keras.sparsify import compact_aligned
 
 RNG = np.random.default_rng(0)
 
@@ -178,14 +179,18 @@ def test_plain_members_with_zeros_are_stored_compactly_and_grouped(tmp_path):
     plan = export.kernel_plan(members, group_members="all")
     assert [p.kernels for p in plan] == ["grouped"] * 3
     assert plan[0].storage == ("bitmask",) * 3
-    nonzeros = [int(np.count_nonzero(layer.kernel.numpy())) for member in members
+    # Served compacted: units left without outgoing weights are sliced out with their kernels.
+    served = compact_aligned(members)
+    nonzeros = [int(np.count_nonzero(layer.kernel.numpy())) for member in served
                 for layer in member.layers if isinstance(layer, keras.layers.Dense)]
+    assert sum(nonzeros) < sum(int(np.count_nonzero(layer.kernel.numpy())) for member in members
+                               for layer in member.layers if isinstance(layer, keras.layers.Dense))
     assert sum(p.nnz for p in plan) == sum(nonzeros)
     x = RNG.random((5, 6, 5)).astype(np.float32)
     serve, path = _serve(members, tmp_path, group_members="all")
     assert np.max(np.abs(_outputs(serve, x) - _predict(members, x))) <= 1e-5
     stored = dict(tf.train.list_variables(os.path.join(path, "variables", "variables")))
-    biases = sum(layer.bias.shape[0] for member in members for layer in member.layers
+    biases = sum(layer.bias.shape[0] for member in served for layer in member.layers
                  if isinstance(layer, keras.layers.Dense))
     assert [s for n, s in stored.items() if n.startswith("stored_values")] == [
         [sum(nonzeros) + biases]]
@@ -536,3 +541,24 @@ if __name__ == "__main__":  # bazel test / python tests/test_export.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_members_are_served_compacted_with_equal_widths(tmp_path):
+    """Units removed in every member (kernel column and bias zero) are not served; a unit dead in
+    one member only is kept, so the members stay aligned."""
+    members = [_dense_net(seed, 0.5) for seed in range(3)]
+    for i, member in enumerate(members):
+        fc1 = member.get_layer("fc1")
+        dead = list(range(0, 96)) + [100 + i]  # units 0-95 in every member, one more per member
+        mask = fc1.kernel_mask.numpy()
+        mask[:, dead] = False
+        fc1.set_mask(mask)
+        bias = fc1.bias.numpy()
+        bias[dead] = 0.0
+        fc1.bias.assign(bias)
+    plan = export.kernel_plan(members)
+    assert [(p.layer, p.members, p.shape) for p in plan] == [
+        ("fc1", 3, (30, 32)), ("fc2", 3, (32, 24)), ("logits", 3, (24, 7))]
+    x = RNG.random((5, 6, 5)).astype(np.float32)
+    serve, _ = _serve(members, tmp_path)
+    assert np.max(np.abs(_outputs(serve, x) - _predict(members, x))) <= 1e-5
