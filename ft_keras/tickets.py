@@ -37,11 +37,17 @@ Example:
 import datetime
 import json
 import os
+import socket
 import platform
 import re
 import secrets
 import shutil
 import zipfile
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; see lock_ticket_dir
+    fcntl = None
 
 import keras
 import numpy as np
@@ -66,6 +72,13 @@ _TICKET_RE = re.compile(r"^ticket_(0|[1-9][0-9]*)$")
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+_READY_PREFIX = ".ready-"
+_WRITE_PREFIXES = (_TMP_PREFIX, _READY_PREFIX, _TRASH_PREFIX)
+#: The lock file of a ticket folder (`lock_ticket_dir`) and the record of the FreeTickets run
+#: that writes it (`ft_keras.free_tickets`): control files, not tickets.
+LOCK_FILE = ".ft_keras.lock"
+RUN_FILE = ".ft_keras-run.json"
+PROGRESS_PREFIX = ".progress-"
 
 # Keys that write_ticket computes itself; a caller's metadata may not set them.
 COMPUTED_KEYS = (
@@ -145,37 +158,84 @@ def _pid_alive(pid):
     return True
 
 
-def remove_stale_writes(parent, base):
-    """Deletes ``parent/.tmp-<base>-*`` and ``.trash-<base>-*`` folders left by writers that
-    died (a crash or ``kill -9`` in the middle of `atomic_folder`); folders of live writers on
-    this machine are left alone. Returns the removed names."""
-    removed = []
+def _dead_writer_folders(parent, base):
+    """``{prefix: [names]}`` of the ``.tmp-`` / ``.ready-`` / ``.trash-`` folders of ``base`` in
+    ``parent`` whose writer is not alive on this machine, newest name last."""
+    found = {prefix: [] for prefix in _WRITE_PREFIXES}
     if not os.path.isdir(parent):
-        return removed
+        return found
     for name in sorted(os.listdir(parent)):
-        for prefix in (f"{_TMP_PREFIX}{base}-", f"{_TRASH_PREFIX}{base}-"):
-            if not name.startswith(prefix):
+        for prefix in _WRITE_PREFIXES:
+            lead = f"{prefix}{base}-"
+            if not name.startswith(lead):
                 continue
-            owner = name[len(prefix):].split("-")[0]
-            if owner.isdigit() and _pid_alive(int(owner)):
-                continue
+            owner = name[len(lead):].split("-")[0]
             path = os.path.join(parent, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(name)
+            if (owner.isdigit() and _pid_alive(int(owner))) or os.path.islink(path) or not (
+                    os.path.isdir(path)):
+                continue
+            found[prefix].append(name)
+    return found
+
+
+def recover_interrupted_writes(parent, base):
+    """Finishes or undoes what writers of ``parent/<base>`` that died left behind.
+
+    `atomic_folder` writes into ``.tmp-<base>-<pid>-*``, renames the complete folder to
+    ``.ready-<base>-<pid>-*``, moves an old ``<base>`` aside to ``.trash-<base>-<pid>-*``, renames
+    the ready folder to ``<base>`` and deletes the trash. After a crash at any of these points:
+    when ``<base>`` is missing, a complete ``.ready-`` folder is renamed into place (rolled
+    forward), else a ``.trash-`` folder is renamed back (rolled back); then the other leftovers
+    of dead writers are deleted. Folders of live writers on this machine are left alone.
+
+    Returns:
+        ``(restored, removed)``: the name ``<base>`` renamed into place from (or None) and the
+        removed leftover names.
+    """
+    found = _dead_writer_folders(parent, base)
+    destination = os.path.join(parent, base)
+    restored = None
+    if not os.path.lexists(destination):
+        for prefix in (_READY_PREFIX, _TRASH_PREFIX):
+            if found[prefix]:
+                restored = found[prefix].pop()
+                os.rename(os.path.join(parent, restored), destination)
+                _fsync_dir(parent)
+                logging.warning("%s: an interrupted write left %s without %s; %s renamed "
+                                "into place", parent, base, base, restored)
+                break
+    removed = []
+    for names in found.values():
+        for name in names:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
     if removed:
         logging.info("removed leftovers of interrupted writes in %s: %s", parent, removed)
-    return removed
+    return restored, removed
+
+
+def interrupted_writes(parent, base):
+    """The names of the leftover ``.ready-`` / ``.trash-`` folders that hold a complete copy of
+    ``parent/<base>`` while ``<base>`` itself is missing (an interrupted overwrite)."""
+    if os.path.lexists(os.path.join(parent, base)) or not os.path.isdir(parent):
+        return []
+    return sorted(name for name in os.listdir(parent)
+                  if name.startswith((f"{_READY_PREFIX}{base}-", f"{_TRASH_PREFIX}{base}-")))
 
 
 def atomic_folder(destination, write, overwrite=False, argument="folder"):
     """Builds a folder with ``write(tmp_path)`` in a hidden sibling, then renames it into place.
 
+    The complete folder is first renamed to a ``.ready-`` name; an existing ``destination`` is
+    then renamed aside (``.trash-``), the ready folder renamed into place and the old one
+    deleted. A crash at any point leaves either the old or the new folder in place, or a
+    complete copy that `recover_interrupted_writes` (run at the start of every write) renames
+    back.
+
     Args:
         destination: the final folder path.
         write: a callable that fills the (existing, empty) temporary folder it is given.
-        overwrite: whether to replace an existing ``destination``; the old folder is renamed
-            aside first and deleted only after the new one is in place.
+        overwrite: whether to replace an existing ``destination``.
         argument: what ``destination`` is, for error messages (e.g. "ticket folder").
 
     Returns:
@@ -186,6 +246,8 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
             ``overwrite`` is False.
     """
     parent, base = os.path.split(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    recover_interrupted_writes(parent, base)
     if os.path.lexists(destination):
         empty_dir = os.path.isdir(destination) and not os.listdir(destination)
         if not empty_dir and not overwrite:
@@ -193,23 +255,25 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
                 f"{argument} {destination!r} already exists (overwrite=False); pass "
                 "overwrite=True to replace it."
             )
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_writes(parent, base)
     tmp = _make_unique_dir(parent, f"{_TMP_PREFIX}{base}-{os.getpid()}-")
+    ready = None
     try:
         write(tmp)
         _fsync_tree(tmp)
+        ready = _unique_name(parent, f"{_READY_PREFIX}{base}-{os.getpid()}-")
+        os.rename(tmp, ready)
+        _fsync_dir(parent)
         trash = None
         if os.path.lexists(destination):
-            trash = _make_unique_dir(parent, f"{_TRASH_PREFIX}{base}-{os.getpid()}-")
-            os.rmdir(trash)  # only the unique name is needed
+            trash = _unique_name(parent, f"{_TRASH_PREFIX}{base}-{os.getpid()}-")
             os.rename(destination, trash)
         try:
-            os.rename(tmp, destination)
+            os.rename(ready, destination)
         except BaseException:
             if trash is not None:
                 os.rename(trash, destination)
             raise
+        ready = None
         _fsync_dir(parent)
         if trash is not None:
             if os.path.isdir(trash) and not os.path.islink(trash):
@@ -217,9 +281,93 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
             else:
                 os.remove(trash)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, ready):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
         raise
     return destination
+
+
+def _unique_name(parent, prefix):
+    """A path ``parent/<prefix><random>`` that does not exist (nothing is created)."""
+    path = _make_unique_dir(parent, prefix)
+    os.rmdir(path)
+    return path
+
+
+def write_file_atomically(path, data):
+    """Writes the bytes ``data`` to ``path`` through a ``<path>.tmp-<pid>`` file that is flushed
+    to disk and renamed into place: a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# Locks this process holds: real path of the ticket folder -> open lock file descriptor.
+_HELD_LOCKS = {}
+
+
+def lock_ticket_dir(ticket_dir, owner):
+    """Makes this process the only writer of ``ticket_dir`` until `unlock_ticket_dir`.
+
+    An exclusive advisory lock (``flock``) on ``ticket_dir/.ft_keras.lock``, which also records
+    the holder (``owner``: a JSON-serialisable dict, plus pid, host and time). The operating
+    system drops the lock when the process ends, however it ends, so a killed run never leaves
+    a stale lock. Within one process the lock is re-entrant. Where the platform has no
+    ``fcntl`` (Windows) only the writability of the folder is checked.
+
+    Raises:
+        ValueError: ``ticket_dir`` cannot be created or written (the message says why), or
+            another process holds the lock (the message names it: pid, host, run, since when).
+    """
+    ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
+    key = os.path.realpath(ticket_dir)
+    path = os.path.join(ticket_dir, LOCK_FILE)
+    try:
+        os.makedirs(ticket_dir, exist_ok=True)
+        descriptor = _HELD_LOCKS.get(key)
+        if descriptor is None:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not os.access(ticket_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        raise ValueError(
+            f"ticket_dir={ticket_dir!r} cannot be written ({error.strerror or error}): the run "
+            "would fail at its first ticket. Use a folder this process can write."
+        ) from None
+    if key not in _HELD_LOCKS and fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    holder = handle.read().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            os.close(descriptor)
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} is being written by another run ({holder}); two "
+                "runs cannot write into one ticket_dir. Wait for that run to end, or use "
+                "another ticket_dir."
+            ) from None
+    _HELD_LOCKS[key] = descriptor
+    record = dict(owner or {}, pid=os.getpid(), host=socket.gethostname(),
+                  since=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"))
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps(record, default=_json_default).encode(), 0)
+    return descriptor
+
+
+def unlock_ticket_dir(ticket_dir):
+    """Releases this process's lock on ``ticket_dir`` (if it holds one)."""
+    descriptor = _HELD_LOCKS.pop(os.path.realpath(ticket_dir), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the descriptor releases the flock
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +590,32 @@ def write_ticket(
     return destination
 
 
+def _is_control_file(name):
+    return name in (LOCK_FILE, RUN_FILE)
+
+
+def _is_ours(name):
+    """Whether ``name`` in a ticket folder is ft_keras's: a ticket, a leftover of a ticket write,
+    a progress file or the run record (the lock file is left alone)."""
+    return bool(_TICKET_RE.match(name)) or name == RUN_FILE or name.startswith(
+        tuple(f"{prefix}ticket_" for prefix in _WRITE_PREFIXES) + (PROGRESS_PREFIX,))
+
+
+def describe_ticket_dir(ticket_dir, entries):
+    """A short description of what ``entries`` of ``ticket_dir`` are, for error messages."""
+    complete, incomplete = scan_tickets(ticket_dir)
+    parts = []
+    if complete:
+        parts.append(f"{len(complete)} complete ticket(s): "
+                     f"{[os.path.basename(p) for p in complete]}")
+    if incomplete:
+        parts.append(f"{len(incomplete)} incomplete ticket folder(s)")
+    others = [n for n in entries if not _TICKET_RE.match(n)]
+    if others:
+        parts.append(f"{len(others)} other entries, e.g. {others[:3]}")
+    return "; ".join(parts)
+
+
 def prepare_ticket_dir(ticket_dir, overwrite=False):
     """Creates ``ticket_dir`` for new tickets, refusing to mix them with old ones.
 
@@ -452,33 +626,39 @@ def prepare_ticket_dir(ticket_dir, overwrite=False):
 
     Args:
         ticket_dir: the folder; created (with parents) if missing.
-        overwrite: if ``ticket_dir`` is not empty, delete its ``ticket_<i>`` folders (and
-            leftovers of interrupted writes) and keep everything else; if False, refuse.
+        overwrite: if ``ticket_dir`` is not empty, delete its ``ticket_<i>`` folders, leftovers
+            of interrupted writes, progress files and run record, and keep everything else; if
+            False, refuse. (The lock file of `lock_ticket_dir` does not count.)
 
     Returns:
         ``ticket_dir``.
 
     Raises:
-        ValueError: ``ticket_dir`` is a file, or a non-empty folder and ``overwrite=False``.
+        ValueError: ``ticket_dir`` is a file, or a non-empty folder and ``overwrite=False``
+            (the message says what it holds).
     """
     ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
     overwrite = _checks.check_bool("overwrite", overwrite)
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
     os.makedirs(ticket_dir, exist_ok=True)
-    entries = sorted(os.listdir(ticket_dir))
+    entries = sorted(name for name in os.listdir(ticket_dir) if name != LOCK_FILE)
     if entries and not overwrite:
         raise ValueError(
-            f"ticket_dir={ticket_dir!r} is not empty ({len(entries)} entries, e.g. "
-            f"{entries[:3]}); pass overwrite=True to delete its ticket_* folders."
+            f"ticket_dir={ticket_dir!r} is not empty ({describe_ticket_dir(ticket_dir, entries)})"
+            ": new tickets are not mixed with old ones. Write them to another (empty) "
+            "ticket_dir; a FreeTickets run that was interrupted resumes when the same fit is "
+            "run again with keras.callbacks.BackupAndRestore. (overwrite=True deletes the "
+            "ticket_* folders and progress files in it.)"
         )
     for name in entries:
-        ours = _TICKET_RE.match(name) or name.startswith(
-            (f"{_TMP_PREFIX}ticket_", f"{_TRASH_PREFIX}ticket_")
-        )
         path = os.path.join(ticket_dir, name)
-        if ours and os.path.isdir(path) and not os.path.islink(path):
+        if not _is_ours(name) or os.path.islink(path):
+            continue
+        if os.path.isdir(path):
             shutil.rmtree(path)
+        else:
+            os.remove(path)
     return ticket_dir
 
 
