@@ -376,6 +376,34 @@ class _RunRecord:
                                       json.dumps(self.data, indent=1).encode())
 
     @classmethod
+    def _load(cls, ticket_dir, epoch):
+        path = cls.path(ticket_dir)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                record = cls(ticket_dir, json.load(handle))
+            if not isinstance(record.run_id, str) or not isinstance(record.data["epochs"], dict):
+                raise TypeError("no run_id or epochs")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"run record {path!r} is damaged ({type(error).__name__}: {error}): this fit "
+                f"(starting at epoch {epoch}) cannot prove it continues the run that wrote "
+                f"ticket_dir={ticket_dir!r}. Use another ticket_dir."
+            ) from None
+        return record
+
+    @classmethod
+    def restarted(cls, ticket_dir, steps, digest):
+        """The record of the run that a fit starting at epoch 0 with initial weights of
+        ``digest`` starts again (killed before its first epoch was saved), else None."""
+        if not os.path.exists(cls.path(ticket_dir)):
+            return None
+        record = cls._load(ticket_dir, 0)
+        if record.data["epochs"].get("-1") == digest and (
+                record.data.get("steps_per_epoch") == steps):
+            return record
+        return None
+
+    @classmethod
     def for_resume(cls, ticket_dir, epoch, steps, digest):
         """The record of the run that a fit starting at ``epoch`` (> 0) continues.
 
@@ -398,18 +426,8 @@ class _RunRecord:
                 "interrupted run resumes when the same fit is run again with "
                 "keras.callbacks.BackupAndRestore."
             )
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-            record = cls(ticket_dir, data)
-            run_id, epochs = record.run_id, data["epochs"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"run record {path!r} is damaged ({type(error).__name__}: {error}): this fit "
-                f"(starting at epoch {epoch}) cannot prove it continues the run that wrote "
-                f"ticket_dir={ticket_dir!r}. Use another ticket_dir."
-            ) from None
-        del run_id
+        record = cls._load(ticket_dir, epoch)
+        data, epochs = record.data, record.data["epochs"]
         if data.get("steps_per_epoch") != steps:
             raise ValueError(
                 f"ticket_dir={ticket_dir!r} holds {record.describe()} with "
@@ -666,9 +684,17 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         if not _is_chief(self.model):
             return
         if epoch == 0:
+            recover_partial_writes(self.ticket_dir)  # this process holds the lock: all are dead
+            initial = weights_digest(self.model.get_weights())
+            self._run = None if self.overwrite else _RunRecord.restarted(self.ticket_dir, steps,
+                                                                         initial)
+            if self._run is not None:  # killed before its first epoch was saved: start again
+                self._check_unfinished()
+                logging.warning("FreeTickets: %s restarts at epoch 0", self._run.describe())
+                return
             tickets.prepare_ticket_dir(self.ticket_dir, overwrite=self.overwrite)
             self._run = _RunRecord.new(self.ticket_dir, steps, self.total_epochs)
-            self._run.save()
+            self._run.record_epoch(-1, initial)
             return
         recover_partial_writes(self.ticket_dir)
         self._run = _RunRecord.for_resume(self.ticket_dir, epoch, steps,
@@ -676,6 +702,15 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         for phase in self.plan:
             if phase.kind == "refinement" and phase.end_epoch <= epoch:
                 self._finish_phase_after_crash(phase, epoch)
+
+    def _check_unfinished(self):
+        written = [i for i in range(self.num_tickets) if os.path.isdir(self._ticket_path(i))]
+        if len(written) == self.num_tickets:
+            raise ValueError(
+                f"ticket_dir={self.ticket_dir!r} holds the finished {self._run.describe()}: all "
+                f"its {self.num_tickets} tickets are written, there is nothing to resume. Write "
+                "a new run to another ticket_dir (overwrite=True would delete these tickets)."
+            )
 
     def _finish_phase_after_crash(self, phase, epoch):
         """A phase that ended before this (resumed) fit: its ticket, if a crash came between

@@ -35,6 +35,7 @@ Example:
 """
 
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -62,7 +63,7 @@ from ft_keras.export import SERVING_SIGNATURE
 from ft_keras.sparsify import sparsity_report
 from ft_keras.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
@@ -90,6 +91,8 @@ COMPUTED_KEYS = (
     "num_active_params",
     "versions",
     "created",
+    "output",
+    "files",
 )
 # Keys every ticket has; None unless the caller gives a value.
 CALLER_KEYS = (
@@ -508,6 +511,91 @@ def _forward_flops_or_none(model):
         return None
 
 
+def output_kind(model):
+    """"probabilities" when ``model`` ends in a softmax (its last layer is a ``Softmax`` layer,
+    or has ``activation`` softmax), else "logits"."""
+    layer = model.layers[-1] if getattr(model, "layers", None) else None
+    if isinstance(layer, keras.layers.Softmax):
+        return "probabilities"
+    activation = getattr(layer, "activation", None)
+    if getattr(activation, "__name__", None) == "softmax":
+        return "probabilities"
+    return "logits"
+
+
+def _check_logits_output(model, what):
+    if output_kind(model) != "logits":
+        raise ValueError(
+            f"{what} ends in a softmax (layer {model.layers[-1].name!r}): a ticket must output "
+            "logits, because ensembles and the serving signature apply the softmax themselves "
+            "(it would be applied twice). Drop the final softmax, e.g. Dense(10) instead of "
+            "Dense(10, activation='softmax')."
+        )
+
+
+def _file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tree_digest(root):
+    """A sha256 over every file under ``root``: relative paths and contents, in sorted order."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def ticket_digests(path):
+    """``{"model.keras": ..., "saved_model": ...}``: sha256 digests of a ticket folder's model
+    file and SavedModel tree (None for a part that is missing)."""
+    model_path = os.path.join(path, MODEL_FILE)
+    saved = os.path.join(path, SAVED_MODEL_DIR)
+    return {
+        MODEL_FILE: _file_digest(model_path) if os.path.isfile(model_path) else None,
+        SAVED_MODEL_DIR: _tree_digest(saved) if os.path.isdir(saved) else None,
+    }
+
+
+def verify_ticket(path, metadata):
+    """What is wrong with ticket folder ``path`` given its parsed ``metadata`` ("" if nothing):
+    metadata of another index than the folder's name, and a ``model.keras`` or SavedModel that
+    differs from the digests recorded when the ticket was written (a part swapped with another
+    ticket's, or changed afterwards), or a missing SavedModel. A ticket without ``model.keras``
+    is an inference-only copy and passes when its SavedModel does."""
+    problems = []
+    match = _TICKET_RE.match(os.path.basename(os.path.normpath(path)))
+    if match and metadata.get("index") != int(match.group(1)):
+        problems.append(f"its {METADATA_FILE} is ticket {metadata.get('index')!r}'s, not ticket "
+                        f"{match.group(1)}'s")
+    recorded = metadata.get("files")
+    if not isinstance(recorded, dict):
+        problems.append(f"its {METADATA_FILE} records no file digests (not written by "
+                        "write_ticket?)")
+        recorded = {}
+    actual = ticket_digests(path)
+    for part, want in sorted(recorded.items()):
+        got = actual.get(part)
+        if got is None and part == MODEL_FILE:
+            continue  # an inference-only copy: read from its SavedModel (see read_ticket)
+        if got is None:
+            problems.append(f"{part} is missing (it was written with the ticket)")
+        elif got != want and part == MODEL_FILE and _archive_problem(
+                os.path.join(path, MODEL_FILE)):
+            problems.append(_archive_problem(os.path.join(path, MODEL_FILE)))
+        elif got != want:
+            problems.append(f"{part} differs from the one written with the ticket (swapped "
+                            "with another ticket's, or changed afterwards)")
+    return "; ".join(problems)
+
+
 def _write_metadata(metadata, path):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2)
@@ -575,7 +663,9 @@ def write_ticket(
                                           export_lib.SPARSE_KERNELS)
     export_lib.model_input_shape(model)
     export_lib.check_finite_weights(model)
+    _check_logits_output(model, f"model={model.name!r}")
     meta = ticket_metadata(model, index, metadata)
+    meta["output"] = "logits"
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
     destination = os.path.join(ticket_dir, f"ticket_{index}")
@@ -584,6 +674,7 @@ def write_ticket(
         _save_keras_model(model, os.path.join(tmp, MODEL_FILE), include_optimizer)
         _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)),
                            sparse_kernels)
+        meta["files"] = ticket_digests(tmp)
         _write_metadata(meta, os.path.join(tmp, METADATA_FILE))  # last: marks completeness
 
     atomic_folder(destination, write, overwrite=overwrite, argument="ticket folder")
@@ -689,11 +780,21 @@ def _missing_parts(path):
     return " and ".join(missing)
 
 
+def _verify_or_reason(path):
+    try:
+        return verify_ticket(path, read_metadata(path))
+    except ValueError as error:
+        return str(error)
+
+
 def scan_tickets(ticket_dir):
     """The ``ticket_<i>`` folders of ``ticket_dir``: complete ones and incomplete ones.
 
-    Hidden folders (``.tmp-*``, ``.trash-*``: writes in progress or interrupted) and other
-    names are not tickets and are ignored.
+    A ticket folder is complete when it has its metadata and model and passes `verify_ticket`
+    (metadata of its own index; ``model.keras`` and SavedModel equal to the ones written with
+    it). Hidden folders (``.tmp-*`` / ``.ready-*`` / ``.trash-*``: writes in progress or
+    interrupted) and other names are not tickets, but a ticket that an interrupted overwrite
+    left only in a ``.ready-`` or ``.trash-`` folder is listed as incomplete.
 
     Example:
 
@@ -716,10 +817,23 @@ def scan_tickets(ticket_dir):
         if not match or not os.path.isdir(path):
             continue
         missing = _missing_parts(path)
-        if missing:
-            incomplete.append((int(match.group(1)), path, f"missing {missing}"))
+        problem = f"missing {missing}" if missing else _verify_or_reason(path)
+        if problem:
+            incomplete.append((int(match.group(1)), path, problem))
         else:
             found.append((int(match.group(1)), path))
+    present = {index for index, _ in found} | {index for index, _, _ in incomplete}
+    for name in os.listdir(ticket_dir):
+        for prefix in (_READY_PREFIX, _TRASH_PREFIX):
+            base = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+            match = _TICKET_RE.match(base)
+            if match and int(match.group(1)) not in present:
+                present.add(int(match.group(1)))
+                incomplete.append((int(match.group(1)), os.path.join(ticket_dir, base),
+                                   f"missing: an interrupted write left its complete copy in "
+                                   f"{name}; resuming the run (or ft_keras.tickets."
+                                   f"recover_interrupted_writes(ticket_dir, {base!r})) puts it "
+                                   "back"))
     return ([path for _, path in sorted(found)],
             [(path, reason) for _, path, reason in sorted(incomplete)])
 
@@ -786,10 +900,12 @@ def read_metadata(ticket_path):
     version = metadata.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(f"ticket metadata file {path!r} is corrupt: no int format_version.")
-    if version > FORMAT_VERSION:
+    if version != FORMAT_VERSION:
         raise ValueError(
             f"ticket metadata file {path!r} has format_version={version}; this ft_keras "
-            f"({__version__}) reads format_version <= {FORMAT_VERSION}: upgrade ft_keras."
+            f"({__version__}) reads format_version {FORMAT_VERSION}: "
+            + ("upgrade ft_keras." if version > FORMAT_VERSION else
+               "write the ticket again with this version.")
         )
     return metadata
 
@@ -863,22 +979,35 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
     model_path = os.path.join(path, MODEL_FILE)
     if os.path.isfile(model_path):
         _check_keras_archive(model_path)
-        model = _load_or_raise(
-            lambda: keras.models.load_model(model_path, compile=compile),
-            f"ticket model file {model_path!r}",
-        )
-        return model, metadata
-    serving_path = saved_model_path(path)
-    if serving_path is None:
+    elif saved_model_path(path) is None:
         raise ValueError(
             f"ticket folder {path!r} has no model: both {model_path!r} and "
             f"{os.path.join(path, SAVED_MODEL_DIR)!r}/<version>/{SAVED_MODEL_PB} are missing."
         )
+    problem = verify_ticket(path, metadata)
+    if problem:
+        raise ValueError(f"ticket folder {path!r} fails its check: {problem}.")
+    if os.path.isfile(model_path):
+        model = _load_or_raise(
+            lambda: keras.models.load_model(model_path, compile=compile),
+            f"ticket model file {model_path!r}",
+        )
+        _check_logits_output(model, f"ticket model file {model_path!r}")
+        return model, metadata
+    serving_path = saved_model_path(path)
     model = _load_or_raise(
         lambda: load_serving_model(serving_path, name=f"ticket_{metadata.get('index', 'x')}"),
         f"ticket SavedModel {serving_path!r}",
     )
     return model, metadata
+
+
+def _archive_problem(path):
+    try:
+        _check_keras_archive(path)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _check_keras_archive(path):

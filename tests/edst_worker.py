@@ -80,28 +80,68 @@ class _KillAtEpoch(keras.callbacks.Callback):
 
 
 class _Boundaries:
-    """Kills the process at the first boundary whose label is not in the log file."""
+    """Acts at every boundary (see the module docstring): ``action`` is "next" (kill at the
+    first label not in the log file, after adding it), "at:<label>" (kill at that label) or
+    "snapshots" (copy the run's folders, when their content changed since the last copy, to
+    ``OUT_DIR/snapshots/<n>__<label>``: the state a kill at that boundary leaves on disk)."""
 
-    def __init__(self, log_path, watched):
-        self.log_path = log_path
+    def __init__(self, action, out_dir, watched):
+        self.action = action
+        self.out_dir = out_dir
         self.watched = [os.path.abspath(p) + os.sep for p in watched]
         self.epoch = None
         self.seen = {}
-        with open(log_path, "a+", encoding="utf-8") as handle:
-            handle.seek(0)
-            self.done = set(handle.read().split())
+        self.done = set()
+        self.last_state = None
+        if action == "next":
+            self.log_path = os.environ["FT_KERAS_KILL_LOG"]
+            with open(self.log_path, "a+", encoding="utf-8") as handle:
+                handle.seek(0)
+                self.done = set(handle.read().split())
 
     def reach(self, what):
         base = f"{what}@{self.epoch}"
         count = self.seen[base] = self.seen.get(base, 0) + 1
         label = f"{base}#{count}"
-        if label in self.done:
+        if self.action == "snapshots":
+            self._snapshot(label)
+        elif self.action == f"at:{label}":
+            _kill()
+        elif self.action == "next" and label not in self.done:
+            with open(self.log_path, "a", encoding="utf-8") as handle:
+                handle.write(label + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            _kill()
+
+    def _state(self):
+        """Every file under the watched folders (lock file aside): relative path -> bytes."""
+        state = {}
+        for root in self.watched:
+            for folder, _, files in os.walk(root):
+                for name in files:
+                    path = os.path.join(folder, name)
+                    if name != ftk.tickets.LOCK_FILE:
+                        with open(path, "rb") as handle:
+                            state[os.path.relpath(path, self.out_dir)] = handle.read()
+        return state
+
+    def _snapshot(self, label):
+        state = self._state()
+        if state == self.last_state:
             return
-        with open(self.log_path, "a", encoding="utf-8") as handle:
-            handle.write(label + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        _kill()
+        self.last_state = state
+        folder = os.path.join(self.out_dir, "snapshots", f"{len(self.seen_snapshots):03d}__"
+                              + re.sub(r"[^A-Za-z0-9_.@#:-]", "_", label).replace(":", "="))
+        self.seen_snapshots.append(label)
+        os.makedirs(folder)
+        for relative, data in state.items():
+            target = os.path.join(folder, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(data)
+
+    seen_snapshots = []
 
     def _short(self, path):
         path = os.path.abspath(str(path))
@@ -169,9 +209,45 @@ def _model():
     return model
 
 
+def _train(ticket_dir, backup_dir, order, plan, boundaries=None, extra=()):
+    num_tickets, exploration_epochs, refine_epochs = PLANS[plan]
+    (x, y), validation = _data()
+    tickets = ftk.FreeTickets(ticket_dir, num_tickets=num_tickets,
+                              exploration_epochs=exploration_epochs,
+                              refine_epochs=refine_epochs, update_every=6,
+                              exploration_lr=0.05, refine_lr=(0.02, 0.005))
+    backup = keras.callbacks.BackupAndRestore(backup_dir)
+    callbacks = [backup, tickets] if order == "backup_first" else [tickets, backup]
+    if boundaries is not None:
+        callbacks = [boundaries.callback(0), callbacks[0], boundaries.callback(1),
+                     callbacks[1], boundaries.callback(2)]
+    epochs = exploration_epochs + num_tickets * refine_epochs
+    _model().fit(x, y, batch_size=32 if plan == "standard" else 128, epochs=epochs,
+                 validation_data=validation, shuffle=False, verbose=0,
+                 callbacks=callbacks + list(extra))
+
+
+def _resume_all(out_dir, order, plan):
+    """Resumes, one after the other in this process, every state under OUT_DIR/snapshots (a
+    copy in OUT_DIR/resumed/<name>): prints "resumed <name>" or "refused <name>: <error>"."""
+    root = os.path.join(out_dir, "snapshots")
+    for name in sorted(os.listdir(root)):
+        target = os.path.join(out_dir, "resumed", name)
+        shutil.copytree(os.path.join(root, name), target)
+        for sub in ("tickets", "backup"):
+            os.makedirs(os.path.join(target, sub), exist_ok=True)
+        try:
+            _train(os.path.join(target, "tickets"), os.path.join(target, "backup"), order, plan)
+        except ValueError as error:
+            print(f"refused {name}: {error}", flush=True)
+        else:
+            print(f"resumed {name}", flush=True)
+    print("finished", flush=True)
+
+
 def main(out_dir, order, kill_at, plan="standard"):
     tf.config.experimental.enable_op_determinism()
-    num_tickets, exploration_epochs, refine_epochs = PLANS[plan]
+    num_tickets = PLANS[plan][0]
     ticket_dir = os.path.join(out_dir, "tickets")
     backup_dir = os.path.join(out_dir, "backup")
     done = os.path.isdir(ticket_dir) and len(
@@ -181,25 +257,16 @@ def main(out_dir, order, kill_at, plan="standard"):
         _kill_before_rename("ticket_1")
     elif kill_at == "export":
         _kill_before_rename("1")
-    elif kill_at == "next":
-        boundaries = _Boundaries(os.environ["FT_KERAS_KILL_LOG"], [ticket_dir, backup_dir])
+    elif kill_at in ("next", "snapshots") or kill_at.startswith("at:"):
+        boundaries = _Boundaries(kill_at, out_dir, [ticket_dir, backup_dir])
         boundaries.wrap_filesystem()
+    elif kill_at == "resume_all":
+        return _resume_all(out_dir, order, plan)
     if not done:
-        (x, y), validation = _data()
-        tickets = ftk.FreeTickets(ticket_dir, num_tickets=num_tickets,
-                                  exploration_epochs=exploration_epochs,
-                                  refine_epochs=refine_epochs, update_every=6,
-                                  exploration_lr=0.05, refine_lr=(0.02, 0.005))
-        backup = keras.callbacks.BackupAndRestore(backup_dir)
-        callbacks = [backup, tickets] if order == "backup_first" else [tickets, backup]
-        if kill_at == "between_phases":
-            callbacks.append(_KillAtEpoch(5))  # phases: [0], [1, 2], [3, 4], [5, 6]
-        if boundaries is not None:
-            callbacks = [boundaries.callback(0), callbacks[0], boundaries.callback(1),
-                         callbacks[1], boundaries.callback(2)]
-        epochs = exploration_epochs + num_tickets * refine_epochs
-        _model().fit(x, y, batch_size=32 if plan == "standard" else 128, epochs=epochs,
-                     validation_data=validation, shuffle=False, verbose=0, callbacks=callbacks)
+        extra = [_KillAtEpoch(5)] if kill_at == "between_phases" else []  # phases: [0], [1, 2],
+        _train(ticket_dir, backup_dir, order, plan, boundaries, extra)    # [3, 4], [5, 6]
+    if kill_at == "snapshots":
+        print("snapshots", len(boundaries.seen_snapshots), flush=True)
     ensemble = ftk.Ensemble.from_directory(ticket_dir, combine="probs")
     ensemble.export(os.path.join(out_dir, "export"), version=1, overwrite=True)
     print("finished", flush=True)

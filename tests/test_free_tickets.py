@@ -3,6 +3,9 @@
 import itertools
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -449,6 +452,141 @@ def test_non_finite_weights_are_never_selected(fashion_mnist_small, tmp_path):
     again = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
     assert again.restore(len(model.get_weights())) and again.value == 0.5
     assert again.last_epoch == 1
+
+
+# ---------------------------------------------------------------------- one run per ticket_dir
+def _edst_fit_args(edst_run, fashion_mnist_small, **kwargs):
+    (x, y), _ = fashion_mnist_small
+    return dict(dict(x=x, y=y, batch_size=64, epochs=7,
+                     validation_data=(edst_run["xv"], edst_run["yv"]), shuffle=False,
+                     verbose=0), **kwargs)
+
+
+def _edst_callback(ticket_dir):  # the configuration of the edst_run fixture
+    return ftk.FreeTickets(ticket_dir, num_tickets=3, exploration_epochs=1, refine_epochs=2,
+                           update_every=8, grow="gradient")
+
+
+def test_rerunning_a_finished_run_is_refused_without_advice_to_delete(
+        edst_run, fashion_mnist_small, tmp_path):
+    ticket_dir = str(tmp_path / "tickets")
+    shutil.copytree(edst_run["ticket_dir"], ticket_dir)
+    model = _model()
+    with pytest.raises(ValueError, match=r"holds the finished run [0-9a-f]{16} .*all its 3 "
+                                         r"tickets are written.*another ticket_dir"):
+        model.fit(callbacks=[_edst_callback(ticket_dir)],
+                  **_edst_fit_args(edst_run, fashion_mnist_small))
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert len(ftk.list_tickets(ticket_dir)) == 3
+
+
+def test_a_later_start_into_another_runs_tickets_is_refused(edst_run, fashion_mnist_small,
+                                                           tmp_path):
+    """Issue 20: fit(initial_epoch=3) into a folder holding another run's tickets was accepted
+    and mixed the two runs."""
+    ticket_dir = str(tmp_path / "tickets")
+    shutil.copytree(edst_run["ticket_dir"], ticket_dir)
+    model = _model(seed=5)
+    with pytest.raises(ValueError, match=r"fit starts at epoch 3, but ticket_dir=.* holds run "
+                                         r"[0-9a-f]{16} .*ended epoch 2 with other weights.*"
+                                         r"not that run resumed"):
+        model.fit(callbacks=[_edst_callback(ticket_dir)],
+                  **_edst_fit_args(edst_run, fashion_mnist_small, initial_epoch=3))
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_a_later_start_into_a_fresh_folder_is_refused(fashion_mnist_small, tmp_path):
+    """Issue 20: initial_epoch=2 on a fresh run was taken as a resume (exploration skipped)."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    model = _model()
+    with pytest.raises(ValueError, match=r"fit starts at epoch 2 \(initial_epoch=2\) but "
+                                         r"ticket_dir=.* holds no FreeTickets run to resume: a "
+                                         r"fresh run starts at epoch 0"):
+        model.fit(x[:128], y[:128], epochs=3, initial_epoch=2, validation_data=(xv, yv),
+                  verbose=0, callbacks=[ftk.FreeTickets(str(tmp_path / "t"), num_tickets=2,
+                                                        exploration_epochs=1, refine_epochs=1)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_a_second_writer_is_refused_naming_the_first(fashion_mnist_small, tmp_path):
+    """Issue 20: two runs on one ticket_dir started together both finished, one overwriting
+    the other's tickets."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    ticket_dir = tmp_path / "t"
+    ticket_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.write(fd, b'{\"writer\": \"FreeTickets\", \"pid\": 4242}'); "
+         "print('locked', flush=True); time.sleep(60)",
+         str(ticket_dir / ftk.tickets.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        model = _model()
+        with pytest.raises(ValueError, match=r"ticket_dir=.* is being written by another run "
+                                             r"\(\{\"writer\": \"FreeTickets\", \"pid\": 4242\}"
+                                             r"\); two runs cannot write into one ticket_dir"):
+            model.fit(x[:128], y[:128], epochs=2, validation_data=(xv, yv), verbose=0,
+                      callbacks=[ftk.FreeTickets(str(ticket_dir), num_tickets=1,
+                                                 exploration_epochs=1, refine_epochs=1)])
+        assert int(model.optimizer.iterations.numpy()) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_read_only_ticket_dir_is_refused_before_training(fashion_mnist_small, tmp_path,
+                                                           monkeypatch):
+    (x, y), (xv, yv) = fashion_mnist_small
+    ticket_dir = str(tmp_path / "t")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == ticket_dir
+                        else real_access(path, mode))  # as root, chmod would not stop writes
+    model = _model()
+    with pytest.raises(ValueError, match=r"ticket_dir=.* cannot be written \(Permission denied\)"):
+        model.fit(x[:128], y[:128], epochs=4, validation_data=(xv, yv), verbose=0,
+                  callbacks=[ftk.FreeTickets(ticket_dir, num_tickets=1, exploration_epochs=3,
+                                             refine_epochs=1)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+# ---------------------------------------------------------------------- progress files
+def test_progress_file_holds_weights_and_record_together(tmp_path):
+    model = _model()
+    best = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run1")  # pylint: disable=W0212
+    assert best.offer(model, 0.5, {"epoch": 4}, persist=True)
+    assert sorted(os.listdir(tmp_path)) == [".progress-1.npz"]
+    assert not best.offer(model, 0.9, {"epoch": 4}, persist=True)  # epoch 4 already seen
+    again = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run1")  # pylint: disable=W0212
+    assert again.restore(len(model.get_weights()))
+    assert (again.value, again.last_epoch, again.info["epoch"]) == (0.5, 4, 4)
+    for a, b in zip(again.weights, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    other = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run2")  # pylint: disable=W0212
+    with pytest.raises(ValueError, match=r"\.progress-1\.npz' of ticket 1 belongs to run 'run1', "
+                                         r"not to the run 'run2'"):
+        other.restore(len(model.get_weights()))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "not_npz"])
+def test_a_damaged_progress_file_is_named(tmp_path, damage):
+    """Issue 20: truncated or bit-flipped progress files gave raw JSONDecodeError / BadZipFile /
+    AttributeError without the file's name."""
+    model = _model()
+    best = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
+    best.offer(model, 0.5, {"epoch": 1}, persist=True)
+    path = tmp_path / ".progress-0.npz"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bit_flip":
+        path.write_bytes(data[:-30] + bytes([data[-30] ^ 0xFF]) + data[-29:])
+    else:
+        path.write_text('{"info": {}}')
+    again = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
+    with pytest.raises(ValueError, match=r"progress file '.*\.progress-0\.npz' of ticket 0 is "
+                                         r"damaged.*new ticket_dir"):
+        again.restore(len(model.get_weights()))
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_free_tickets.py
