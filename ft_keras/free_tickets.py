@@ -136,8 +136,8 @@ class _EpochClose:
         self._close_epoch(self._epoch, logs)
 
     def _end_epoch(self, epoch, logs):
-        if not self._closed:
-            if self.monitor.startswith("val_"):
+        if not self._closed:  # e.g. a wrapper that forwards only the epoch calls
+            if self.monitor.startswith("val_") and self.monitor not in (logs or {}):
                 raise ValueError(
                     f"{type(self).__name__}: monitor={self.monitor!r} needs validation data, but "
                     f"fit() got none (no validation ran in epoch {epoch}): pass "
