@@ -551,6 +551,44 @@ def test_a_read_only_ticket_dir_is_refused_before_training(fashion_mnist_small, 
 
 
 # ---------------------------------------------------------------------- progress files
+def test_a_missing_progress_file_at_resume_is_refused(fashion_mnist_small, tmp_path):
+    """Issue 20: a .progress-<i>.npz missing at resume was accepted (the ticket became the
+    wrong epoch)."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    fit_args = dict(x=x[:256], y=y[:256], batch_size=64, epochs=3, validation_data=(xv, yv),
+                    shuffle=False, verbose=0)
+    ticket_dir = tmp_path / "t"
+
+    def callbacks(*extra):
+        return [keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                ftk.FreeTickets(str(ticket_dir), num_tickets=1, exploration_epochs=1,
+                                refine_epochs=2, update_every=2), *extra]
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _model().fit(callbacks=callbacks(_CrashAtEpochEnd(1)), **fit_args)
+    os.remove(ticket_dir / ".progress-0.npz")
+    model = _model()
+    with pytest.raises(ValueError, match=r"resumed at epoch 2, inside refinement phase 1 \(epochs "
+                                         r"1-2\), but the progress file '.*\.progress-0\.npz' of "
+                                         r"ticket 0 is missing: the epochs 1-1 it recorded are "
+                                         r"lost"):
+        model.fit(callbacks=callbacks(), **fit_args)
+    assert int(model.optimizer.iterations.numpy()) == 8  # restored, nothing trained
+    assert not os.path.exists(ticket_dir / "ticket_0")
+
+
+def test_update_every_longer_than_the_run_warns(fashion_mnist_small, tmp_path, caplog):
+    (x, y), (xv, yv) = fashion_mnist_small
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=1,
+                               refine_epochs=1, update_every=100)
+    with caplog.at_level("WARNING"):
+        _model().fit(x[:256], y[:256], batch_size=64, epochs=2, validation_data=(xv, yv),
+                     verbose=0, callbacks=[callback])
+    assert any("FreeTickets(update_every=100): the whole run is 8 steps (2 epochs x 4), so no "
+               "mask update runs" in record.getMessage() for record in caplog.records)
+    assert callback.updates == []
+
+
 def test_progress_file_holds_weights_and_record_together(tmp_path):
     model = _model()
     best = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run1")  # pylint: disable=W0212
