@@ -7,15 +7,19 @@ ticket (a DST Ensemble member). Both select by a ``monitor`` of the epoch logs w
 direction; "loss" is minimised) and is checked, with the presence of validation data, when
 ``fit`` starts. See docs/method.md for the method.
 
-Crash safety. A selection window's best-so-far state is mirrored to
-``<ticket_dir>/.progress-<i>.json`` / ``.npz`` (atomically) after every epoch, so a run resumed
-with ``keras.callbacks.BackupAndRestore`` continues the selection exactly, whatever the order of
-the callbacks: a phase whose ticket was not written before the crash (e.g. killed while writing
-it, or ``BackupAndRestore`` saved the epoch before FreeTickets saw it) gets its ticket at the
-start of the resumed fit, from the persisted state (the restored model is evaluated on the
-fit's validation data when the crash fell between the two callbacks). Leftovers of interrupted
-writes are removed at that point. Ticket writes themselves are atomic (``ft_keras.tickets``).
-A state with non-finite weights is never selected.
+Crash safety (run the same fit again with ``keras.callbacks.BackupAndRestore``, in either
+order, ``save_freq="epoch"``). Each epoch is recorded at the end of its validation (its last
+step for a training-metric monitor), before any callback's ``on_epoch_end`` where
+``BackupAndRestore`` saves it: the weights' digest in the run record
+``<ticket_dir>/.ft_keras-run.json``, the phase's best-so-far state in one atomically replaced
+``<ticket_dir>/.progress-<i>.npz`` (weights and record together), and at a phase's last epoch
+its ticket, after which the progress file is removed. So every epoch that ``BackupAndRestore``
+counts as done is on disk here first, and a resumed fit reproduces the uninterrupted run's
+tickets: an epoch already recorded is not offered again, a ticket already written ends its
+phase, a phase that ended without its ticket gets it from its progress file. A fit that starts
+at a later epoch must prove it continues the run that wrote the folder (its weights equal the
+recorded digest of the previous epoch); one writer holds the folder at a time (a lock). A state
+with non-finite weights is never selected.
 """
 
 import datetime
@@ -475,7 +479,9 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
     (``control_learning_rate=False`` leaves it alone).
 
     Args:
-        ticket_dir: folder for the tickets; a non-empty folder is refused unless ``overwrite``.
+        ticket_dir: folder for the tickets; a non-empty folder is refused unless ``overwrite``
+            (or it holds this run, interrupted: see the module docstring). Locked while the fit
+            runs: a second run on it is refused.
         num_tickets: M >= 1.
         exploration_epochs: t_ex >= 0.
         refine_epochs: t_re >= 1.

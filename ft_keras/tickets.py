@@ -19,9 +19,16 @@ per layer (``sparse_kernels``), and one signature, ``serving_default``: input ``
 ``class_ids`` (int64 argmax). The folder ``saved_model/`` is a TF Serving model base path on its
 own. A model with NaN or Inf weights is never written (ValueError naming layer and variable).
 
-Writes are atomic: everything goes to a hidden sibling folder ``.tmp-ticket_<i>-<random>/``
-that is renamed to ``ticket_<i>`` once complete, so a crash leaves either a complete ticket or
-nothing that `list_tickets` (or `ft_keras.Ensemble.from_directory`) accepts.
+Writes are atomic: everything goes to a hidden sibling folder ``.tmp-ticket_<i>-<pid>-<random>/``,
+renamed ``.ready-...`` once complete and then to ``ticket_<i>`` (an old ticket is moved to
+``.trash-...`` first and deleted last), so a crash leaves either a complete ticket or nothing
+that `list_tickets` (or `ft_keras.Ensemble.from_directory`) accepts, and
+`recover_interrupted_writes` rolls an interrupted overwrite forward or back.
+
+Tickets verify themselves: ``metadata.json`` records the ticket's index, its output kind
+(``"logits"``; a softmax-output model is refused) and sha256 digests of ``model.keras`` and of
+the ``saved_model/`` tree; `read_ticket`, `scan_tickets` and `Ensemble.from_directory` refuse a
+ticket whose parts do not match (swapped, replaced, changed or missing).
 
 Example:
 
