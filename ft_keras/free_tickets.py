@@ -600,6 +600,9 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
         if _is_chief(self.model):
+            written = all(os.path.isdir(self._ticket_path(i)) for i in range(self.num_tickets))
+            if written and os.path.exists(_RunRecord.path(self.ticket_dir)):
+                os.remove(_RunRecord.path(self.ticket_dir))  # finished: nothing to resume
             tickets.unlock_ticket_dir(self.ticket_dir)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -788,8 +791,8 @@ class TicketCheckpoint(_EpochClose, keras.callbacks.Callback):
     Used for DST Ensemble members (`ft_keras.recipes.train_dst_ensemble`): each independent run
     contributes its best-validation checkpoint as one ticket. Written once, at the end of
     training (atomically), by the chief worker only. ``mode="auto"`` takes the metric's own
-    direction ("min" for the loss); the monitor and the validation data are checked when ``fit``
-    starts.
+    direction ("min" for the loss), checked when ``fit`` starts; the monitor's name is checked
+    after the first step, the validation data at the first validation.
     """
 
     def __init__(self, ticket_dir, index, monitor="val_accuracy", mode="auto",

@@ -324,11 +324,12 @@ _HELD_LOCKS = {}
 def lock_ticket_dir(ticket_dir, owner):
     """Makes this process the only writer of ``ticket_dir`` until `unlock_ticket_dir`.
 
-    An exclusive advisory lock (``flock``) on ``ticket_dir/.ft_keras.lock``, which also records
-    the holder (``owner``: a JSON-serialisable dict, plus pid, host and time). The operating
-    system drops the lock when the process ends, however it ends, so a killed run never leaves
-    a stale lock. Within one process the lock is re-entrant. Where the platform has no
-    ``fcntl`` (Windows) only the writability of the folder is checked.
+    An exclusive advisory lock (``flock``) on ``ticket_dir/.ft_keras.lock``, a file that records
+    the holder (``owner``: a JSON-serialisable dict, plus pid, host and time) and is deleted when
+    the lock is released. The operating system drops the lock when the process ends, however it
+    ends, so a killed run never leaves a stale lock (only its file, which the next writer takes
+    over). Within one process the lock is re-entrant. Where the platform has no ``fcntl``
+    (Windows) only the writability of the folder is checked.
 
     Raises:
         ValueError: ``ticket_dir`` cannot be created or written (the message says why), or
@@ -337,33 +338,43 @@ def lock_ticket_dir(ticket_dir, owner):
     ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
     key = os.path.realpath(ticket_dir)
     path = os.path.join(ticket_dir, LOCK_FILE)
-    try:
-        os.makedirs(ticket_dir, exist_ok=True)
-        descriptor = _HELD_LOCKS.get(key)
-        if descriptor is None:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not os.access(ticket_dir, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as error:
-        raise ValueError(
-            f"ticket_dir={ticket_dir!r} cannot be written ({error.strerror or error}): the run "
-            "would fail at its first ticket. Use a folder this process can write."
-        ) from None
-    if key not in _HELD_LOCKS and fcntl is not None:
+    descriptor = _HELD_LOCKS.get(key)
+    while descriptor is None:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.makedirs(ticket_dir, exist_ok=True)
+            if not os.access(ticket_dir, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+            candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} cannot be written ({error.strerror or error}): the "
+                "run would fail at its first ticket. Use a folder this process can write."
+            ) from None
+        if fcntl is None:
+            descriptor = candidate
+            break
+        try:
+            fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             try:
                 with open(path, encoding="utf-8") as handle:
                     holder = handle.read().strip() or "unknown"
             except OSError:
                 holder = "unknown"
-            os.close(descriptor)
+            os.close(candidate)
             raise ValueError(
                 f"ticket_dir={ticket_dir!r} is being written by another run ({holder}); two "
                 "runs cannot write into one ticket_dir. Wait for that run to end, or use "
                 "another ticket_dir."
             ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(candidate).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            descriptor = candidate
+        else:  # the holder released (and deleted) the file between our open and our lock
+            os.close(candidate)
     _HELD_LOCKS[key] = descriptor
     record = dict(owner or {}, pid=os.getpid(), host=socket.gethostname(),
                   since=datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -374,9 +385,14 @@ def lock_ticket_dir(ticket_dir, owner):
 
 
 def unlock_ticket_dir(ticket_dir):
-    """Releases this process's lock on ``ticket_dir`` (if it holds one)."""
+    """Releases this process's lock on ``ticket_dir`` (if it holds one) and deletes the lock
+    file (before the release, so a waiting writer never locks a file that is going away)."""
     descriptor = _HELD_LOCKS.pop(os.path.realpath(ticket_dir), None)
     if descriptor is not None:
+        try:
+            os.remove(os.path.join(ticket_dir, LOCK_FILE))
+        except OSError:
+            pass
         os.close(descriptor)  # closing the descriptor releases the flock
 
 
