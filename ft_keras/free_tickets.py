@@ -552,7 +552,7 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         self.overwrite = _checks.check_bool("overwrite", overwrite)
         self.metadata = _checks.check_metadata(
             "metadata", metadata, reserved=tickets.COMPUTED_KEYS + _OWN_METADATA)
-        self.tickets = []  # paths written by this callback, in ticket order
+        self.tickets = []  # the run's ticket paths, in ticket order (those of this fit's phases)
         self._jump_steps = ()
         self._best = None
         self._started = False
@@ -593,6 +593,8 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         self._monitor_checked = False
         self._run = None
         self._origin = None
+        self._finished = False
+        self.tickets = []
         self._reset_epoch_close()
         if _is_chief(self.model):  # last: nothing after it can fail and leave the lock held
             tickets.lock_ticket_dir(self.ticket_dir, {"writer": "FreeTickets"})
@@ -698,7 +700,14 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
             self._run = None if self.overwrite else _RunRecord.restarted(self.ticket_dir, steps,
                                                                          initial)
             if self._run is not None:  # killed before its first epoch was saved: start again
-                self._check_unfinished()
+                if all(os.path.isdir(self._ticket_path(i)) for i in range(self.num_tickets)):
+                    # killed while finishing, after BackupAndRestore deleted its backup
+                    logging.warning("FreeTickets: %s has written all its tickets; this fit "
+                                    "stops after its first step", self._run.describe())
+                    self._finished = True
+                    self.model.stop_training = True
+                    self.tickets = [self._ticket_path(i) for i in range(self.num_tickets)]
+                    return
                 logging.warning("FreeTickets: %s restarts at epoch 0", self._run.describe())
                 return
             tickets.prepare_ticket_dir(self.ticket_dir, overwrite=self.overwrite)
@@ -712,15 +721,6 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
             if phase.kind == "refinement" and phase.end_epoch <= epoch:
                 self._finish_phase_after_crash(phase, epoch)
 
-    def _check_unfinished(self):
-        written = [i for i in range(self.num_tickets) if os.path.isdir(self._ticket_path(i))]
-        if len(written) == self.num_tickets:
-            raise ValueError(
-                f"ticket_dir={self.ticket_dir!r} holds the finished {self._run.describe()}: all "
-                f"its {self.num_tickets} tickets are written, there is nothing to resume. Write "
-                "a new run to another ticket_dir (overwrite=True would delete these tickets)."
-            )
-
     def _finish_phase_after_crash(self, phase, epoch):
         """A phase that ended before this (resumed) fit: its ticket, if a crash came between
         the end of the phase and the ticket being on disk, is written from the progress file
@@ -730,6 +730,7 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         if os.path.isdir(self._ticket_path(index)):
             self._check_own_ticket(index)
             best.clear()  # a crash after the ticket, before its progress file was removed
+            self.tickets.append(self._ticket_path(index))
             return
         if not best.restore(len(self.model.get_weights())) or (
                 best.last_epoch != phase.end_epoch - 1):
@@ -755,6 +756,8 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         """The epoch's monitored value is known: check the epoch ran all its steps, record
         the weights' digest (the run's identity), offer the state to the phase's selection,
         and write the phase's ticket at its last epoch."""
+        if self._finished:
+            return
         steps = int(self.params["steps"])
         step = int(self._optimizer.iterations.numpy())
         if step - self._origin != (epoch + 1) * steps:
@@ -776,6 +779,7 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         if epoch == phase.end_epoch - 1 and chief:
             if self._best.done:
                 self._best.clear()
+                self.tickets.append(self._ticket_path(self._best.index))
             else:
                 self.tickets.append(self._best.write_ticket(
                     self.model, method="edst", extra=self._ticket_extra(), overwrite=False))

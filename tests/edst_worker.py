@@ -23,7 +23,8 @@ process kill itself with SIGKILL (as ``kill -9`` would) at one point:
   boundary, the epoch and the occurrence, so running ``next`` again and again (each process
   resuming the last one's state) kills once at every boundary of the run, in order.
 
-A run whose tickets are all written (a finished run killed during the export) skips training.
+A finished run (all tickets written, its run record removed; e.g. killed during the export)
+skips training, as running a finished command again would.
 Deterministic (fixed seeds, no shuffling, op determinism), so a resumed run can be compared
 bit for bit with an uninterrupted one.
 """
@@ -227,6 +228,13 @@ def _train(ticket_dir, backup_dir, order, plan, boundaries=None, extra=()):
                  callbacks=callbacks + list(extra))
 
 
+def _finished(ticket_dir, plan):
+    """All tickets written and the run's record removed (what FreeTickets does last)."""
+    return os.path.isdir(ticket_dir) and not os.path.exists(
+        os.path.join(ticket_dir, ftk.tickets.RUN_FILE)) and len(
+            ftk.list_tickets(ticket_dir, allow_empty=True)) == PLANS[plan][0]
+
+
 def _resume_all(out_dir, order, plan):
     """Resumes, one after the other in this process, every state under OUT_DIR/snapshots (a
     copy in OUT_DIR/resumed/<name>): prints "resumed <name>" or "refused <name>: <error>"."""
@@ -236,8 +244,12 @@ def _resume_all(out_dir, order, plan):
         shutil.copytree(os.path.join(root, name), target)
         for sub in ("tickets", "backup"):
             os.makedirs(os.path.join(target, sub), exist_ok=True)
+        ticket_dir = os.path.join(target, "tickets")
+        if _finished(ticket_dir, plan):  # as `main` does: running the command again is a no-op
+            print(f"resumed {name}", flush=True)
+            continue
         try:
-            _train(os.path.join(target, "tickets"), os.path.join(target, "backup"), order, plan)
+            _train(ticket_dir, os.path.join(target, "backup"), order, plan)
         except ValueError as error:
             print(f"refused {name}: {error}", flush=True)
         else:
@@ -247,11 +259,9 @@ def _resume_all(out_dir, order, plan):
 
 def main(out_dir, order, kill_at, plan="standard"):
     tf.config.experimental.enable_op_determinism()
-    num_tickets = PLANS[plan][0]
     ticket_dir = os.path.join(out_dir, "tickets")
     backup_dir = os.path.join(out_dir, "backup")
-    done = os.path.isdir(ticket_dir) and len(
-        ftk.list_tickets(ticket_dir, allow_empty=True)) == num_tickets
+    done = _finished(ticket_dir, plan)
     boundaries = None
     if kill_at == "ticket_write":
         _kill_before_rename("ticket_1")
