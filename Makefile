@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast test-unit demo bench reproduce diversity clean
+.PHONY: venv data test test-fast test-unit demo docs bench reproduce diversity clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ test-unit: venv
 demo: venv data
 	$(PY) examples/demo.py
 
+# The documentation site (mkdocs.yml) into site/; --strict turns every warning (a broken link, an
+# unresolved API reference) into a failure.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 # Section 3 (tfmot baseline) needs the `bench` extra; without it the table says "not measured".
 bench: venv data
 	$(PY) -m pip install -e '.[bench]' || echo "note: could not install ft_keras[bench]"
@@ -56,4 +65,4 @@ diversity: venv data
 	$(PY) bench/diversity.py $(if $(QUICK),--quick,)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build site *.egg-info

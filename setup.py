@@ -42,6 +42,14 @@ setup(
         # installed TensorFlow (tf_keras 2.21 for TensorFlow 2.21). tfmot 0.8 declares
         # absl-py~=1.2, which pip resolves inside ft_keras's absl-py range.
         "bench": ["tf_keras>=2.16,<2.23", "tensorflow-model-optimization>=0.8.1,<0.9"],
+        # The documentation site (`make docs`): mkdocstrings reads the sources with griffe,
+        # statically, so building it imports nothing from ft_keras.
+        "docs": [
+            "mkdocs>=1.6,<2",
+            "mkdocs-material>=9.5,<10",
+            "mkdocstrings[python]>=0.29,<2",
+            "pymdown-extensions>=10,<14",
+        ],
     },
     license="Apache-2.0",
     license_files=["LICENSE"],

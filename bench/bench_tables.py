@@ -1,11 +1,14 @@
 """Helpers shared by the benchmark scripts: summaries, ratios, merged table rows, memory
 accounting, the markdown of the tfmot and peak-memory sections, a CPU-contention meter, and the
-scripts' common plumbing (atomic writes, the shared data folder, seeds, a log filter).
+scripts' common plumbing (atomic writes, the shared data folder, seeds, a log filter, the data
+split of the recipe benchmarks, the run header of their reports, ``--render_only``).
 
-No TensorFlow, Keras or absl import, so that the scripts' launchers stay light and
-``tests/test_bench_tables.py`` can check the logic in milliseconds. Nothing here times a model.
+No TensorFlow, Keras or absl import at load time, so that the scripts' launchers stay light and
+``tests/test_bench_tables.py`` can check the logic in milliseconds (`Data` imports TensorFlow and
+ft_keras when it is built). Nothing here times a model.
 """
 
+import json
 import logging
 import os
 import platform
@@ -559,3 +562,176 @@ def accounting_markdown(rows, variant):
         lines.append(f"| {phase} | {name} | {_mib(expected, 1)} "
                      f"| {_mib(measured, 1) if measured is not None else ''} |")
     return lines
+
+
+# ------------------------------------------------------------------- timing and memory data
+def fashion_mnist_slice(num_examples, data_dir=None):
+    """The first ``num_examples`` Fashion-MNIST training images (uint8) and labels (int64),
+    wrapping around past the end: the fixed slice the timing and memory benchmarks train on (its
+    content does not matter, only that every run sees the same)."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+
+    images, labels = ftk.data.load_numpy("fashion_mnist", "train", data_dir=data_dir)
+    index = np.arange(num_examples) % len(images)
+    return images[index], labels[index].astype(np.int64)
+
+
+# ------------------------------------------------------------------------ recipe benchmarks
+class Data:
+    """One data set of `ft_keras.data` split for the recipe benchmarks (bench/diversity.py,
+    bench/reproduce.py): the first ``train_examples`` training examples (None: all), of which
+    the last ``validation_fraction`` validate, and the first ``test_examples`` test examples
+    (``test_images``, ``test_labels``: the scripts build their evaluation sets from them).
+
+    Args:
+        dataset: a name of `ft_keras.data.INFO`.
+        batch_size: examples per training batch (the last incomplete batch is dropped).
+        validation_fraction: the share of the training examples held out for validation.
+        train_examples, test_examples: how many examples to read (None: the whole split).
+        data_dir: where the data set is (None: `ft_keras.data`'s default).
+        augment: None, or a function ``(image, label) -> (image, label)`` mapped over the
+            training examples before batching.
+        usage: ``usage(flag, message)`` returns the exception to raise for a bad flag
+            (``--train_examples``, ``--data_dir``).
+    """
+
+    def __init__(self, dataset, batch_size, validation_fraction, *, train_examples=None,
+                 test_examples=None, data_dir=None, augment=None, usage=ValueError):
+        import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        self._ftk, self._tf = ftk, tf
+        self.dataset, self.batch_size, self.augment = dataset, batch_size, augment
+        self._data_dir, self._usage = data_dir, usage
+        info = ftk.data.INFO[dataset]
+        self.input_shape, self.num_classes = tuple(info["shape"]), int(info["num_classes"])
+        images, labels = self.load(dataset, _split("train", train_examples))
+        num_validation = int(round(validation_fraction * len(labels)))
+        self.num_train = len(labels) - num_validation
+        self.num_validation = num_validation
+        if num_validation < 1 or self.num_train < batch_size:
+            raise usage("train_examples", f"{len(labels)} examples give {self.num_train} "
+                        f"training and {num_validation} validation examples; need at least one "
+                        f"batch (--batch_size={batch_size}) and one validation example.")
+        self.steps_per_epoch = self.num_train // batch_size
+        self._train = tf.data.Dataset.from_tensor_slices(
+            (images[:self.num_train], labels[:self.num_train]))
+        self._validation = tf.data.Dataset.from_tensor_slices(
+            (images[self.num_train:], labels[self.num_train:]))
+        self.test_images, self.test_labels = self.load(dataset, _split("test", test_examples))
+
+    def load(self, name, split):
+        """``(images, labels)`` of a split of a data set; a missing data set is a usage error."""
+        try:
+            return self._ftk.data.load_numpy(name, split, data_dir=self._data_dir)
+        except FileNotFoundError as error:
+            raise self._usage("data_dir", str(error)) from None
+
+    def train(self, seed):
+        """Training batches of float images in [0, 1], reshuffled every epoch from ``seed``."""
+        tf = self._tf
+        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
+        if self.augment is not None:
+            ds = ds.map(self.augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        return self._ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+
+    def validation(self):
+        """Validation batches (at least 500 examples each) of float images in [0, 1]."""
+        ds = self._validation.batch(max(self.batch_size, 500))
+        return self._ftk.data.normalize(ds).prefetch(self._tf.data.AUTOTUNE)
+
+
+def _split(name, examples):
+    return f"{name}[:{examples}]" if examples else name
+
+
+class Progress:
+    """Planned and finished epochs of a recipe benchmark, for its progress log lines (one
+    count for bench/reproduce.py and bench/diversity.py)."""
+
+    def __init__(self, total_epochs=0, start=None):
+        self.total_epochs = total_epochs
+        self.done_epochs = 0
+        self.start = time.time() if start is None else start
+
+    def advance(self, epochs):
+        """Counts ``epochs`` more as done; returns `line`."""
+        self.done_epochs += epochs
+        return self.line()
+
+    def line(self, now=None):
+        """``"<elapsed> s elapsed, <share>% of the planned epochs, ~<eta> s left"``."""
+        elapsed = (time.time() if now is None else now) - self.start
+        done = self.done_epochs / max(self.total_epochs, 1)
+        eta = elapsed / done - elapsed if done > 0 else float("nan")
+        return (f"{elapsed:.0f} s elapsed, {100 * done:.0f}% of the planned epochs, ~{eta:.0f} s "
+                "left (epoch-count estimate)")
+
+
+# ------------------------------------------------------------------- recipe benchmark pages
+def settings_lines(pairs):
+    """A markdown list of ``(name, value)`` settings, values as the run's configuration has them."""
+    return [f"- {name}: {value}" for name, value in pairs]
+
+
+def run_line(date_utc, machine, timing):
+    """Where, when and how long a benchmark ran (from its report's machine and timing)."""
+    others = timing.get("other_processes_cores")
+    gpus = machine.get("gpus")
+    return (f"Run on {date_utc} (UTC), {machine['cpus_usable']} usable CPU cores"
+            + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
+            + ("" if "gpus" not in machine else f", GPUs {gpus}" if gpus else ", no GPU")
+            + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
+            f"{machine['ft_keras']}, commit `{(machine.get('git_commit') or 'unknown')[:12]}`. "
+            f"Total wall time {timing['total_s'] / 60:.1f} min (training "
+            f"{timing['training_s'] / 60:.1f} min)"
+            + (f"; other processes kept {others:.2f} cores busy on average, so wall times are "
+               "upper bounds" if others is not None and others > 0.1 else "") + ".")
+
+
+def markdown_region(script, command, run, settings, body, notes, heading=None, intro="",
+                    command_note=""):
+    """The generated region of a recipe benchmark's page, without its markers: an optional
+    ``heading``, ``intro`` and the command (with ``command_note`` after it), `run_line`, the
+    settings (`settings_lines`), a link to the hand-written explanation ``notes`` and the
+    ``body`` lines (tables, plots)."""
+    lines = [f"<!-- Generated by {script}; edits between these markers are overwritten. -->", ""]
+    if heading:
+        lines += [heading, ""]
+    lines += [f"{intro}Command: `{command}`{command_note}.", "", run, "", "Settings:", ""]
+    lines += list(settings) + [
+        "", f"How the numbers are taken and what the columns mean: [{notes}]({notes})."]
+    return "\n".join(lines + list(body))
+
+
+def write_region(path, name, region, new_page):
+    """Puts ``region`` between the markers of region ``name`` of the page at ``path``, keeping
+    the hand-written text around them; a missing page is created as ``new_page`` with
+    ``{region}`` standing for the marked region."""
+    if os.path.exists(path):
+        return replace_region(path, name, region)
+    begin, end = region_markers(name)
+    write_text(path, new_page.replace("{region}", f"{begin}\n{region.strip(chr(10))}\n{end}"))
+    return None
+
+
+def read_report(json_path, usage, check):
+    """The report of a finished run read back for ``--render_only``.
+
+    Args:
+        json_path: the report's JSON.
+        usage: ``usage(flag, message)`` returns the exception to raise.
+        check: ``check(report)`` returns why the report cannot be rendered, or None.
+    """
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise usage("render_only", f"cannot read {json_path!r}: {error}") from None
+    problem = check(report)
+    if problem:
+        raise usage("render_only", f"{json_path!r} {problem}")
+    return report

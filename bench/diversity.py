@@ -42,7 +42,7 @@ How to run (from the repository root; ``../shared/data``, or ``$FT_KERAS_SHARED_
 to the data search path when it exists):
 
     python bench/diversity.py --quick               # a few minutes on 2 CPU cores, writes to /tmp
-    python bench/diversity.py                       # the full sweep (about 1.5 hours on 2 cores)
+    python bench/diversity.py                       # the full sweep
     python bench/diversity.py --models=lenet_300_100 --settings=base,opt_dense --seeds=0,1
     python bench/diversity.py --render_only=docs/diversity.json   # markdown + plot again
 """
@@ -52,7 +52,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -73,9 +72,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
-from ft_keras import metrics as metrics_lib  # noqa: E402
-from ft_keras import recipes  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
+from ft_keras.harness import metrics as metrics_lib  # noqa: E402
+from ft_keras.harness import recipes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
@@ -83,8 +82,9 @@ import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = bench_tables.shared_data_dir(_REPO)
 OUTPUT_NAME = "diversity"
-MARK_BEGIN = "<!-- diversity:begin -->"
-MARK_END = "<!-- diversity:end -->"
+REGION = "diversity"  # the page's generated region: <!-- diversity:begin --> ... :end -->
+# The hand-written page that explains the generated one (relative to the page, in docs/).
+NOTES = "reading_benchmarks.md#edst-ticket-diversity-benchmark"
 DATASET = "fashion_mnist"
 
 MODELS = {"lenet_300_100": "LeNet-300-100 (MLP)", "lenet5": "LeNet-5 (CNN)"}
@@ -432,48 +432,13 @@ def _run_config(config, model, spec):
 
 
 # ----------------------------------------------------------------------------------- data
-class Data:
-    """Fashion-MNIST: the training / validation split and the test set."""
-
-    def __init__(self, config, data_dir):
-        split = f"train[:{config.train_examples}]" if config.train_examples else "train"
-        images, labels = self._load(split, data_dir)
-        num_validation = int(round(config.validation_fraction * len(labels)))
-        self.num_train = len(labels) - num_validation
-        self.num_validation = num_validation
-        if num_validation < 1 or self.num_train < config.batch_size:
-            raise _usage("train_examples", f"{len(labels)} examples give {self.num_train} "
-                         f"training and {num_validation} validation examples; need at least "
-                         f"one batch (--batch_size={config.batch_size}) and one validation "
-                         "example.")
-        self.batch_size = config.batch_size
-        self.steps_per_epoch = self.num_train // config.batch_size
-        self._train = tf.data.Dataset.from_tensor_slices(
-            (images[:self.num_train], labels[:self.num_train]))
-        self._validation = tf.data.Dataset.from_tensor_slices(
-            (images[self.num_train:], labels[self.num_train:]))
-        split = f"test[:{config.test_examples}]" if config.test_examples else "test"
-        test_images, test_labels = self._load(split, data_dir)
-        self.eval = evaluation.make_data(test_images, test_labels)
-        info = ftk.data.INFO[DATASET]
-        self.input_shape, self.num_classes = tuple(info["shape"]), int(info["num_classes"])
-
-    @staticmethod
-    def _load(split, data_dir):
-        try:
-            return ftk.data.load_numpy(DATASET, split, data_dir=data_dir)
-        except FileNotFoundError as error:
-            raise _usage("data_dir", str(error)) from None
-
-    def train(self, seed):
-        """Training batches of floats in [0, 1], reshuffled every epoch from ``seed``."""
-        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(self.batch_size, drop_remainder=True)
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
-
-    def validation(self):
-        ds = self._validation.batch(max(self.batch_size, 500))
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+def load_data(config, data_dir):
+    """Fashion-MNIST split for the runs (`bench_tables.Data`), with its evaluation sets."""
+    data = bench_tables.Data(DATASET, config.batch_size, config.validation_fraction,
+                             train_examples=config.train_examples,
+                             test_examples=config.test_examples, data_dir=data_dir, usage=_usage)
+    data.eval = evaluation.make_data(data.test_images, data.test_labels)
+    return data
 
 
 # ------------------------------------------------------------------------------- training
@@ -521,8 +486,9 @@ TEST_KEYS = ("test/accuracy", "test/nll", "test/ece", "test/brier", "test/disagr
 def evaluate_run(config, data, model, result):
     """The record's numbers of one trained run (tickets read back from disk)."""
     members = [ftk.read_ticket(path) for path in result.tickets]
-    reference = ftk.flops.training_macs_dense(
-        members[0][0], config.dense_epochs[model] * data.steps_per_epoch, config.batch_size)
+    reference = ftk.training_cost.training_macs(
+        members[0][0], config.dense_epochs[model] * data.steps_per_epoch, config.batch_size,
+        sparse=False)
     ev = evaluation.evaluate([m for m, _ in members], data.eval,
                              training_macs=result.training_macs, dense_training_macs=reference)
     values = ev.metrics
@@ -738,46 +704,37 @@ MAIN_HEADER = ("Disagr. (%) | KL div. | Ens. acc. (%) | Mean ticket acc. (%) | N
 
 
 def _settings_lines(report):
-    c = report["config"]
-    data = report["data"]
-    lines = [
-        f"- Data: Fashion-MNIST, {data['train_examples']:,d} training and "
-        f"{data['validation_examples']:,d} validation examples (the last "
-        f"{c['validation_fraction']:.0%} of the training split selects every ticket), "
-        f"{data['test_examples']:,d} test examples.",
-        f"- Every run: SGD momentum {c['momentum']}, decoupled weight decay {c['weight_decay']} "
-        "(Keras's `weight_decay`, w <- w - lr * wd * w each step; with momentum 0.9 this is "
-        "about 10x weaker than an L2 term of the same value added to the gradient, as in the "
-        f"official PyTorch code), batch {c['batch_size']}, steps_per_execution "
-        f"{c['steps_per_execution']}, XLA {'on' if c['jit_compile'] else 'off'}; sparsity "
-        f"S = {c['sparsity']} (ERK), M = {c['num_members']}.",
-        f"- EDST base: exploration at lr {c['exploration_lr']}, refinement "
-        f"{c['refine_lr'][0]} then {c['refine_lr'][1]}; magnitude prune + gradient growth every "
-        f"{c['update_every']} steps, drop fraction {c['drop_fraction']} constant; global "
-        "exploration q = 0.8; `optimizer_state=\"masked\"`; grown weights start at 0; the first "
-        "epoch after a jump at refine_lr[0]. Each other setting changes one of these (the "
-        f"`jump_lr` settings for {c['jump_lr_epochs']} epoch(s) after each jump).",
+    c, data = report["config"], report["data"]
+    pairs = [
+        ("data", f"Fashion-MNIST: {data['train_examples']:,d} training, "
+                 f"{data['validation_examples']:,d} validation (fraction "
+                 f"{c['validation_fraction']}), {data['test_examples']:,d} test examples"),
+        ("optimizer", f"SGD momentum {c['momentum']}, decoupled weight decay "
+                      f"{c['weight_decay']}"),
+        ("batch size", c["batch_size"]),
+        ("steps_per_execution", c["steps_per_execution"]),
+        ("XLA", "on" if c["jit_compile"] else "off"),
+        ("sparsity S (ERK)", c["sparsity"]),
+        ("members M", c["num_members"]),
+        ("EDST base learning rates", f"exploration {c['exploration_lr']}, refinement "
+                                     f"{c['refine_lr'][0]} then {c['refine_lr'][1]}"),
+        ("update_every", c["update_every"]),
+        ("drop fraction", c["drop_fraction"]),
+        ("jump_lr epochs", c["jump_lr_epochs"]),
     ]
     for model in c["models"]:
-        base = report["plan_runs"][model]
-        edst = next(s for s in base if s["name"] == "edst:base")
-        lines.append(
-            f"- {MODELS[model]}: dense {c['dense_epochs'][model]} epochs (cosine from lr "
-            f"{c['learning_rate']}); EDST base {edst['exploration_epochs']} + "
-            f"{c['num_members']} x {edst['refine_epochs']} = {edst['epochs']} epochs; DST "
-            f"Ensemble: {c['num_members']} members x 1/{c['num_members']} of the EDST run's "
-            f"epochs (cosine from lr {c['learning_rate']}, the base's DST updates).")
-    lines.append(
-        f"- Seeds {c['seeds']}: mean ± sample standard deviation over seeds. EDST seed s uses "
-        "seed 100 s for its weights, masks and data order in every setting, so the differences "
-        "to the base (and between optimizer-state modes) are paired by seed; the dense model of "
-        "seed s uses 100 s, DST member m 100 s + m.")
+        edst = next(s for s in report["plan_runs"][model] if s["name"] == "edst:base")
+        pairs.append((f"{MODELS[model]} epochs",
+                      f"dense {c['dense_epochs'][model]} (cosine from lr {c['learning_rate']}); "
+                      f"EDST base {edst['exploration_epochs']} + {c['num_members']} x "
+                      f"{edst['refine_epochs']}; DST Ensemble {c['num_members']} x "
+                      f"{edst['epochs'] // c['num_members']}"))
+    pairs.append(("seeds", c["seeds"]))
     for model, follow in report.get("followups", {}).items():
-        lines.append(
-            f"- {MODELS[model]} runs {', '.join(c['plan'][model])} plus the "
-            f"{len(follow['chosen'])} best setting(s) of the {MODELS[follow['from']]} sweep by "
-            f"the rank sum of ensemble accuracy and NLL: {', '.join(follow['chosen']) or 'none'}.")
-    return lines
+        pairs.append((f"{MODELS[model]} follow-up settings",
+                      f"{', '.join(c['plan'][model])} + the best of the {MODELS[follow['from']]} "
+                      f"sweep: {', '.join(follow['chosen']) or 'none'}"))
+    return bench_tables.settings_lines(pairs)
 
 
 def _invocations_text(invocations):
@@ -794,40 +751,8 @@ def _invocations_text(invocations):
 
 def markdown_region(report):
     """The generated part (between the markers)."""
-    machine, timing = report["machine"], report["timing"]
-    others = timing.get("other_processes_cores")
     mode = "quick (smoke) mode" if report["config"]["quick"] else "full mode"
-    invocations = report.get("invocations", [])
-    lines = [
-        MARK_BEGIN,
-        "<!-- Generated by bench/diversity.py; edits between these markers are overwritten. -->",
-        "",
-        "## EDST ticket diversity: what steers it (`bench/diversity.py`)",
-        "",
-        f"{mode.capitalize()}. Command: `{report['command']}`" + _invocations_text(invocations)
-        + ".",
-        "",
-        f"Run on {report['date_utc']} (UTC), {machine['cpus_usable']} usable CPU cores"
-        + (f" ({machine['cpu_model']})" if machine.get("cpu_model") else "")
-        + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
-        f"{machine['ft_keras']}, commit `{(machine.get('git_commit') or 'unknown')[:12]}`. "
-        f"Total wall time {timing['total_s'] / 60:.1f} min (training "
-        f"{timing['training_s'] / 60:.1f} min)" + (f"; other processes kept {others:.2f} cores busy on average, so wall times "
-                   "are upper bounds" if others is not None and others > 0.1 else "") + ".",
-        "",
-        "Settings:",
-        "",
-    ] + _settings_lines(report) + [
-        "",
-        "Columns: pairwise disagreement of the tickets (fraction of test images where two "
-        "tickets' classes differ, mean over pairs), KL diversity (nats, mean over ordered pairs), "
-        "the ensemble's test accuracy (mean of the tickets' softmax probabilities), the mean "
-        "ticket's accuracy, the ensemble's NLL and ECE (15 bins), ensemble minus best-ticket "
-        "accuracy, and training FLOPs (`ft_keras.flops`, theoretical) relative to ONE dense run "
-        "of the dense model's epochs. Paired differences: mean ± std over seeds of "
-        "(setting - reference) for the same seed, with (k/n) the seeds where the setting is "
-        "better (higher diversity / accuracy, lower NLL / ECE).",
-    ]
+    lines = []
     for model, runs in report["summary"].items():
         if not runs:
             continue
@@ -908,25 +833,21 @@ def markdown_region(report):
     if report.get("plots"):
         lines += ["", "Plot:", ""] + [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", f"Raw per-seed numbers (per-ticket accuracies, pairwise disagreement, ticket "
-              f"epochs): `{OUTPUT_NAME}.json`.", "", MARK_END]
-    return "\n".join(lines)
+              f"epochs): `{OUTPUT_NAME}.json`."]
+    return bench_tables.markdown_region(
+        "bench/diversity.py", report["command"],
+        bench_tables.run_line(report["date_utc"], report["machine"], report["timing"]),
+        _settings_lines(report), lines, NOTES,
+        heading="## EDST ticket diversity: what steers it (`bench/diversity.py`)",
+        intro=f"{mode.capitalize()}. ",
+        command_note=_invocations_text(report.get("invocations", [])))
 
 
 def write_markdown(path, report):
     """Writes the region into ``path`` (appended when the file has no markers), keeping the
     text outside the markers."""
-    region = markdown_region(report)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: region, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + region + "\n"
-    else:
-        text = "# EDST ticket diversity\n\n" + region + "\n"
-    bench_tables.write_text(path, text)
+    bench_tables.write_region(path, REGION, markdown_region(report),
+                              "# EDST ticket diversity\n\n{region}\n")
 
 
 # ------------------------------------------------------------------------------------ plot
@@ -1012,8 +933,7 @@ class Runner:
         self.command, self.start = command, start
         self.plan_runs = {}
         self.trained_s = 0.0
-        self.total_epochs = 0
-        self.done_epochs = 0
+        self.progress = bench_tables.Progress(start=start)
 
     def settings_for(self, model):
         names = list(self.config.plan[model])
@@ -1044,8 +964,8 @@ class Runner:
                 if spec["kind"] == "edst":
                     spec["dst_member_epochs"] = dst_epochs_for(self.config, spec["epochs"])
             self.plan_runs[model] = specs
-            self.total_epochs = sum(len(self.config.seeds) * s["epochs"]
-                                    for m in self.plan_runs.values() for s in m)
+            self.progress.total_epochs = sum(len(self.config.seeds) * s["epochs"]
+                                             for m in self.plan_runs.values() for s in m)
             for spec in specs:
                 for seed in self.config.seeds:
                     self._one(model, spec, seed)
@@ -1054,7 +974,7 @@ class Runner:
     def _one(self, model, spec, seed):
         run_config = _run_config(self.config, model, spec)
         if self.store.find(model, spec["name"], seed, run_config) is not None:
-            self.done_epochs += spec["epochs"]
+            self.progress.advance(spec["epochs"])
             logging.info("[%s, seed %d] %s: in the JSON already, skipped", model, seed,
                          spec["name"])
             return
@@ -1071,17 +991,14 @@ class Runner:
                   "wall_time_s": float(result.wall_time_s),
                   "run_time_s": time.time() - started, "metrics": metrics, **info}
         self.store.add(record)
-        self.done_epochs += spec["epochs"]
         self.trained_s += record["wall_time_s"]
-        elapsed = time.time() - self.start
-        done = self.done_epochs / max(self.total_epochs, 1)
         logging.info("[%s, seed %d] %s: accuracy %.4f (tickets %s), NLL %.4f, disagreement %s, "
-                     "training %.3fx dense, %.0f s; %.0f s elapsed, %.0f%% of the planned "
-                     "epochs so far", model, seed, spec["name"], metrics["test/accuracy"],
+                     "training %.3fx dense, %.0f s; %s", model, seed, spec["name"],
+                     metrics["test/accuracy"],
                      " ".join(f"{a:.4f}" for a in metrics["member_accuracy"]),
                      metrics["test/nll"], f"{metrics.get('test/disagreement', float('nan')):.4f}",
-                     metrics["cost/training_macs_relative"], record["run_time_s"], elapsed,
-                     100 * done)
+                     metrics["cost/training_macs_relative"], record["run_time_s"],
+                     self.progress.advance(spec["epochs"]))
         self.write(self.report(complete=False))
         keras.backend.clear_session()
         gc.collect()
@@ -1151,13 +1068,9 @@ def render(report, output_dir, markdown_path, plots):
 
 
 def render_only(json_path):
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            report = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise _usage("render_only", f"cannot read {json_path!r}: {error}") from None
-    if report.get("output_name") != OUTPUT_NAME:
-        raise _usage("render_only", f"{json_path!r} is not a diversity report.")
+    report = bench_tables.read_report(
+        json_path, _usage,
+        lambda r: None if r.get("output_name") == OUTPUT_NAME else "is not a diversity report.")
     output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(json_path))
     os.makedirs(output_dir, exist_ok=True)
     markdown = FLAGS.markdown or os.path.join(output_dir, "results.md")
@@ -1180,7 +1093,7 @@ def main(argv):
     config = resolve_config()
     output_dir = _output_dir()
     markdown = FLAGS.markdown or os.path.join(output_dir, "results.md")
-    data = Data(config, FLAGS.data_dir)
+    data = load_data(config, FLAGS.data_dir)
     os.makedirs(output_dir, exist_ok=True)
     store = Store(os.path.join(output_dir, OUTPUT_NAME + ".json"), FLAGS.restart)
     work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="ft_keras_diversity_")

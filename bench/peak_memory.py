@@ -17,8 +17,9 @@ ft_keras, VmRSS after building (and sparsifying) and compiling the model and the
 dense model and its sparse copy at once); then the high-water mark is reset (``echo 5 >
 /proc/self/clear_refs``) and VmHWM after ``fit`` is the *training peak*. Without the reset (old
 kernels) the training peak is the whole process's ``getrusage(RUSAGE_SELF).ru_maxrss``. The
-DST children then also measure one mask update of their largest layer alone (the callback's own
-per-layer update, in a ``tf.function``) as a high-water increment over the RSS before it, and
+DST children then also measure one mask update of their largest layer alone (the public mask
+algebra the callback's update runs, in a ``tf.function``) as a high-water increment over the RSS
+before it, and
 all sparse children the initial mask draw of that layer as ``sparsify`` does it (both also
 XLA-compiled, for comparison); these run under the system allocator only, where RSS follows the
 live tensors.
@@ -28,7 +29,7 @@ extra bytes from the masked kernels' shapes (`bench_tables.memory_accounting`).
 
 How to run (from the repository root); bench/step_overhead.py runs it and merges the table:
 
-    python bench/peak_memory.py --output_json=/tmp/memory.json      # ~4 minutes on 2 CPU cores
+    python bench/peak_memory.py --output_json=/tmp/memory.json
     python bench/peak_memory.py --quick --output_json=-               # smoke run (20 steps)
     python bench/peak_memory.py --variants=dense,static,dst,dst_random,dst_momentum
 """
@@ -157,10 +158,9 @@ def _child(variant, hidden):
         import ft_keras as ftk  # pylint: disable=import-outside-toplevel
     out["rss_after_import"] = _status_bytes("VmRSS")
 
-    images, labels = ftk.data.load_numpy("fashion_mnist", f"train[:{FLAGS.examples}]")
+    images, y = bench_tables.fashion_mnist_slice(FLAGS.examples)
     x = images.astype(np.float32) / 255.0
-    y = labels.astype(np.int64)
-    del images, labels
+    del images
     keras.utils.set_random_seed(FLAGS.seed)
     model = ftk.models.mlp(hidden=tuple(hidden))
     if variant != "dense":
@@ -221,8 +221,8 @@ def _child(variant, hidden):
     if masked and all(os.environ.get(k) == v for k, v in ALLOCATORS["system"].items()):
         t0 = time.perf_counter()
         if variant in GROW:
-            out["update_alone"] = _update_alone(tf, callbacks[0], xla=False)
-            out["update_alone_xla"] = _update_alone(tf, callbacks[0], xla=True)
+            out["update_alone"] = _update_alone(tf, ftk, masked, xla=False)
+            out["update_alone_xla"] = _update_alone(tf, ftk, masked, xla=True)
         out["mask_draw_alone"] = _mask_draw_alone(tf, ftk, masked, xla=False)
         out["mask_draw_alone_xla"] = _mask_draw_alone(tf, ftk, masked, xla=True)
         out["alone_wall_s"] = time.perf_counter() - t0
@@ -265,46 +265,49 @@ def _mask_draw_alone(tf, ftk, masked, xla):
     return {"layer": layer.name, "size": layer.kernel_size_total, "increment": increment}
 
 
-def _update_alone(tf, callback, xla):
+def _update_alone(tf, ftk, masked, xla):
     """High-water increment of one mask update of the largest masked layer, run alone.
 
-    Runs the callback's own per-layer update (``DynamicSparsity._update_layer``, a private
-    method: this measurement follows whatever ft_keras does now) in a ``tf.function`` after
-    training, with a random normal tensor standing in for the step's gradient, at
-    ``--drop_fraction``. ``xla=False`` takes the path that training without XLA takes;
-    ``xla=True`` the static-shape path that ``jit_compile=True`` training takes on several
-    replicas, XLA-compiled (on one replica its update steps run uncompiled).
-    Returns None values (and the error) if the private API moved.
+    Measured from outside the callback, with the public mask algebra its per-layer update runs
+    (docs/method.md): the selection (`ftk.masks.update_mask_compacted`, the path of training
+    without XLA; with ``xla=True`` `ftk.masks.update_mask`, the static-shape path, compiled),
+    then the resets of the kernel and of one optimizer slot of its size
+    (`ftk.masks.zero_off_mask`) and the new mask written, in a ``tf.function`` after training.
+    A random normal tensor stands in for the step's gradient; the drop fraction is
+    ``--drop_fraction``.
     """
-    kernels = getattr(callback, "_kernels", None) or []
-    if not kernels or not hasattr(callback, "_update_layer"):
-        return {"increment": None, "error": "DynamicSparsity internals not found"}
-    kernel = max(kernels, key=lambda k: k.size)
-    variable = kernel.kernel
+    layer = max(masked, key=lambda item: item.kernel_size_total)
+    variable = layer.masked_kernel
+    num_active = layer.num_active
     gradient = tf.random.normal(tuple(variable.shape), seed=FLAGS.seed)
-    saved = getattr(callback, "_static_shapes", None)
+    slot = tf.Variable(tf.zeros(tuple(variable.shape), variable.dtype))  # a momentum slot
+    fraction = tf.constant(FLAGS.drop_fraction, tf.float64)
 
     @tf.function(jit_compile=xla)
     def update(g):
-        mask = tf.convert_to_tensor(kernel.mask.value)
-        step = tf.constant(DST_END_STEP - 1, tf.int64)
-        fraction = tf.constant(FLAGS.drop_fraction, tf.float64)
-        callback._update_layer(kernel, variable, mask, g, step, fraction)  # pylint: disable=W0212
-        return tf.reduce_sum(tf.cast(kernel.mask.value, tf.int32))
+        mask = tf.convert_to_tensor(layer.kernel_mask.value)
+        weights = tf.convert_to_tensor(variable.value)
+        if xla:
+            new_mask, keep = ftk.masks.update_mask(mask, weights, tf.abs(g), fraction,
+                                                   num_active)
+        else:
+            new_mask, keep = ftk.masks.update_mask_compacted(mask, weights, g, fraction,
+                                                             num_active)[:2]
+        variable.assign(ftk.masks.zero_off_mask(keep, weights))
+        slot.assign(ftk.masks.zero_off_mask(keep, tf.convert_to_tensor(slot)))
+        layer.kernel_mask.assign(new_mask)
+        return ftk.masks.count_active(new_mask)
 
     try:
-        callback._static_shapes = bool(xla)  # pylint: disable=protected-access
         update.get_concrete_function(gradient)  # trace outside the measured window
         active, increment = _alone(lambda: int(update(gradient)))
     except Exception as exc:  # pylint: disable=broad-except
         logging.warning("update alone (xla=%s) failed: %s", xla, exc)
-        return {"layer": kernel.layer.name, "size": kernel.size, "increment": None,
+        return {"layer": layer.name, "size": layer.kernel_size_total, "increment": None,
                 "error": f"{type(exc).__name__}: {exc}"[:300]}
-    finally:
-        callback._static_shapes = saved  # pylint: disable=protected-access
-    if active != kernel.num_active:
-        raise RuntimeError(f"update changed the active count: {active} != {kernel.num_active}")
-    return {"layer": kernel.layer.name, "size": kernel.size, "increment": increment}
+    if active != num_active:
+        raise RuntimeError(f"update changed the active count: {active} != {num_active}")
+    return {"layer": layer.name, "size": layer.kernel_size_total, "increment": increment}
 
 
 # ----------------------------------------------------------------------------------- parent

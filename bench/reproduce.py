@@ -51,8 +51,8 @@ asks for it explicitly: then a missing set is an error; ``--ood_dataset=none`` s
 How to run (from the repository root; ``../shared/data``, or ``$FT_KERAS_SHARED_DATA``, is added
 to the data search path when it exists):
 
-    python bench/reproduce.py --quick            # ~5 minutes on 2 CPU cores, writes to /tmp
-    python bench/reproduce.py                    # full Fashion-MNIST run (~1 hour on 2 cores)
+    python bench/reproduce.py --quick            # smoke run, writes to /tmp
+    python bench/reproduce.py                    # full Fashion-MNIST run
     python bench/reproduce.py --models=lenet_300_100 --methods=dense,edst --seeds=0,1,2
     python bench/reproduce.py --epochs=lenet_300_100:30,lenet5:15 --output_dir=/tmp/ftk_repro
     python bench/reproduce.py --config=cifar10 --quick      # CIFAR-10 (JPEG q75), ResNet-8
@@ -86,8 +86,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
-from ft_keras import recipes  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
+from ft_keras.harness import recipes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
@@ -120,8 +120,12 @@ NUM_BINS = evaluation.NUM_BINS
 SEVERITIES = (1, 2, 3, 4, 5)
 EDST_EXPLORATION_RATIO = 0.6  # 150 / 250 epochs in the paper's CIFAR setting
 EDST_REFINE_RATIO = 0.4  # 100 / 250
-MARK_BEGIN = "<!-- results:begin -->"
-MARK_END = "<!-- results:end -->"
+# The key scheme of the records (ft_keras/harness/evaluation.py), as reports name it; reports
+# without it are upgraded on reading (`upgrade_report`).
+METRIC_KEYS = "ft_keras.evaluation"
+REGION = "results"  # the page's generated region: <!-- results:begin --> ... <!-- results:end -->
+# The hand-written page that explains the generated one (relative to the page, in docs/).
+NOTES = "reading_benchmarks.md#reproduction-benchmark"
 
 # Per configuration: data sets, default models, epochs of one dense run per model, and the rest.
 CONFIGS = {
@@ -181,7 +185,7 @@ flags.DEFINE_string("ood_dataset", None,
                     "OoD data set, or 'none' (default: the config's, mnist for fashion_mnist, "
                     "skipped with a warning when not found; given explicitly, a missing set is "
                     "an error).")
-flags.DEFINE_bool("quick", False, "Smoke run (~5 minutes on 2 cores): fewer seeds, examples and "
+flags.DEFINE_bool("quick", False, "Smoke run: fewer seeds, examples and "
                   "epochs (see QUICK); output under the temp dir unless --output_dir is given.")
 flags.DEFINE_list("models", None, f"Models, from {sorted(MODELS)} (default: the config's).")
 flags.DEFINE_list("methods", list(METHODS), f"Methods, from {list(METHODS)}.")
@@ -443,75 +447,41 @@ def _augment(image, label):
     return tf.image.random_crop(image, shape), label
 
 
-class Data:
-    """The training / validation split, and the evaluation sets (`ft_keras.evaluation`)."""
-
-    def __init__(self, settings, ood_required):
-        self.settings = settings
-        info = ftk.data.INFO[settings.dataset]
-        self.input_shape = tuple(info["shape"])
-        self.num_classes = int(info["num_classes"])
-        split = f"train[:{settings.train_examples}]" if settings.train_examples else "train"
-        images, labels = self._load(settings.dataset, split)
-        num_validation = int(round(settings.validation_fraction * len(labels)))
-        self.num_train = len(labels) - num_validation
-        self.num_validation = num_validation
-        if num_validation < 1 or self.num_train < settings.batch_size:
-            raise app.UsageError(
-                f"--train_examples={settings.train_examples}: {len(labels)} examples give "
-                f"{self.num_train} training and {num_validation} validation examples; need at "
-                f"least one batch (--batch_size={settings.batch_size}) and one validation example.")
-        self.steps_per_epoch = self.num_train // settings.batch_size
-        self._train = tf.data.Dataset.from_tensor_slices(
-            (images[:self.num_train], labels[:self.num_train]))
-        self._validation = tf.data.Dataset.from_tensor_slices(
-            (images[self.num_train:], labels[self.num_train:]))
-        split = f"test[:{settings.test_examples}]" if settings.test_examples else "test"
-        test_images, test_labels = self._load(settings.dataset, split)
-        self.ood_name, self.ood_skipped = settings.ood_dataset, None
-        ood = {}
-        if self.ood_name:
-            try:
-                ood[self.ood_name], _ = ftk.data.load_numpy(
-                    self.ood_name, f"test[:{len(test_labels)}]", data_dir=settings.data_dir)
-            except FileNotFoundError as error:
-                if ood_required:
-                    raise app.UsageError(f"--ood_dataset={self.ood_name}: {error}") from None
-                self.ood_skipped = (f"{self.ood_name} not found: set FT_KERAS_DATA_DIR or place "
-                                    f"it at {os.path.join(SHARED_DATA, self.ood_name)}")
-                logging.warning("no OoD detection: %s (pass --ood_dataset=none to silence "
-                                "this).", self.ood_skipped)
-                self.ood_name = None
-        start = time.time()
-        self.eval = evaluation.make_data(
-            test_images, test_labels, ood=ood, corruptions=settings.corruptions,
-            severities=SEVERITIES, corruption_examples=settings.corruption_examples,
-            corruption_seed=settings.corruption_seed)
-        logging.info("%s: %d training, %d validation, %d test examples (%d steps per epoch); "
-                     "OoD %s: %s examples; %d corrupted sets of %d examples (%.1f s)",
-                     settings.dataset, self.num_train, self.num_validation, len(test_labels),
-                     self.steps_per_epoch, self.ood_name,
-                     len(ood[self.ood_name]) if self.ood_name else None,
-                     self.eval.num_corrupted_sets, len(self.eval.corruption_subset),
-                     time.time() - start)
-
-    def _load(self, name, split):
+def load_data(settings, ood_required):
+    """The split of ``settings.dataset`` (`bench_tables.Data`) and its evaluation sets
+    (`ft_keras.evaluation.make_data`: the test set, the OoD set, the corrupted sets); sets
+    ``ood_name`` (None when the OoD set is skipped) and ``ood_skipped`` (why) on it."""
+    data = bench_tables.Data(settings.dataset, settings.batch_size, settings.validation_fraction,
+                             train_examples=settings.train_examples,
+                             test_examples=settings.test_examples, data_dir=settings.data_dir,
+                             augment=_augment if settings.augment else None, usage=_usage)
+    data.ood_name, data.ood_skipped = settings.ood_dataset, None
+    ood = {}
+    if data.ood_name:
         try:
-            return ftk.data.load_numpy(name, split, data_dir=self.settings.data_dir)
+            ood[data.ood_name], _ = ftk.data.load_numpy(
+                data.ood_name, f"test[:{len(data.test_labels)}]", data_dir=settings.data_dir)
         except FileNotFoundError as error:
-            raise app.UsageError(f"--data_dir: {error}") from None
-
-    def train(self, seed):
-        """Training batches of float images in [0, 1], shuffled with ``seed`` every epoch."""
-        ds = self._train.shuffle(self.num_train, seed=seed, reshuffle_each_iteration=True)
-        if self.settings.augment:
-            ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(self.settings.batch_size, drop_remainder=True)
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
-
-    def validation(self):
-        ds = self._validation.batch(max(self.settings.batch_size, 500))
-        return ftk.data.normalize(ds).prefetch(tf.data.AUTOTUNE)
+            if ood_required:
+                raise app.UsageError(f"--ood_dataset={data.ood_name}: {error}") from None
+            data.ood_skipped = (f"{data.ood_name} not found: set FT_KERAS_DATA_DIR or place it "
+                                f"at {os.path.join(SHARED_DATA, data.ood_name)}")
+            logging.warning("no OoD detection: %s (pass --ood_dataset=none to silence this).",
+                            data.ood_skipped)
+            data.ood_name = None
+    start = time.time()
+    data.eval = evaluation.make_data(
+        data.test_images, data.test_labels, ood=ood, corruptions=settings.corruptions,
+        severities=SEVERITIES, corruption_examples=settings.corruption_examples,
+        corruption_seed=settings.corruption_seed)
+    logging.info("%s: %d training, %d validation, %d test examples (%d steps per epoch); "
+                 "OoD %s: %s examples; %d corrupted sets of %d examples (%.1f s)",
+                 settings.dataset, data.num_train, data.num_validation, len(data.test_labels),
+                 data.steps_per_epoch, data.ood_name,
+                 len(ood[data.ood_name]) if data.ood_name else None,
+                 data.eval.num_corrupted_sets, len(data.eval.corruption_subset),
+                 time.time() - start)
+    return data
 
 
 # ------------------------------------------------------------------------------- training
@@ -605,11 +575,9 @@ class Runner:
         self.work_dir = work_dir
         self.on_progress = on_progress
         self.records = []
-        self._epochs_total = sum(
+        self.progress = bench_tables.Progress(sum(
             method_epochs(settings, m, model) for model in settings.models
-            for m in self._trained_methods()) * len(settings.seeds)
-        self._epochs_done = 0
-        self._start = time.time()
+            for m in self._trained_methods()) * len(settings.seeds))
 
     def _trained_methods(self):
         methods = list(self.settings.methods)
@@ -625,13 +593,6 @@ class Runner:
                     self.on_progress(self.records)
         return self.records
 
-    def _log_progress(self, label):
-        elapsed = time.time() - self._start
-        done = self._epochs_done / max(self._epochs_total, 1)
-        eta = elapsed / done - elapsed if done > 0 else float("nan")
-        logging.info("%s done; %.0f s elapsed, %.0f%% of the planned epochs, ~%.0f s left "
-                     "(epoch-count estimate)", label, elapsed, 100 * done, eta)
-
     def _train(self, model_name, seed, method):
         """Trains one method; returns its `RecipeResult`."""
         s = self.settings
@@ -639,8 +600,9 @@ class Runner:
         logging.info("[%s, seed %d] training %s (%d epochs)", model_name, seed, LABELS[method],
                      method_epochs(s, method, model_name))
         result = train_method(s, self.data, model_name, seed, method, folder)
-        self._epochs_done += method_epochs(s, method, model_name)
-        self._log_progress(f"[{model_name}, seed {seed}] {method} ({result.wall_time_s:.1f} s)")
+        logging.info("[%s, seed %d] %s (%.1f s) done; %s", model_name, seed, method,
+                     result.wall_time_s,
+                     self.progress.advance(method_epochs(s, method, model_name)))
         return result
 
     def _run_group(self, model_name, seed):
@@ -661,9 +623,9 @@ class Runner:
                     model, metadata = ftk.read_ticket(path)
                     outputs[path] = (model, metadata, evaluation.predict(model, self.data.eval))
             members = [outputs[path] for path in paths]
-            reference = ftk.flops.training_macs_dense(
+            reference = ftk.training_cost.training_macs(
                 members[0][0], self.settings.epochs[model_name] * self.data.steps_per_epoch,
-                self.settings.batch_size)
+                self.settings.batch_size, sparse=False)
             result = evaluation.evaluate([m[2] for m in members], self.data.eval,
                                          training_macs=training, dense_training_macs=reference)
             metadata = [m[1] for m in members]
@@ -769,7 +731,7 @@ def aggregate(records, settings):
 
 def upgrade_report(report):
     """A report of an earlier version (flat record keys) in the current key scheme, in place."""
-    if report.get("metric_keys") == evaluation.__name__:
+    if report.get("metric_keys") == METRIC_KEYS:
         return report
     ood = report["settings"].get("ood_dataset")
     for methods in report["summary"].values():
@@ -784,7 +746,7 @@ def upgrade_report(report):
                     if key:
                         new[key] = value
             methods[name] = new
-    report["metric_keys"] = evaluation.__name__
+    report["metric_keys"] = METRIC_KEYS
     return report
 
 
@@ -799,80 +761,44 @@ def _cell(stat, fmt, scale):
 
 # --------------------------------------------------------------------------------- markdown
 def _settings_lines(report):
-    s = report["settings"]
-    lines = []
+    s, data = report["settings"], report["data"]
+    pairs = []
     for model in s["models"]:
         exploration, refine = s["edst_epochs"][model]
-        lines.append(
-            f"- {MODELS[model][0]}: {s['epochs'][model]} epochs per dense / DST / static run "
-            f"(cosine learning rate from {s['learning_rate']}); EDST {exploration} exploration "
-            f"epochs at {s['learning_rate']} + {s['num_members']} x {refine} refinement epochs "
-            f"(learning rate {s['refine_lr'][0]} then {s['refine_lr'][1]}) = "
-            f"{exploration + s['num_members'] * refine} epochs"
-            + (", the checkpoint ensemble's one DST run the same epochs and learning rates"
-               if "checkpoint_ensemble" in s["methods"] else "") + ".")
-    data = report["data"]
-    lines += [
-        f"- Data: {s['dataset']}, {data['train_examples']:,d} training and "
-        f"{data['validation_examples']:,d} validation examples (the last "
-        f"{s['validation_fraction']:.0%} of the training split selects every ticket), "
-        f"{data['test_examples']:,d} test examples; OoD set: "
-        + (f"{s['ood_dataset']} test ({data['ood_examples']:,d} images)"
-           if s["ood_dataset"] else "none")
-        + (f" ({data['ood_skipped']})" if data.get("ood_skipped") else "") + ".",
-        f"- M = {s['num_members']} members, sparsity S = {s['sparsity']} (ERK), DST: RigL "
-        f"gradient growth, magnitude pruning every {s['update_every']} steps, drop fraction "
-        f"{s['drop_fraction']} cosine-annealed to 0.005; EDST global exploration q = "
-        f"{s['explore_fraction']}. SGD momentum 0.9, batch {s['batch_size']}, weight decay "
-        f"{s['weight_decay']}, steps_per_execution {s['steps_per_execution']}"
-        + (", flip + crop augmentation" if s["augment"] else "") + ".",
-        f"- Seeds {s['seeds']}: mean ± sample standard deviation over seeds (no ± where all "
-        "seeds give the same number); member m of seed s "
-        "uses seed 100 s + m. The dense single model is member 0 of the deep ensemble of the same "
-        "seed (trained once)."
-        + (" The checkpoint ensemble's snapshots are the best epoch of each of EDST's refinement "
-           "windows of one DST run without global exploration (seed 100 s)."
-           if "checkpoint_ensemble" in s["methods"] else ""),
-        f"- Corruptions: {len(s['corruptions'])} types ({', '.join(s['corruptions']) or 'none'})"
-        f" x severities 1-5 of `ft_keras.corruptions` (this project's own, not CIFAR-10-C) on a "
-        f"fixed subset of {data['corrupted_examples']:,d} test images; corruption seed "
-        f"{s['corruption_seed']}.",
+        pairs.append((f"{MODELS[model][0]} epochs",
+                      f"{s['epochs'][model]} per dense / DST / static run; EDST {exploration} + "
+                      f"{s['num_members']} x {refine}"))
+    pairs += [
+        ("learning rate", f"{s['learning_rate']} (EDST refinement: {s['refine_lr'][0]} then "
+                          f"{s['refine_lr'][1]})"),
+        ("data", f"{s['dataset']}: {data['train_examples']:,d} training, "
+                 f"{data['validation_examples']:,d} validation (fraction "
+                 f"{s['validation_fraction']}), {data['test_examples']:,d} test examples"),
+        ("OoD set", (f"{s['ood_dataset']} test ({data['ood_examples']:,d} images)"
+                     if s["ood_dataset"] else "none")
+         + (f" ({data['ood_skipped']})" if data.get("ood_skipped") else "")),
+        ("members M", s["num_members"]),
+        ("sparsity S (ERK)", s["sparsity"]),
+        ("update_every", s["update_every"]),
+        ("drop fraction", s["drop_fraction"]),
+        ("EDST explore fraction q", s["explore_fraction"]),
+        ("batch size", s["batch_size"]),
+        ("weight decay", s["weight_decay"]),
+        ("steps_per_execution", s["steps_per_execution"]),
+        ("augmentation", "flip + crop" if s["augment"] else "none"),
+        ("seeds", s["seeds"]),
+        ("corruptions", f"{', '.join(s['corruptions']) or 'none'} x severities 1-5 on "
+                        f"{data['corrupted_examples']:,d} test images, seed "
+                        f"{s['corruption_seed']}"),
     ]
-    return lines
+    return bench_tables.settings_lines(pairs)
 
 
 def markdown_region(report):
     """The generated part of the markdown file (between the markers)."""
-    s, machine, timing = report["settings"], report["machine"], report["timing"]
+    s = report["settings"]
     mode = "quick (smoke) mode" if s["quick"] else "full mode"
-    others = timing.get("other_processes_cores")
-    lines = [
-        MARK_BEGIN,
-        "<!-- Generated by bench/reproduce.py; edits between these markers are overwritten. -->",
-        "",
-        f"Configuration `{s['config']}`, {mode}. Command: `{report['command']}`",
-        "",
-        f"Run on {report['date_utc']} (UTC), {machine['cpus_usable']} usable CPU cores"
-        + (f" ({machine['cpu_model']})" if machine["cpu_model"] else "")
-        + (f", GPUs {machine['gpus']}" if machine["gpus"] else ", no GPU")
-        + f"; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, ft_keras "
-        f"{machine['ft_keras']}, commit `{(machine['git_commit'] or 'unknown')[:12]}`. Total wall "
-        f"time {timing['total_s'] / 60:.1f} min (training {timing['training_s'] / 60:.1f} min)"
-        + (f"; other processes kept {others:.2f} cores busy on average, so wall times are upper "
-           "bounds" if others is not None and others > 0.1 else "") + ".",
-        "",
-        "Settings:",
-        "",
-    ] + _settings_lines(report) + [
-        "",
-        "Ensembles average the members' softmax probabilities. FLOPs are theoretical "
-        "multiply-accumulates of the sparse arithmetic (`ft_keras.flops`), relative to ONE dense "
-        "model (training: one dense run of the same number of epochs; inference: one dense "
-        "forward pass). Active parameters are summed over the members (biases included). "
-        "Training time is the wall time of all of a method's fits (validation and ticket "
-        "writing included); the masked layers run dense kernels, so sparse methods are not "
-        "faster in wall time.",
-    ]
+    lines = []
     ood = s.get("ood_dataset")
     second = [("test/accuracy_member_mean", "{:.2f}", 100.0), ("test/kl_diversity", "{:.4f}", 1.0),
               ("corrupt/mean/ece", "{:.4f}", 1.0)] + [
@@ -896,8 +822,11 @@ def markdown_region(report):
         for path in report["plots"]:
             name = os.path.basename(path)
             lines.append(f"![{name}]({name})")
-    lines += ["", f"Raw per-seed numbers: `{report['output_name']}.json`.", "", MARK_END]
-    return "\n".join(lines)
+    lines += ["", f"Raw per-seed numbers: `{report['output_name']}.json`."]
+    return bench_tables.markdown_region(
+        "bench/reproduce.py", report["command"],
+        bench_tables.run_line(report["date_utc"], report["machine"], report["timing"]),
+        _settings_lines(report), lines, NOTES, intro=f"Configuration `{s['config']}`, {mode}. ")
 
 
 DEFAULT_DISCUSSION = """
@@ -909,20 +838,10 @@ DEFAULT_DISCUSSION = """
 
 def write_markdown(path, report):
     """Writes the generated region into ``path``, keeping any text outside the markers."""
-    region = markdown_region(report)
     title = ("# Reproduction: FreeTickets on " + report["settings"]["dataset"]
              + (" (quick mode)" if report["settings"]["quick"] else ""))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        pattern = re.compile(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: region, text, count=1)
-        else:
-            text = text.rstrip("\n") + "\n\n" + region + "\n"
-    else:
-        text = f"{title}\n\n{region}\n{DEFAULT_DISCUSSION}"
-    bench_tables.write_text(path, text)
+    bench_tables.write_region(path, REGION, markdown_region(report),
+                              f"{title}\n\n{{region}}\n{DEFAULT_DISCUSSION}")
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -1078,7 +997,7 @@ def build_report(settings, data, records, command, start, meter, machine, output
     sets = data.eval
     return {
         "output_name": output_name,
-        "metric_keys": evaluation.__name__,
+        "metric_keys": METRIC_KEYS,
         "complete": complete,
         "command": command,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1108,13 +1027,9 @@ def build_report(settings, data, records, command, start, meter, machine, output
 
 def render_only(json_path):
     """Re-writes the markdown and the plots of a finished run from its JSON."""
-    try:
-        with open(json_path, encoding="utf-8") as handle:
-            report = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise _usage("render_only", f"cannot read {json_path!r}: {error}") from None
-    if not report.get("complete"):
-        raise _usage("render_only", f"{json_path!r} is from an unfinished run.")
+    report = bench_tables.read_report(
+        json_path, _usage,
+        lambda r: None if r.get("complete") else "is from an unfinished run.")
     upgrade_report(report)
     output_dir = FLAGS.output_dir or os.path.dirname(os.path.abspath(json_path))
     os.makedirs(output_dir, exist_ok=True)
@@ -1151,7 +1066,7 @@ def main(argv):
     machine = machine_info()
     logging.info("settings: %s", json.dumps(settings.as_dict()))
     logging.info("outputs: %s/%s.{json,md}; tickets under %s", output_dir, output_name, work_dir)
-    data = Data(settings, ood_required=FLAGS.ood_dataset is not None)
+    data = load_data(settings, ood_required=FLAGS.ood_dataset is not None)
     settings = dataclasses.replace(settings, ood_dataset=data.ood_name)
     json_path = os.path.join(output_dir, output_name + ".json")
 

@@ -27,7 +27,7 @@ tf_keras / tensorflow-model-optimization it reports ``status: not_installed`` (i
 
 How to run (from the repository root); bench/step_overhead.py runs it and merges the rows:
 
-    python bench/tfmot_baseline.py --output_json=/tmp/tfmot.json   # ~2 minutes
+    python bench/tfmot_baseline.py --output_json=/tmp/tfmot.json
     python bench/tfmot_baseline.py --quick --output_json=-     # smoke run, JSON on stdout
 """
 
@@ -127,15 +127,12 @@ def _launch(argv, settings):
     with tempfile.TemporaryDirectory(prefix="ftk_tfmot_") as tmp:
         if not FLAGS.data:
             try:
-                import ft_keras.data as ftk_data  # pylint: disable=import-outside-toplevel
+                import ft_keras  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
             except ImportError:
                 sys.path.insert(0, _REPO)
-                import ft_keras.data as ftk_data  # pylint: disable=import-outside-toplevel
-            n = examples_needed(settings)
-            images, labels = ftk_data.load_numpy("fashion_mnist", "train")
-            index = np.arange(n) % len(images)
+            images, labels = bench_tables.fashion_mnist_slice(examples_needed(settings))
             path = os.path.join(tmp, "data.npz")
-            np.savez(path, x=images[index], y=labels[index])
+            np.savez(path, x=images, y=labels)
             args.append(f"--data={path}")
         env = dict(os.environ, **{LEGACY_ENV: "1"})
         command = [sys.executable, os.path.abspath(__file__)] + args

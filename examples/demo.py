@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
-from ft_keras import recipes  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
+from ft_keras.harness import recipes  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("epochs", 20, "Training epochs for each model.")
@@ -88,7 +88,7 @@ def main(argv):
     test_images, test_labels = ftk.data.load_numpy("fashion_mnist", "test",
                                                    data_dir=FLAGS.data_dir)
     test = evaluation.make_data(test_images, test_labels)
-    # One data order per data set, made once (under the global seed), as the README's table.
+    # One data order per data set, made once (under the global seed), as in docs/results.md.
     keras.utils.set_random_seed(FLAGS.seed)
     train_all, train = _batches("all"), _batches("train")
     steps = FLAGS.epochs * -(-60_000 // FLAGS.batch_size)

@@ -5,7 +5,7 @@ library's callbacks wrote), runs the library's evaluation suite (``evaluation.ev
 member predicted once per data set) and writes to ``--output_dir``:
 
 * ``metrics.json``: the suite's flat dict, keys in its uncertainty-baselines style scheme (see
-  ``ft_keras/evaluation.py``): ``test/accuracy``, ``test/nll``, ``test/ece`` (15 bins),
+  ``ft_keras/harness/evaluation.py``): ``test/accuracy``, ``test/nll``, ``test/ece`` (15 bins),
   ``test/brier``, ``test/disagreement``, ``test/kl_diversity``, ``test/accuracy_member_<i>``,
   ``test/nll_member_<i>``, ensembles of the first k tickets ``test/accuracy_first_<k>``;
   out-of-distribution detection ``ood/<name>/auroc_max_prob``, ``ood/<name>/aupr_in_entropy``,
@@ -44,7 +44,7 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ft_keras as ftk  # noqa: E402
-from ft_keras import evaluation  # noqa: E402
+from ft_keras.harness import evaluation  # noqa: E402
 
 DEFAULT_OOD = {"fashion_mnist": "mnist", "mnist": "fashion_mnist", "cifar10": "none"}
 NUM_BINS = evaluation.NUM_BINS

@@ -74,6 +74,10 @@ flags.DEFINE_enum("grow", "gradient", ["gradient", "random", "momentum"],
 flags.DEFINE_integer("update_every", 100, "Optimizer steps between DST mask updates.")
 flags.DEFINE_float("drop_fraction", 0.5,
                    "Initial DST drop fraction, cosine-annealed to 0.005 (FreeTickets).")
+flags.DEFINE_float("channel_sparsity", 0.0,
+                   "Channel-level DST (dst_ensemble, edst, checkpoint_ensemble): the fraction of "
+                   "the prunable layers' units / channels removed during training (EDST: by the "
+                   "end of exploration); 0: unstructured only. Served tickets are compacted.")
 flags.DEFINE_float("explore_fraction", 0.8, "EDST: global exploration drop fraction q.")
 flags.DEFINE_integer("num_members", 3, "Members M of the ensemble (EDST: tickets; "
                      "checkpoint_ensemble: snapshots).")
@@ -107,7 +111,7 @@ flags.DEFINE_bool("overwrite", False, "Replace the tickets of an earlier run in 
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"],
                   "tf.distribute strategy: default (one device), mirrored (all local GPUs) or "
                   "multiworker (MultiWorkerMirroredStrategy; set TF_CONFIG on every host, see "
-                  "the README's 'Training on several machines').")
+                  "docs/distributed.md, 'Several machines').")
 flags.DEFINE_integer("steps_per_execution", 1,
                      "Keras steps_per_execution; must be 1 with --strategy=mirrored or multiworker.")
 flags.DEFINE_float("validation_fraction", 0.1,
@@ -242,6 +246,8 @@ def train(method, strategy, data, ticket_dir):
     sparse = dict(sparsity=FLAGS.sparsity, keep_dense=tuple(FLAGS.keep_dense))
     dst = dict(update_every=FLAGS.update_every, drop_fraction=FLAGS.drop_fraction,
                final_drop_fraction=0.005, grow=FLAGS.grow)
+    if FLAGS.channel_sparsity:
+        dst["channel_sparsity"] = FLAGS.channel_sparsity
     epochs_lr = _compile_fn(_learning_rate(), FLAGS.lr_schedule, FLAGS.epochs, data)
     recipes = ftk.recipes
     if method == "dense":
@@ -362,9 +368,10 @@ def _strategy():
         strategy = tf.distribute.MirroredStrategy()
     elif FLAGS.strategy == "multiworker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        fixed = ftk.distribute.install_multiworker_fix()  # see ft_keras/distribute.py
         logging.info("MultiWorkerMirroredStrategy: worker %s, chief=%s, Keras fit fix %s",
                      strategy.cluster_resolver.task_id, ftk.distribute.is_chief(strategy),
-                     "on" if ftk.distribute.multiworker_fix_installed() else "off")
+                     "on" if fixed else "off")
     else:
         return tf.distribute.get_strategy()
     logging.info("%s over %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)

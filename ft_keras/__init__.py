@@ -10,23 +10,16 @@ method is described in docs/method.md.
 """
 
 import importlib
-import warnings
 
-from ft_keras import corruptions
-from ft_keras import data
+from ft_keras import channels
 from ft_keras import densities
 from ft_keras import distribute
 from ft_keras import ensemble
-from ft_keras import evaluation
 from ft_keras import export
 from ft_keras import flops
 from ft_keras import free_tickets
-from ft_keras import keras_metrics
 from ft_keras import layers
 from ft_keras import masks
-from ft_keras import metrics
-from ft_keras import models
-from ft_keras import recipes
 from ft_keras import schedules
 from ft_keras import tickets
 from ft_keras import training
@@ -35,14 +28,7 @@ from ft_keras.ensemble import Ensemble
 from ft_keras.ensemble import ensemble_outputs
 from ft_keras.free_tickets import FreeTickets
 from ft_keras.free_tickets import TicketCheckpoint
-from ft_keras.recipes import RecipeResult
-from ft_keras.recipes import train_checkpoint_ensemble
-from ft_keras.recipes import train_deep_ensemble
-from ft_keras.recipes import train_dense
-from ft_keras.recipes import train_dst_ensemble
-from ft_keras.recipes import train_edst
-from ft_keras.recipes import train_pf_ensemble
-from ft_keras.recipes import train_static_sparse_ensemble
+from ft_keras.sparsify import compact
 from ft_keras.sparsify import masked_layers_of as masked_layers
 from ft_keras.sparsify import sparsify
 from ft_keras.sparsify import sparsity_report
@@ -57,28 +43,28 @@ from ft_keras.training import SparseTraining
 from ft_keras.training import StaticSparsity
 from ft_keras.version import __version__
 
-
-# Keras's model.fit cannot run under MultiWorkerMirroredStrategy; see ft_keras/_keras_compat.py.
-distribute.install_multiworker_fix()
-
-# Module names that moved (0.2.0): old name -> new module. Importing the old name warns.
-_MOVED_MODULES = {
-    "callbacks": "ft_keras.callbacks",
-    "topology": "ft_keras.topology",
-    "distributions": "ft_keras.distributions",
-}
+# The research harness (ft_keras/harness/) is loaded on first use, so that importing the core
+# does not import it: the modules by their short names, and the recipes' public names.
+_HARNESS_MODULES = ("corruptions", "data", "evaluation", "keras_metrics", "metrics", "models",
+                    "recipes", "training_cost")
+_RECIPE_NAMES = ("RecipeResult", "train_checkpoint_ensemble", "train_deep_ensemble",
+                 "train_dense", "train_dst_ensemble", "train_edst", "train_pf_ensemble",
+                 "train_static_sparse_ensemble")
 
 
 def __getattr__(name):
-    if name in _MOVED_MODULES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = importlib.import_module(_MOVED_MODULES[name])
-        warnings.warn(
-            f"ft_keras.{name} is deprecated: {module.__doc__.splitlines()[0]}",
-            DeprecationWarning, stacklevel=2)
-        return module
-    raise AttributeError(f"module 'ft_keras' has no attribute {name!r}")
+    if name in _HARNESS_MODULES:
+        value = importlib.import_module(f"ft_keras.harness.{name}")
+    elif name in _RECIPE_NAMES:
+        value = getattr(importlib.import_module("ft_keras.harness.recipes"), name)
+    else:
+        raise AttributeError(f"module 'ft_keras' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HARNESS_MODULES) | set(_RECIPE_NAMES))
 
 
 __all__ = [
@@ -90,6 +76,8 @@ __all__ = [
     "StaticSparsity",
     "TicketCheckpoint",
     "__version__",
+    "channels",
+    "compact",
     "corruptions",
     "data",
     "densities",
@@ -125,5 +113,6 @@ __all__ = [
     "train_pf_ensemble",
     "train_static_sparse_ensemble",
     "training",
+    "training_cost",
     "write_ticket",
 ]

@@ -12,15 +12,18 @@ Stock Keras 3 (checked up to 3.15) cannot run ``model.fit`` under
    reduces with ``axis=None`` (the mean across replicas, which is what the single-worker branch
    of the same function computes).
 
-``import ft_keras`` installs both fixes when the installed Keras is in the affected range
-(:data:`AFFECTED_KERAS_VERSIONS`) and has the two functions with the expected names (the code
-that touches Keras's trainer lives in ``ft_keras/_keras_compat.py``, which also says why the fix
-is installed at import time). Each fixed
-function behaves exactly like the original unless the strategy is a multi-worker
-``MultiWorkerMirroredStrategy`` (the condition Keras itself uses for its multi-worker branch),
-so single-device and ``MirroredStrategy`` training are untouched. To turn the fixes off, set
-the environment variable ``FT_KERAS_MULTIWORKER_FIX=0`` before importing ft_keras, or call
-:func:`remove_multiworker_fix`.
+Multi-worker users install the fix with :func:`install_multiworker_fix` before the first
+``fit`` (the recipes of ``ft_keras.recipes`` install it themselves when their ``strategy`` is
+multi-worker); ``import ft_keras`` does not touch Keras. It cannot be installed later or from a
+callback: both functions run before Keras calls any callback (the build at the start of ``fit``)
+or outside their reach (every step's logs). :func:`install_multiworker_fix` acts only when the
+installed Keras is in the affected range (:data:`AFFECTED_KERAS_VERSIONS`) and has the two
+functions with the expected names (the code that touches Keras's trainer lives in
+``ft_keras/_keras_compat.py``), and not when the environment variable
+``FT_KERAS_MULTIWORKER_FIX=0`` is set; :func:`remove_multiworker_fix` puts Keras's functions
+back. Each fixed function behaves exactly like the original unless the strategy is a
+multi-worker ``MultiWorkerMirroredStrategy`` (the condition Keras itself uses for its
+multi-worker branch), so single-device and ``MirroredStrategy`` training are untouched.
 
 Results are written once: :func:`is_chief` tells the worker that writes tickets, exports and
 TensorBoard files (``FreeTickets`` and ``DynamicSparsity(log_dir=...)`` already use it), and
@@ -31,6 +34,7 @@ Example (run the same script on every host, each with its own ``TF_CONFIG``)::
 
     import ft_keras as ftk
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    ftk.distribute.install_multiworker_fix()  # before the first fit
     with strategy.scope():
         model = ftk.sparsify(build_model(), sparsity=0.9)
         model.compile(...)                    # steps_per_execution must stay 1 here

@@ -6,9 +6,9 @@ the default, output = logits) or their softmax probabilities (``combine="probs"`
 evaluation, output = probabilities). It predicts, evaluates and summarises like any Keras model,
 loads the tickets that `ft_keras.tickets.write_ticket` wrote (`Ensemble.from_directory`), and
 exports a TF Serving SavedModel with the ensemble's predictive distribution and two
-uncertainty scores (`Ensemble.export`): masked kernels stored compactly, sparse or dense
-kernels chosen per layer and batch size, members evaluated together where that is faster
-(see `ft_keras.export`).
+uncertainty scores (`Ensemble.export`): members compacted and computed with dense kernels,
+kernels that hold zeros stored compactly, members of equal widths evaluated together where that
+pays (see `ft_keras.export`).
 
 Example:
 
@@ -55,8 +55,9 @@ def _check_member_logits(member_logits):
 
 
 def _entropy(probs, log_probs):
-    """Entropy in nats over the last axis; 0 * log 0 counts as 0."""
-    return -tf.reduce_sum(tf.math.multiply_no_nan(log_probs, probs), axis=-1)
+    """Entropy in nats over the last axis; 0 * log 0 counts as 0. Every p log p is <= 0, so
+    the entropy is the absolute value of their sum (+0.0, never -0.0, at certainty)."""
+    return tf.abs(tf.reduce_sum(tf.math.multiply_no_nan(log_probs, probs), axis=-1))
 
 
 def combine_members(member_logits, combine):
@@ -470,11 +471,11 @@ class Ensemble(keras.Model):
         combine = self.combine
         return lambda member_logits: ensemble_outputs(member_logits, combine)
 
-    def serving_fn(self, sparse_kernels="auto", fuse="auto"):
+    def serving_fn(self, sparse_kernels="dense", group_members="convolutions", input_range=None):
         """The `tf.function` that `export` saves as ``serving_default``, ready to call here.
 
         Args:
-            sparse_kernels, fuse: as in `export`.
+            sparse_kernels, group_members, input_range: as in `export`.
 
         Returns:
             A `tf.function` taking ``inputs`` (float32, ``(None,) + member_input_shape``) and
@@ -484,8 +485,8 @@ class Ensemble(keras.Model):
         for i, member in enumerate(self._members):
             export_lib.check_finite_weights(member, f"members[{i}]")
         module, serve, plan = export_lib.build_serving(
-            self._members, self._head(), sparse_kernels=sparse_kernels, fuse=fuse,
-            argument="members",
+            self._members, self._head(), sparse_kernels=sparse_kernels,
+            group_members=group_members, input_range=input_range, argument="members",
         )
         export_lib.initialize(module)
         serve.module = module
@@ -493,7 +494,7 @@ class Ensemble(keras.Model):
         return serve
 
     def export(self, export_dir, version=1, overwrite=False, *,  # pylint: disable=arguments-differ
-               sparse_kernels="auto", fuse="auto", storage="compact"):
+               sparse_kernels="dense", group_members="convolutions", input_range=None):
         """Writes the ensemble as a TF Serving SavedModel at ``export_dir/<version>/``.
 
         Unlike `keras.Model.export`, this writes TF Serving's layout (a numbered version folder
@@ -503,16 +504,19 @@ class Ensemble(keras.Model):
         (float32, ``(None,) + member_input_shape``) and returns the dict of
         `ensemble_outputs`: ``probabilities``, ``class_ids``, ``predictive_entropy``,
         ``mutual_information`` and, for ``combine="logits"``, ``logits``. A request whose shape
-        is not ``(batch,) + member_input_shape`` or that holds NaN or Inf is refused with an
-        error that says so; an empty batch gives empty outputs.
+        is not ``(batch,) + member_input_shape``, that holds NaN or Inf, that leaves
+        ``input_range``, or whose computation overflows inside a member is refused with an
+        error that names the rows (`ft_keras.export`, "Requests"); an empty batch gives empty
+        outputs.
 
-        Masked kernels are stored compactly (active values and their positions; an M-member
-        ensemble at sparsity 0.8 is smaller than one dense model). See `ft_keras.export` for
-        the kernels and the fusion of members.
+        Kernels that hold zeros (masked, or of compacted members) are stored compactly (an
+        M-member ensemble at sparsity 0.8 is smaller than one dense model) and rebuilt dense
+        at load; the convolutions of members of equal shapes run as one op
+        (`ft_keras.serving_graph`).
 
         Example:
 
-        >>> ens.export("/tmp/serving/freetickets")                # doctest: +SKIP
+        >>> ens.export("/tmp/serving/freetickets", input_range=(0.0, 1.0))  # doctest: +SKIP
         '/tmp/serving/freetickets/1'
         >>> # tensorflow_model_server --model_name=freetickets \\
         >>> #     --model_base_path=/tmp/serving/freetickets --rest_api_port=8501
@@ -521,29 +525,33 @@ class Ensemble(keras.Model):
             export_dir: the model base path (created if missing).
             version: the version number, an int >= 0 (TF Serving serves the highest).
             overwrite: replace an existing non-empty ``export_dir/<version>``.
-            sparse_kernels: how masked Dense layers are computed: "auto" (per layer and batch
-                size, from the cost model of `ft_keras.export`), "dense", "csr" or "coo".
-            fuse: "auto" (members that are the same chain of layers evaluated together where
-                the calibration found it faster: nowhere on the 2-core CPU it was measured on),
-                "always" or "never"; True / False accepted.
-            storage: "compact" (default) or "dense" (the layout before compact storage:
-                members stripped, full kernels, evaluated one after the other).
+            sparse_kernels: how Dense kernels that hold zeros are computed: "dense" (default),
+                or the opt-in sparse products "csr" / "coo" (see docs/benchmarks.md, "Serving",
+                for where they pay).
+            group_members: which layers of members that are the same chain of layers run as
+                one op for all members: "convolutions" (default; Dense layers run per member),
+                "all" (Dense layers too) or "none" (`ft_keras.serving_graph`).
+            input_range: None (default: any finite value), or (low, high): requests holding a
+                value outside ``[low, high]`` are refused.
 
         Returns:
             The path of the version folder.
 
         Raises:
             ValueError: ``export_dir/<version>`` exists and is not empty and ``overwrite`` is
-                False; a bad ``version`` / ``sparse_kernels`` / ``fuse`` / ``storage``; a member
+                False; a bad ``version`` / ``sparse_kernels`` / ``group_members`` /
+                ``input_range``; a member
                 weight that is NaN or Inf (the message names member, layer and variable).
+            TypeError: an argument of the wrong type (e.g. ``group_members=True``).
         """
         export_dir = _checks.check_path("export_dir", export_dir)
         version = _checks.check_int("version", version, minimum=0)
         overwrite = _checks.check_bool("overwrite", overwrite)
         sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels,
                                               export_lib.SPARSE_KERNELS)
-        storage = _checks.check_choice("storage", storage, export_lib.STORAGE_MODES)
-        export_lib.check_fuse(fuse)
+        group_members = _checks.check_choice("group_members", group_members,
+                                             export_lib.GROUP_MODES)
+        input_range = export_lib.check_input_range(input_range)
         if os.path.exists(export_dir) and not os.path.isdir(export_dir):
             raise ValueError(f"export_dir={export_dir!r} exists and is not a folder.")
         for i, member in enumerate(self._members):
@@ -553,8 +561,8 @@ class Ensemble(keras.Model):
         tickets_lib.atomic_folder(
             destination,
             lambda tmp: export_lib.export_models(
-                self._members, tmp, head, sparse_kernels=sparse_kernels, fuse=fuse,
-                storage=storage,
+                self._members, tmp, head, sparse_kernels=sparse_kernels,
+                group_members=group_members, input_range=input_range,
             ),
             overwrite=overwrite,
             argument="version folder",

@@ -1,4 +1,4 @@
-"""Cost model: forward, training and ensemble-inference cost of dense and sparse models.
+"""Cost model: forward and ensemble-inference cost of dense and sparse models.
 
 Convention: every function here counts **multiply-accumulates (MACs)**, one multiply plus one add,
 per example unless its name or docstring says otherwise. Papers often quote FLOPs; for the layers
@@ -35,33 +35,8 @@ shapes of that call. For subclassed models, which have no graph, each layer is c
 the input shape it was built with. Non-batch dimensions must be known (build the model with
 concrete input shapes).
 
-Training cost (RigL, Evci et al. 2020, section 4 / appendix H; docs/method.md). With ``f_s``
-the sparse and ``f_d`` the dense forward MACs per example, ``B`` the batch size and ``T`` the
-number of optimizer steps:
-
-- dense training: ``3 * f_d * B * T`` (forward, backward to the activations, backward to the
-  weights, each about one forward);
-- sparse step: ``3 * f_s * B``;
-- ``grow="gradient"`` (RigL): a mask-update step computes the *dense* weight gradient, so it
-  costs ``(2 * f_s + f_d) * B``: each update step adds ``(f_d - f_s) * B``;
-- ``grow="momentum"`` (SNFS): the dense gradient is needed at every step (its moving average
-  drives growth), so every step costs ``(2 * f_s + f_d) * B``;
-- ``grow="random"`` (SET): no dense gradient, ``3 * f_s * B`` at every step.
-
-The prune/grow selection itself (sorting magnitudes) is not counted. Active counts per layer are
-constant during DST (the update rule keeps each layer's count; docs/method.md), so ``f_s`` is the
-same at every step; pass the sparsified model.
-
-The recipes of `ft_keras.recipes` report their cost with these functions:
-
-- dense model and deep ensemble: `training_macs_dense`, `training_macs_deep_ensemble`;
-- DST Ensemble: M x `training_macs_dst`;
-- static sparse ensemble (masks fixed, never a dense gradient): `training_macs_static_sparse`,
-  ``3 * f_s * B * T`` per member;
-- EDST: `training_macs_edst` (``cumulative=True``: the cost spent when each ticket is complete);
-- checkpoint ensemble (snapshots of one DST run at EDST's ticket epochs):
-  `training_macs_checkpoint_ensemble`, i.e. one `training_macs_dst` run of EDST's length;
-- PF ensemble (a dense run, pruned, then M fixed-mask fine-tunings): `training_macs_pf_ensemble`.
+The training cost of the recipes (``3 x`` forward per step, the dense gradient of RigL's update
+steps) builds on these counts in `ft_keras.training_cost`.
 
 Example:
 
@@ -83,8 +58,6 @@ import numpy as np
 from ft_keras import _checks
 from ft_keras import _keras_compat
 from ft_keras import layers as masked_layers
-from ft_keras import schedules
-from ft_keras.masks import GROW_MODES
 from ft_keras.sparsify import walk_layers
 
 FLOPS_PER_MAC = 2
@@ -101,20 +74,6 @@ _CONV_TYPES = (
 
 
 # ------------------------------------------------------------------------------ validation
-
-
-def _check_int(argument, value, minimum):
-    return _checks.check_int(argument, value, minimum=minimum)
-
-
-def _check_model(model, argument="model"):
-    """A built keras.Model (kept for `ft_keras.tickets`, which imports it; prefer
-    ``_checks.check_model``)."""
-    return _checks.check_model(argument, model)
-
-
-def _check_grow(grow):
-    return _checks.check_choice("grow", grow, GROW_MODES)
 
 
 def _check_density(density):
@@ -271,7 +230,7 @@ def _collect(model, dense, entries, prefix):
 
 def _entries(model, dense):
     """Per-layer totals of a model, in `walk_layers` order (layers outside it last)."""
-    _check_model(model)
+    _checks.check_model("model", model)
     dense = _checks.check_bool("dense", dense)
     entries = collections.OrderedDict()
     _collect(model, dense, entries, "")
@@ -433,223 +392,7 @@ def flops_report(model):
     return FlopsReport(model.name, rows, uncounted)
 
 
-# ------------------------------------------------------------------------------ training
-def dst_update_steps(steps, update_every, end_step=None, start_step=0):
-    """The mask-update steps of a `ft_keras.DynamicSparsity` run of ``steps`` optimizer steps.
-
-    Steps count from 1. Updates happen at multiples of ``update_every`` in
-    ``(start_step, end_step)``, ``end_step`` exclusive. ``end_step=None`` means the end of
-    training, as in the callback (``end_step = steps``), so the last step never updates: 10 steps
-    with ``update_every=5`` update at step 5 only; ``end_step=11`` gives ``[5, 10]``.
-    """
-    steps = _check_int("steps", steps, 0)
-    update_every = _check_int("update_every", update_every, 1)
-    if end_step is not None:
-        end_step = _check_int("end_step", end_step, 1)
-    start_step = _check_int("start_step", start_step, 0)
-    if end_step is not None and start_step >= end_step:
-        raise ValueError(f"start_step={start_step} must be smaller than end_step={end_step}: with "
-                         "start_step >= end_step the masks never change.")
-    return schedules.update_steps(
-        steps, update_every, steps if end_step is None else end_step, start_step
-    )
-
-
-def edst_update_steps(exploration_epochs, refine_epochs, num_tickets, steps_per_epoch,
-                      update_every, end_step=None, start_step=0):
-    """The mask-update steps of a `ft_keras.FreeTickets` (EDST) run, in increasing order.
-
-    The regular DST updates over the whole plan (`dst_update_steps` with
-    ``steps = plan epochs * steps_per_epoch``) plus one global exploration at the first step of
-    each refinement phase after the first (step ``epoch * steps_per_epoch + 1``); a step that is
-    both counts once.
-    """
-    plan = schedules.edst_plan(exploration_epochs, refine_epochs, num_tickets)
-    steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
-    total = schedules.plan_epochs(plan) * steps_per_epoch
-    regular = dst_update_steps(total, update_every, end_step, start_step)
-    jumps = [e * steps_per_epoch + 1 for e in schedules.global_exploration_epochs(plan)]
-    return sorted(set(regular) | set(jumps))
-
-
-def _sparse_step_macs(model, batch_size, grow):
-    """(MACs of one sparse training step, extra MACs of a mask-update step) for ``grow``."""
-    f_s = forward_macs(model)
-    f_d = forward_macs(model, dense=True)
-    if grow == "momentum":
-        return (2 * f_s + f_d) * batch_size, 0
-    return 3 * f_s * batch_size, (f_d - f_s) * batch_size if grow == "gradient" else 0
-
-
-def _sparse_training(model, boundaries, batch_size, updates, grow):
-    """Training MACs of one sparse run spent by each step in ``boundaries`` (cumulative)."""
-    step, extra = _sparse_step_macs(model, batch_size, grow)
-    return [step * end + extra * sum(1 for u in updates if u <= end) for end in boundaries]
-
-
-def training_macs_dense(model, steps, batch_size):
-    """Training MACs of dense training: ``3 * f_d * batch_size * steps``.
-
-    Masks are ignored: the cost of the model's architecture trained dense.
-
-    Args:
-        model: a built `keras.Model` (dense or sparsified).
-        steps: optimizer steps, >= 0.
-        batch_size: examples per step, >= 1.
-    """
-    steps = _check_int("steps", steps, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    return 3 * forward_macs(model, dense=True) * batch_size * steps
-
-
-def training_macs_static_sparse(model, steps, batch_size):
-    """Training MACs of sparse training with fixed masks (`ft_keras.StaticSparsity`).
-
-    ``3 * f_s * batch_size * steps``: the masks never change, so no step needs the dense
-    gradient. Used for the static sparse ensemble and the PF ensemble's fine-tuning.
-
-    Args:
-        model: the sparsified model (its masks give ``f_s``).
-        steps: optimizer steps, >= 0.
-        batch_size: examples per step, >= 1.
-    """
-    _check_model(model)
-    steps = _check_int("steps", steps, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    return 3 * forward_macs(model) * batch_size * steps
-
-
-def training_macs_dst(model, steps, batch_size, update_every, end_step=None, grow="gradient",
-                      start_step=0):
-    """Training MACs of one dynamic-sparse-training run (`ft_keras.DynamicSparsity`).
-
-    ``3 * f_s * B * T``, plus ``(f_d - f_s) * B`` at each update step of `dst_update_steps` for
-    ``grow="gradient"``; ``(2 * f_s + f_d) * B * T`` for ``grow="momentum"`` (dense gradient at
-    every step); ``3 * f_s * B * T`` for ``grow="random"`` (see the module doc).
-
-    Args:
-        model: the sparsified model (its masks give ``f_s``).
-        steps: optimizer steps T, >= 0.
-        batch_size: examples per step B, >= 1.
-        update_every, end_step, start_step: the callback's schedule (``end_step`` exclusive;
-            None: the end of training).
-        grow: "gradient", "random" or "momentum".
-
-    Returns:
-        An int: total multiply-accumulates of the run.
-    """
-    _check_model(model)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    grow = _check_grow(grow)
-    updates = dst_update_steps(steps, update_every, end_step, start_step)
-    return _sparse_training(model, [steps], batch_size, updates, grow)[0]
-
-
-def _ticket_boundaries(exploration_epochs, refine_epochs, num_tickets, steps_per_epoch):
-    """The last step of each refinement phase of the EDST plan (where ticket i is complete)."""
-    plan = schedules.edst_plan(exploration_epochs, refine_epochs, num_tickets)
-    steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
-    return [p.end_epoch * steps_per_epoch for p in plan if p.kind == "refinement"]
-
-
-def training_macs_edst(model, exploration_epochs, refine_epochs, num_tickets, steps_per_epoch,
-                       batch_size, update_every, end_step=None, grow="gradient", start_step=0,
-                       cumulative=False):
-    """Training MACs of one EDST run (`ft_keras.FreeTickets`) that yields ``num_tickets`` tickets.
-
-    One DST run over ``(exploration_epochs + num_tickets * refine_epochs) * steps_per_epoch``
-    steps whose update steps are `edst_update_steps` (regular updates plus the global
-    explorations); the formula is `training_macs_dst`'s.
-
-    Args:
-        model: the sparsified model.
-        exploration_epochs, refine_epochs, num_tickets: the plan (`ft_keras.schedules.edst_plan`).
-        steps_per_epoch: optimizer steps per epoch, >= 1.
-        batch_size, update_every, end_step, grow, start_step: as in `training_macs_dst`.
-        cumulative: if True, return a list: the MACs spent when ticket i is complete (at the
-            end of refinement phase i, update steps up to it included); the last item is the
-            whole run's cost, and ``list[k - 1]`` the cost of an ensemble of the first k tickets.
-
-    Returns:
-        An int (or a list of ``num_tickets`` ints with ``cumulative=True``).
-    """
-    _check_model(model)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    grow = _check_grow(grow)
-    cumulative = _checks.check_bool("cumulative", cumulative)
-    boundaries = _ticket_boundaries(exploration_epochs, refine_epochs, num_tickets,
-                                    steps_per_epoch)
-    updates = edst_update_steps(exploration_epochs, refine_epochs, num_tickets, steps_per_epoch,
-                                update_every, end_step, start_step)
-    costs = _sparse_training(model, boundaries, batch_size, updates, grow)
-    return costs if cumulative else costs[-1]
-
-
-def training_macs_checkpoint_ensemble(model, exploration_epochs, refine_epochs, num_snapshots,
-                                      steps_per_epoch, batch_size, update_every, end_step=None,
-                                      grow="gradient", start_step=0, cumulative=False):
-    """Training MACs of a checkpoint ensemble: snapshots of ONE DST run at EDST's ticket epochs.
-
-    The run is as long as the EDST run of the same plan
-    (``exploration_epochs + num_snapshots * refine_epochs`` epochs) but has only the regular
-    DST updates (`dst_update_steps`), no global exploration; the formula is `training_macs_dst`'s.
-
-    Args:
-        model: the sparsified model.
-        exploration_epochs, refine_epochs, num_snapshots: the EDST plan whose ticket windows the
-            snapshots follow.
-        steps_per_epoch, batch_size, update_every, end_step, grow, start_step: as in
-            `training_macs_edst`.
-        cumulative: if True, a list: the MACs spent when snapshot i is taken (end of window i).
-
-    Returns:
-        An int (or a list of ``num_snapshots`` ints with ``cumulative=True``).
-    """
-    _check_model(model)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    grow = _check_grow(grow)
-    cumulative = _checks.check_bool("cumulative", cumulative)
-    num_snapshots = _check_int("num_snapshots", num_snapshots, 1)
-    boundaries = _ticket_boundaries(exploration_epochs, refine_epochs, num_snapshots,
-                                    steps_per_epoch)
-    updates = dst_update_steps(boundaries[-1], update_every, end_step, start_step)
-    costs = _sparse_training(model, boundaries, batch_size, updates, grow)
-    return costs if cumulative else costs[-1]
-
-
-def training_macs_deep_ensemble(model, num_members, steps, batch_size):
-    """Training MACs of a deep ensemble: ``num_members`` dense runs of ``steps`` steps each."""
-    num_members = _check_int("num_members", num_members, 1)
-    return num_members * training_macs_dense(model, steps, batch_size)
-
-
-def training_macs_pf_ensemble(model, num_members, dense_steps, finetune_steps, batch_size,
-                              cumulative=False):
-    """Training MACs of a prune-and-fine-tune (PF) ensemble.
-
-    One dense run of ``dense_steps`` (``3 * f_d * B`` per step), then ``num_members`` fine-tuning
-    runs of ``finetune_steps`` with the pruned mask fixed (``3 * f_s * B`` per step,
-    `training_macs_static_sparse`).
-
-    Args:
-        model: the pruned (sparsified) model: ``f_s`` from its masks, ``f_d`` with them ignored.
-        num_members: M >= 1.
-        dense_steps, finetune_steps: optimizer steps of the dense run and of each fine-tuning.
-        batch_size: examples per step.
-        cumulative: if True, a list: the MACs spent when member i is complete (the dense run is
-            paid before the first member).
-
-    Returns:
-        An int (or a list of ``num_members`` ints with ``cumulative=True``).
-    """
-    num_members = _check_int("num_members", num_members, 1)
-    cumulative = _checks.check_bool("cumulative", cumulative)
-    dense = training_macs_dense(model, dense_steps, batch_size)
-    finetune = training_macs_static_sparse(model, finetune_steps, batch_size)
-    costs = [dense + (i + 1) * finetune for i in range(num_members)]
-    return costs if cumulative else costs[-1]
-
-
+# ------------------------------------------------------------------------------ ensembles
 def inference_macs_ensemble(members_or_macs):
     """Forward MACs per example of an ensemble: the sum over its members.
 

@@ -37,7 +37,6 @@ from absl import logging
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
-from ft_keras import keras_metrics
 from ft_keras import schedules
 from ft_keras import tickets
 from ft_keras import training
@@ -65,7 +64,7 @@ def resolve_mode(model, monitor, mode):
     mode = _checks.check_choice("mode", mode, MODES)
     if mode != "auto":
         return mode
-    direction = keras_metrics.metric_direction(model, monitor)
+    direction = _keras_compat.metric_direction(model, monitor)
     if direction is None:
         raise ValueError(
             f"monitor={monitor!r}: cannot tell whether it should be maximised or minimised "
@@ -496,8 +495,10 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
             data set and the model); the keys FreeTickets and `write_ticket` set are refused.
         overwrite: replace existing tickets in ``ticket_dir``.
         **dst_kwargs: `DynamicSparsity` arguments (update_every, drop_fraction, decay, grow,
-            optimizer_state, ...); FreeTickets' defaults are drop_fraction=0.5 annealed
-            (cosine) to 0.005 over the run.
+            optimizer_state, channel_sparsity, channel_min_keep, ...); FreeTickets' defaults
+            are drop_fraction=0.5 annealed (cosine) to 0.005 over the run, and
+            ``channel_end_step`` = the last step of the exploration phase, so that all tickets
+            of one run share their removed channels and differ in their unstructured masks.
     """
 
     def __init__(
@@ -536,6 +537,12 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         self.num_tickets = self.edst_plan.num_tickets
         self.exploration_epochs = self.edst_plan.exploration_epochs
         self.refine_epochs = self.edst_plan.refine_epochs
+        if (self.channel_sparsity > 0 and self.channel_end_step is None
+                and self.exploration_epochs == 0):
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} removes channels during the "
+                "exploration phase, but exploration_epochs=0; give the run an exploration "
+                "phase or pass channel_end_step.")
         self.explore_fraction = _checks.check_fraction("explore_fraction", explore_fraction)
         if self.explore_fraction == 1.0 and self.grown_weight_scale == 0 and num_tickets != 1:
             logging.warning(
@@ -692,6 +699,8 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
                     "Pass update_every < %d for dynamic sparse training.", self.update_every,
                     total_steps, self.total_epochs, steps, total_steps)
             self.set_end_step(origin + total_steps)
+        if self.channel_sparsity > 0 and self.channel_end_step is None:
+            self.set_channel_end_step(max(origin + self.exploration_epochs * steps, 1))
         if not _is_chief(self.model):
             return
         if epoch == 0:

@@ -55,6 +55,8 @@ def rng_seed(seed, step, layer_index):
 def num_to_drop(drop_fraction, num_active):
     """``ceil(drop_fraction * num_active)`` clipped to ``[0, num_active]``, as an int32 tensor.
 
+    ``num_active`` is a Python int or an integer scalar tensor.
+
     Computed in float64 with a relative tolerance of 1e-6, so that e.g. 0.3 * 1000 gives 300,
     also when the fraction arrives as a float32 tensor (float32(0.3) * 1000 = 300.0000119).
     """
@@ -62,9 +64,10 @@ def num_to_drop(drop_fraction, num_active):
         p = tf.cast(drop_fraction, tf.float64)
     else:
         p = tf.constant(float(drop_fraction), tf.float64)
-    exact = p * float(num_active)
+    n = tf.cast(num_active, tf.float64) if tf.is_tensor(num_active) else float(num_active)
+    exact = p * n
     k = tf.math.ceil(exact - _CEIL_TOLERANCE * tf.maximum(exact, 1.0))
-    k = tf.clip_by_value(k, 0.0, float(num_active))
+    k = tf.clip_by_value(k, 0.0, n)
     return tf.cast(k, tf.int32)
 
 
@@ -151,8 +154,8 @@ def select_largest(scores, candidates, num_selected):
     their float32 bit patterns, which order like the numbers; two or three histogram passes over
     the digits of the patterns find the ``num_selected``-th largest one, everything above it is
     taken, and ties at it are broken towards the lower index. A dozen or so elementwise passes
-    and no sort, so it costs a fraction of ``tf.math.top_k`` with a large k (the mask update of a
-    1M-weight kernel takes milliseconds), with static shapes only (XLA-compilable) and
+    and no sort, so it costs a fraction of ``tf.math.top_k`` with a large k (docs/benchmarks.md),
+    with static shapes only (XLA-compilable) and
     deterministic results.
 
     Args:
@@ -175,9 +178,8 @@ def largest_indices(scores, candidates, num_selected):
     candidates in that bin or above (about ``num_selected`` plus one bin's worth) are gathered,
     and the exact selection runs on them. Dynamic shapes: not for XLA (use `select_largest`).
 
-    (A sampled estimate of the cut followed by one comparison pass was measured as fast as this
-    histogram on this project's CPU, 4.4 ms per 1M candidates either way: the cost is in the
-    full-length passes TensorFlow makes, e.g. ``tf.where`` over 1M booleans takes 2-4 ms.)
+    (A sampled estimate of the cut followed by one comparison pass is no faster: the cost is in
+    the full-length passes TensorFlow makes; docs/benchmarks.md has the measurements.)
     """
     bins = 1 << _WIDE_DIGITS[0]
     # One full-length int32 temporary at a time: the leading digits, with non-candidates moved
@@ -277,6 +279,43 @@ def update_mask(mask, weights, grow_scores, drop_fraction, num_active):
     keep = prune_by_magnitude(mask, weights, k, num_active)
     new_mask = grow_by_score(keep, grow_scores, k, num_active)
     return new_mask, keep
+
+
+def update_mask_in_region(mask, weights, grow_scores, drop_fraction, num_active, allowed):
+    """`update_mask` confined to a region: the mask update of channel-level DST.
+
+    Active positions outside ``allowed`` are dropped and as many inactive positions inside it
+    are grown by ``grow_scores`` (by magnitude), up to ``min(num_active, |allowed|)`` active
+    positions: the layer keeps its budget while the region has room, and is dense inside the
+    region when it has not. Then the regular prune-and-grow runs on that count, growing inside
+    the region only. Static shapes and dynamic counts (the count is a tensor).
+
+    Args:
+        mask, weights, grow_scores: as in `update_mask` (``grow_scores`` ranked by magnitude).
+        drop_fraction: float scalar in [0, 1].
+        num_active: Python int, the layer's budget of active weights.
+        allowed: bool tensor of the mask's shape.
+
+    Returns:
+        ``(new_mask, keep, count)``: the new mask, the positions that stayed active without
+        interruption (inside the old mask) and the new mask's count (int32 scalar tensor).
+    """
+    shape = tf.shape(mask)
+    flat_mask = tf.reshape(mask, [-1])
+    flat_allowed = tf.reshape(allowed, [-1])
+    scores = tf.abs(tf.cast(tf.reshape(grow_scores, [-1]), tf.float32))
+    inside = tf.logical_and(flat_mask, flat_allowed)
+    count = tf.minimum(tf.constant(num_active, tf.int32), count_active(flat_allowed))
+    refill = select_largest(scores, tf.logical_and(flat_allowed, tf.logical_not(inside)),
+                            count - count_active(inside))
+    budget = tf.logical_or(inside, refill)
+    k = num_to_drop(drop_fraction, count)
+    magnitude = tf.abs(tf.cast(tf.reshape(weights, [-1]), tf.float32))
+    keep = select_largest(magnitude, budget, count - k)
+    grown = select_largest(scores, tf.logical_and(flat_allowed, tf.logical_not(keep)), k)
+    new_mask = tf.logical_or(keep, grown)
+    return (tf.reshape(new_mask, shape), tf.reshape(tf.logical_and(keep, flat_mask), shape),
+            count)
 
 
 class SparseUpdate(collections.namedtuple(

@@ -1,11 +1,14 @@
-"""`sparsify` and `strip`: turn a Keras model into a masked (sparse) one and back.
+"""`sparsify`, `strip` and `compact`: a Keras model to a masked (sparse) one and back.
 
 ``sparsify`` clones a Sequential or Functional model (nested models included), replacing every
 Dense / Conv1D / Conv2D / Conv3D / DepthwiseConv2D layer by its masked twin from
 `ft_keras.layers`, copies all weights, draws random masks with exact per-layer counts from the
 chosen density distribution, and zeroes the kernels off-mask. Layers that cannot be masked stay
 dense and are listed by `sparsity_report`. ``strip`` does the reverse: a plain Keras model whose
-kernels hold the sparse weights (zeros off-mask), with identical predictions.
+kernels hold the sparse weights (zeros off-mask), with identical predictions. ``compact`` is
+``strip`` plus the physical removal of every output unit / channel whose contribution is provably
+zero (after channel-level DST, `ft_keras.DynamicSparsity` with ``channel_sparsity``): a narrower
+dense model with the same predictions.
 
 Example:
 
@@ -24,6 +27,7 @@ import tensorflow as tf
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
+from ft_keras import channels as channels_lib
 from ft_keras import densities as densities_lib
 from ft_keras import layers as masked_layers
 from ft_keras import masks
@@ -179,8 +183,8 @@ def _random_mask_graph(shape, num_active, seed):
 
 def _random_mask_in_graph(shape, num_active, seed):
     """`masks.random_mask` as a graph: TF frees its full-size temporaries as soon as they
-    are used, where eager code keeps them all alive until it returns (for a 16.8M-position
-    kernel, ~200 MiB instead of ~450 MiB at the peak)."""
+    are used, where eager code keeps them all alive until it returns (a lower peak memory for
+    big kernels)."""
     return _random_mask_graph(tuple(int(d) for d in shape), int(num_active), seed)
 
 
@@ -219,6 +223,134 @@ def strip(model):
     return clone
 
 
+def _baked_kernels(model):
+    """``{id(layer): numpy kernel}`` of every layer with a kernel, masks applied."""
+    kernels = {}
+    for layer in walk_layers(model):
+        if masked_layers.is_masked(layer):
+            mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+            kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
+            kernels[id(layer)] = np.where(mask, kernel, np.zeros_like(kernel))
+        elif getattr(layer, "kernel", None) is not None and hasattr(layer.kernel, "shape"):
+            kernels[id(layer)] = keras.ops.convert_to_numpy(layer.kernel)
+    return kernels
+
+
+def compact(model):
+    """Returns a plain Keras model with every removable output unit / channel removed.
+
+    Like `strip` (no masked layers, masks baked in), and then, for every layer whose channels
+    can be removed (`ft_keras.channels`: Dense / Conv1D / Conv2D / Conv3D producers whose output
+    reaches kernels only through channel-preserving layers), the channels whose contribution is
+    provably zero are sliced out: a channel whose kernel slice, bias and following
+    BatchNormalizations' beta and moving mean are zero (with activations that map 0 to 0 on
+    the way), or whose rows in every consumer's kernel are zero. The producer gets fewer
+    units / filters, the BatchNormalizations lose the channel's parameters and statistics, and
+    the consumers lose the matching input rows. At least one channel of each layer is kept.
+    Predictions are those of ``model`` up to float rounding (the sums have fewer zero terms).
+
+    Left as they are (zero channels kept, documented in docs/method.md, section 11): producers
+    that are not channel-prunable (e.g. a model output, or feeding Add / Concatenate) and
+    DepthwiseConv2D producers (an output channel cannot be removed alone: its input channel
+    feeds all ``depth_multiplier`` outputs). A model with nothing removable comes back as an
+    equivalent plain model.
+
+    Args:
+        model: a Sequential or Functional `keras.Model`, masked or plain (e.g. a trained
+            ticket, or a model loaded from a ``.keras`` file).
+
+    Raises:
+        TypeError: ``model`` is not a Sequential / Functional model.
+    """
+    _check_model(model)
+    plain = strip(model)
+    return _slice_out(plain, _removable_channels(plain))
+
+
+def compact_aligned(models):
+    """`compact` of each model, removing only the channels removable in all of them.
+
+    Members of equal architecture (the tickets of one run) keep equal widths, so that serving can
+    evaluate them together (`ft_keras.serving_graph`); a layer that is not in every model, or
+    whose width differs, is compacted per model as `compact` does.
+
+    Args:
+        models: a non-empty list of Sequential or Functional `keras.Model`s.
+    """
+    for i, model in enumerate(models):
+        _check_model(model, f"models[{i}]")
+    plains = [strip(model) for model in models]
+    removables = [_removable_channels(plain) for plain in plains]
+    for name in set(removables[0]).intersection(*removables[1:]):
+        shapes = {removable[name][1].shape for removable in removables}
+        if len(shapes) == 1:
+            joint = np.logical_and.reduce([removable[name][1] for removable in removables])
+            for removable in removables:
+                removable[name] = (removable[name][0], joint.copy())
+    return [_slice_out(plain, removable) for plain, removable in zip(plains, removables)]
+
+
+def _removable_channels(plain):
+    """{producer name: (`ChannelGroup`, bool [C]: removable)} of a plain (stripped) model."""
+    groups, _ = channels_lib.analyse(plain)
+    kernels = _baked_kernels(plain)
+    removables = {}
+    for group in groups:
+        if isinstance(group.producer, keras.layers.DepthwiseConv2D):
+            continue
+        removables[group.producer.name] = (group,
+                                           channels_lib.removable_channels(group, kernels))
+    return removables
+
+
+def _slice_out(plain, removables):
+    """``plain`` with the removable channels of ``removables`` sliced out (a new model)."""
+    out_keep, in_keep, norm_keep = {}, {}, {}
+    for group, removable in removables.values():
+        if not removable.any():
+            continue
+        if removable.all():
+            removable = removable.copy()
+            removable[0] = False
+        kept = np.flatnonzero(~removable)
+        out_keep[id(group.producer)] = kept
+        for norm in group.norms:
+            norm_keep[id(norm)] = kept
+        for consumer in group.consumers:
+            in_keep[id(consumer.layer)] = np.concatenate(
+                [p * group.num_channels + kept for p in range(consumer.tile)])
+    if not out_keep:
+        return plain
+    originals = {}
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if id(layer) in out_keep:
+            key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
+            config[key] = int(len(out_keep[id(layer)]))
+        new = layer.__class__.from_config(config)
+        originals[id(new)] = layer
+        return new
+
+    compacted = keras.models.clone_model(plain, clone_function=clone_layer, recursive=True)
+    for new in walk_layers(compacted):
+        old = originals.get(id(new))
+        if old is None or not old.weights:
+            continue
+        values = []
+        for weight in old.weights:
+            value = keras.ops.convert_to_numpy(weight)
+            if id(old) in norm_keep:
+                value = value[norm_keep[id(old)]]
+            if weight.name == "kernel" and id(old) in in_keep:
+                value = np.take(value, in_keep[id(old)], axis=-2)
+            if id(old) in out_keep and weight.name in ("kernel", "bias"):
+                value = np.take(value, out_keep[id(old)], axis=-1)
+            values.append(value)
+        new.set_weights(values)
+    return compacted
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSparsity:
     """One row of a `SparsityReport`."""
@@ -229,6 +361,11 @@ class LayerSparsity:
     size: int
     active: int
     status: str  # "masked", "dense (not masked)", "unsupported (stays dense)"
+    channels: tuple = None  # (kept, total) output channels of a channel-prunable layer
+
+    @property
+    def channel_text(self):
+        return "" if self.channels is None else f"{self.channels[0]}/{self.channels[1]}"
 
     @property
     def density(self):
@@ -283,12 +420,13 @@ class SparsityReport:
         }
 
     def __str__(self):
-        head = f"{'layer':<24} {'kind':<22} {'shape':<20} {'active':>10} {'size':>10} {'density':>8}"
+        head = (f"{'layer':<24} {'kind':<22} {'shape':<20} {'active':>10} {'size':>10} "
+                f"{'density':>8} {'channels':>11}")
         lines = [head, "-" * len(head)]
         for row in self.layers:
             lines.append(
                 f"{row.name:<24.24} {row.kind:<22.22} {str(row.shape):<20.20} {row.active:>10,d} "
-                f"{row.size:>10,d} {row.density:>8.4f}"
+                f"{row.size:>10,d} {row.density:>8.4f} {row.channel_text:>11}"
                 + ("" if row.status == "masked" else f"  {row.status}")
             )
         lines.append("-" * len(head))
@@ -307,9 +445,18 @@ def sparsity_report(model):
 
     Masked layers report their mask's count; prunable layers that were kept dense and layers that
     ft_keras cannot mask (e.g. Conv2DTranspose, Embedding) are listed as dense with their status.
+    Layers whose output channels can be removed (`ft_keras.channels`) also report their kept
+    channels ``(kept, total)``: the channels `compact` would not remove.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model; got {type(model).__name__}.")
+    kept_channels = {}
+    if _keras_compat.is_graph_model(model):
+        groups, _ = channels_lib.analyse(model)
+        kernels = _baked_kernels(model)
+        for group in groups:
+            removable = channels_lib.removable_channels(group, kernels)
+            kept_channels[id(group.producer)] = (int(np.sum(~removable)), group.num_channels)
     rows = []
     num_params = 0
     num_active = 0
@@ -342,7 +489,8 @@ def sparsity_report(model):
         shape = tuple(int(d) for d in (
             layer.masked_kernel.shape if masked_layers.is_masked(layer) else kernel.shape
         ))
-        rows.append(LayerSparsity(layer.name, type(layer).__name__, shape, size, active, status))
+        rows.append(LayerSparsity(layer.name, type(layer).__name__, shape, size, active, status,
+                                  kept_channels.get(id(layer))))
     return SparsityReport(tuple(rows), num_params, num_active)
 
 

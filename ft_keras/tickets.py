@@ -410,8 +410,9 @@ def _ticket_head(member_logits):
     }
 
 
-def _write_saved_model(model, path, sparse_kernels="auto"):
-    export_lib.export_models([model], path, _ticket_head, sparse_kernels=sparse_kernels)
+def _write_saved_model(model, path, sparse_kernels="dense", input_range=None):
+    export_lib.export_models([model], path, _ticket_head, sparse_kernels=sparse_kernels,
+                             input_range=input_range)
 
 
 def _save_keras_model(model, path, include_optimizer):
@@ -634,7 +635,8 @@ def write_ticket(
     version=1,
     overwrite=False,
     include_optimizer=False,
-    sparse_kernels="auto",
+    sparse_kernels="dense",
+    input_range=None,
 ):
     """Writes ``model`` as ``ticket_dir/ticket_<index>/``, atomically.
 
@@ -663,9 +665,10 @@ def write_ticket(
         overwrite: replace an existing ``ticket_<index>``.
         include_optimizer: also save the optimizer's state in ``model.keras`` (default False:
             a ticket is weights and masks; the file is 2-3x smaller without it).
-        sparse_kernels: how the SavedModel computes masked Dense layers: "auto" (per layer
-            and batch size, from the cost model of `ft_keras.export`), "dense", "csr" or
-            "coo".
+        sparse_kernels: how the SavedModel computes Dense kernels that hold zeros: "dense"
+            (default) or the opt-in sparse products "csr" / "coo" (`ft_keras.serving_graph`).
+        input_range: None (default), or (low, high): the SavedModel refuses requests holding
+            values outside ``[low, high]``.
 
     Returns:
         The path of the ticket folder, ``ticket_dir/ticket_<index>``.
@@ -684,6 +687,7 @@ def write_ticket(
     include_optimizer = _checks.check_bool("include_optimizer", include_optimizer)
     sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels,
                                           export_lib.SPARSE_KERNELS)
+    input_range = export_lib.check_input_range(input_range)
     export_lib.model_input_shape(model)
     export_lib.check_finite_weights(model)
     _check_logits_output(model, f"model={model.name!r}")
@@ -696,7 +700,7 @@ def write_ticket(
     def write(tmp):
         _save_keras_model(model, os.path.join(tmp, MODEL_FILE), include_optimizer)
         _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)),
-                           sparse_kernels)
+                           sparse_kernels, input_range)
         meta["files"] = ticket_digests(tmp)
         _write_metadata(meta, os.path.join(tmp, METADATA_FILE))  # last: marks completeness
 

@@ -28,6 +28,10 @@ the gradients of all masked kernels of a step, the hook
      and the weights are masked right after the update (the official FreeTickets code's
      behaviour).
 
+With ``channel_sparsity`` > 0 (`DynamicSparsity`) the same conditional first removes whole
+output channels and confines every touched layer's mask to its surviving channels
+(`_channel_step`, docs/method.md, section 11); with 0 none of that code is traced.
+
 Without XLA the conditional writes masks, weights and state itself (ordinary steps pay for the
 predicate only). Under XLA, a variable written anywhere in a compiled step is copied at every
 step, so on one replica the conditional moves outside XLA (`_split_train_step`: ordinary steps
@@ -71,6 +75,7 @@ from absl import logging
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
+from ft_keras import channels as channels_lib
 from ft_keras import distribute
 from ft_keras import masks
 from ft_keras import schedules
@@ -120,6 +125,30 @@ class _GraphConfig:
     momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
     random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
     split: bool = False  # XLA: ordinary steps compiled, update steps not (`_split_train_step`)
+    channels: tuple = ()  # channel-level DST: the protected count of each group; () = off
+
+
+@dataclasses.dataclass
+class _Follower:
+    """A variable whose slices along ``axis`` follow a channel group's channels (tiled)."""
+
+    variable: object  # keras Variable: a bias, a BN beta / moving mean, a plain consumer kernel
+    axis: int
+    tile: int
+    slots: list  # optimizer per-weight state (trainable followers, "masked" mode)
+
+
+@dataclasses.dataclass
+class _ChannelGroupState:
+    """One channel group (`ft_keras.channels.ChannelGroup`) during channel-level DST."""
+
+    group: object
+    alive: object  # keras Variable, float32 [C]: 1.0 = the channel survives
+    producer: object  # the producer's `_MaskedKernel`
+    depthwise: bool
+    protect: int  # the channels of this layer that are never removed
+    consumers: list  # [(`_MaskedKernel`, tile)]: masked consumers (their mask follows)
+    followers: list  # `_Follower`s: zeroed at removal; trainable ones gradient-masked
 
 
 def _momentum_kind(optimizer):
@@ -214,6 +243,56 @@ class _Engine:
         self.schedule_int.assign(tf.constant(ints, tf.int64))
         self.schedule_float.assign(tf.constant(floats, tf.float64))
 
+    def add_channel_state(self, groups, min_keep):
+        """The state of channel-level DST: a survival vector per group, kept with the
+        optimizer's variables (so BackupAndRestore saves and restores it), and the schedule."""
+        cache = self.optimizer.__dict__.setdefault("_ftk_buffers", {})
+        by_layer = {id(kernel.layer): kernel for kernel in self.kernels}
+        states = []
+        with self._strategy.scope():
+            if getattr(self, "channel_schedule_int", None) is None:
+                self.channel_schedule_int = tf.Variable(
+                    tf.zeros([2], tf.int64), trainable=False, name="ftk_channel_schedule_int")
+                self.channel_schedule_float = tf.Variable(
+                    tf.zeros([1], tf.float64), trainable=False, name="ftk_channel_schedule_float")
+            for group in groups:
+                producer = by_layer[id(group.producer)]
+                key = (producer.kernel.path, "ftk_channels")
+                if key not in cache:
+                    cache[key] = self.optimizer.add_variable(
+                        (group.num_channels,), initializer="ones", dtype="float32",
+                        name="ftk_channels")
+                consumers, followers = [], []
+                for weight in group.producer.weights:
+                    if weight.name == "bias":
+                        followers.append(self._follower(weight, -1, 1))
+                for norm in group.norms:
+                    for weight in norm.weights:
+                        if weight.name in ("beta", "moving_mean"):
+                            followers.append(self._follower(weight, -1, 1))
+                for consumer in group.consumers:
+                    if id(consumer.layer) in by_layer:
+                        consumers.append((by_layer[id(consumer.layer)], consumer.tile))
+                    else:
+                        followers.append(self._follower(
+                            channels_lib.kernel_of(consumer.layer), -2, consumer.tile))
+                states.append(_ChannelGroupState(
+                    group=group, alive=cache[key], producer=producer,
+                    depthwise=isinstance(group.producer, keras.layers.DepthwiseConv2D),
+                    protect=channels_lib.protected_count(min_keep, group.num_channels),
+                    consumers=consumers, followers=followers))
+        self.channel_groups = states
+
+    def _follower(self, variable, axis, tile):
+        slots = []
+        if variable.trainable:
+            slots = _keras_compat.optimizer_slots(self.optimizer, variable)
+        return _Follower(variable, axis, tile, slots)
+
+    def write_channel_schedule(self, start_step, last_step, sparsity):
+        self.channel_schedule_int.assign(tf.constant([start_step, last_step], tf.int64))
+        self.channel_schedule_float.assign(tf.constant([sparsity], tf.float64))
+
     # ---------------------------------------------------------------------- in the graph
     def is_update_step(self, step):
         """Whether a mask update happens at ``step`` (int64 scalar tensor counted from 1)."""
@@ -262,6 +341,11 @@ class _OptimizerHook:
         # Masked kernels the optimizer updates (trainable ones); the last of them in a step
         # emits the step's conditional update of all of them.
         self.expected = len(trainable_keys & set(self.by_key))
+        # Channel-level DST: variables that follow channels (their gradient is masked).
+        self.followers = {
+            _keras_compat.variable_key(optimizer, follower.variable): (state, follower)
+            for state in getattr(engine, "channel_groups", ()) for follower in state.followers
+            if follower.variable.trainable}
         self.pending = {}  # (graph, device) -> [(kernel, variable, mask, gradient)] of this step
 
     def install(self):
@@ -297,8 +381,15 @@ class _OptimizerHook:
         )
 
     def __call__(self, gradient, variable, learning_rate):
-        kernel = self.by_key.get(_keras_compat.variable_key(self.optimizer, variable))
+        key = _keras_compat.variable_key(self.optimizer, variable)
+        kernel = self.by_key.get(key)
         if kernel is None:
+            if self.followers and key in self.followers:
+                if self.config is None:
+                    self.config = self._config_fn()
+                if self.config.channels:
+                    return _follower_apply(self.original, *self.followers[key], gradient,
+                                           variable, learning_rate)
             return self.original(gradient, variable, learning_rate)
         self.calls += 1
         if self.config is None:
@@ -352,10 +443,79 @@ def _update_all_layers(config, engine, items, step):
     positions (dropped and grown positions stay at zero through it; see `_update_layer`).
     """
     fraction = engine.drop_fraction_at(step)
+    if config.channels:
+        regions = _channel_step(config, engine, step)
+        return tuple(
+            _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
+            if kernel.index not in regions else
+            _update_layer_in_region(config, engine, kernel, variable, mask, gradient, step,
+                                    fraction, regions[kernel.index])
+            for kernel, variable, mask, gradient, _ in items
+        )
     return tuple(
         _update_layer(config, engine, kernel, variable, mask, gradient, step, fraction)
         for kernel, variable, mask, gradient, _ in items
     )
+
+
+def _along(alive, shape, axis, tile=1):
+    """A bool [C] channel vector broadcastable to ``shape`` along ``axis`` (tiled ``tile``
+    times: Flatten's index ``p * C + c``)."""
+    if tile > 1:
+        alive = tf.tile(alive, [tile])
+    rank = len(shape)
+    return tf.reshape(alive, [-1] + [1] * (rank - 1 - axis % rank))
+
+
+def _follower_apply(original, state, follower, gradient, variable, learning_rate):
+    """The optimizer's update of a variable that follows channels: dead channels' slices get a
+    zero gradient and are zero after the update."""
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    live = _along(tf.convert_to_tensor(state.alive.value) > 0.5, tuple(variable.shape),
+                  follower.axis, follower.tile)
+    original(tf.where(live, gradient, tf.zeros([], gradient.dtype)), variable, learning_rate)
+    value = tf.convert_to_tensor(variable)
+    variable.assign(tf.where(live, value, tf.zeros([], value.dtype)))
+
+
+def _channel_step(config, engine, step):
+    """Removes the channels due at ``step`` (none after the schedule's last channel step) and
+    zeroes what follows them; returns ``{kernel index: allowed region}`` of every masked kernel
+    that a group touches (surviving output channels x surviving input rows)."""
+    groups = engine.channel_groups
+    ints = tf.convert_to_tensor(engine.channel_schedule_int)
+    sparsity = tf.convert_to_tensor(engine.channel_schedule_float)[0]
+    total = sum(state.group.num_channels for state in groups)
+    alive = [tf.convert_to_tensor(state.alive.value) > 0.5 for state in groups]
+    scores = [channels_lib.channel_scores(tf.convert_to_tensor(state.producer.kernel),
+                                          state.depthwise) for state in groups]
+    removed = total - tf.add_n([masks.count_active(live) for live in alive])
+    due = tf.where(step <= ints[1],
+                   channels_lib.target_removed(step, ints[0], ints[1], sparsity, total) - removed,
+                   0)
+    alive = channels_lib.remove_channels(scores, alive, [state.protect for state in groups], due)
+    regions = {}
+    for state, live in zip(groups, alive):
+        state.alive.value.assign(tf.cast(live, tf.float32))
+        for follower in state.followers:
+            where = _along(live, tuple(follower.variable.shape), follower.axis, follower.tile)
+            for variable in [follower.variable] + (
+                    follower.slots if config.optimizer_state == "masked" else []):
+                value = tf.convert_to_tensor(variable.value)
+                variable.value.assign(tf.where(where, value, tf.zeros([], value.dtype)))
+        shape = tuple(state.producer.kernel.shape)
+        out = (tf.reshape(live, shape[-2:]) if state.depthwise else live)
+        out = tf.broadcast_to(out, shape)
+        index = state.producer.index
+        regions[index] = out if index not in regions else tf.logical_and(regions[index], out)
+        for kernel, tile in state.consumers:
+            shape = tuple(kernel.kernel.shape)
+            rows = tf.broadcast_to(_along(live, shape, -2, tile), shape)
+            index = kernel.index
+            regions[index] = (rows if index not in regions
+                              else tf.logical_and(regions[index], rows))
+    return regions
 
 
 def _update_with_writes_inside(config, engine, items, step):
@@ -539,9 +699,31 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
         regrown = tf.reduce_sum(tf.cast(tf.gather(tf.reshape(mask, [-1]), grown), tf.int32))
         flipped = 2 * (tf.size(grown, out_type=tf.int32) - regrown)
         nonfinite = update.num_nonfinite
+    return _write_layer_update(config, engine, kernel, variable, weights, new_mask, keep, step,
+                               _stats(step, flipped, kernel.num_active, fraction, nonfinite))
+
+
+def _update_layer_in_region(config, engine, kernel, variable, mask, gradient, step, fraction,
+                            allowed):
+    """`_update_layer` of channel-level DST: the layer's mask stays inside ``allowed`` (see
+    `masks.update_mask_in_region`); static shapes, dynamic counts."""
+    weights = tf.convert_to_tensor(variable)
+    scores = _grow_scores(config, engine, kernel, gradient, step, signed=True)
+    new_mask, keep, count = masks.update_mask_in_region(mask, weights, scores, fraction,
+                                                        kernel.num_active, allowed)
+    stats = _stats(step, masks.changed_positions(mask, new_mask), count, fraction,
+                   _count_nonfinite(weights))
+    return _write_layer_update(config, engine, kernel, variable, weights, new_mask, keep, step,
+                               stats)
+
+
+def _write_layer_update(config, engine, kernel, variable, weights, new_mask, keep, step, stats):
+    """Writes one layer's mask update: weights (and masked optimizer state) reset outside
+    ``keep``, grown weights drawn with ``grown_weight_scale``, the mask and the statistics.
+    Returns the mask the step's optimizer update is confined to."""
     # Resets by a dense `where`, not a scatter into the variables: a scatter op switches a TF
     # resource variable to copy-on-read for good, which then costs a copy of the kernel at
-    # every read (measured: +1 ms per MLP step).
+    # every read (docs/benchmarks.md).
     kept = masks.zero_off_mask(keep, weights)
     if config.random_grown:  # SET-style: grown weights ~ N(0, (scale * Glorot std)^2)
         std = engine.grown_scale() * glorot_std(tuple(kernel.kernel.shape))
@@ -555,7 +737,7 @@ def _update_layer(config, engine, kernel, variable, mask, gradient, step, fracti
             value = tf.convert_to_tensor(slot.value)
             slot.value.assign(masks.zero_off_mask(keep, value))
     kernel.mask.value.assign(new_mask)
-    kernel.stats.assign(_stats(step, flipped, kernel.num_active, fraction, nonfinite))
+    kernel.stats.assign(stats)
     if config.random_grown:  # the grown weights' random start stays through this step
         return new_mask
     return keep
@@ -668,7 +850,11 @@ class SparseTraining(keras.callbacks.Callback):
         return _GraphConfig(self.updates_masks, self.grow, self.optimizer_state,
                             bool(self._static_shapes), momentum,
                             self.updates_masks and self.grown_weight_scale > 0,
-                            bool(self._split))
+                            bool(self._split), self._channel_config())
+
+    def _channel_config(self):
+        """`_GraphConfig.channels`: () unless channel-level DST runs (`DynamicSparsity`)."""
+        return ()
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -835,6 +1021,9 @@ class SparseTraining(keras.callbacks.Callback):
                 "density": float(row[2]) / kernel.size,
                 "mask_churn": float(row[1]) / (2.0 * kernel.num_active),
             }
+        if getattr(self, "_channel_groups", ()):
+            record["channels"] = {state.group.name: int(np.sum(_read(state.alive) > 0.5))
+                                  for state in self._engine.channel_groups}
         self.updates.append(record)
         if self.verbose:
             logging.info(
@@ -896,24 +1085,32 @@ class DynamicSparsity(SparseTraining):
         verbose: log a line per mask update seen (absl logging).
         optimizer_state: "masked" (default: optimizer state zero off-mask and reset at dropped
             and grown positions, as RigL) or "dense" (state fed by the dense gradient and never
-            reset, weights masked after each update, as the official FreeTickets code). Why
-            "masked" is the default: measured side by side (bench/diversity.py, EDST on
-            Fashion-MNIST, 3 seeds, docs/results.md), "dense" makes the tickets slightly more
-            diverse (pairwise disagreement 2.43% vs 2.22% on LeNet-300-100, 3.49% vs 3.42% on
-            LeNet-5) but does not make a better ensemble (accuracy 88.56% vs 88.69% and
-            87.26% vs 87.23%, NLL 0.3215 vs 0.3188 and 0.3453 vs 0.3431: "masked" has the
-            lower NLL on both), and "masked" keeps every off-mask number exactly zero, which
-            is also what the sparse export and RigL assume.
+            reset, weights masked after each update, as the official FreeTickets code).
+            "masked" is the default because it keeps every off-mask number exactly zero, which
+            the sparse export and RigL assume; the side-by-side comparison of the two
+            (bench/diversity.py: ticket diversity and ensemble quality) is in docs/results.md.
         grown_weight_scale: 0 (default): grown weights start at exactly 0 (RigL). s > 0: they
             start at random values drawn from N(0, (s * sqrt(2 / (fan_in + fan_out)))^2), i.e.
             s times the scale of a Glorot-initialised kernel (SET-style; stateless RNG,
             identical on every replica) - a knob for ticket diversity, which departs from the
             zero-start invariant on purpose.
+        channel_sparsity: s_f in [0, 1): the fraction of the prunable layers' output units /
+            channels (all prunable layers together; `ft_keras.channels`) removed by
+            ``channel_end_step``, gradually (cubic ramp) at the regular mask updates, by a
+            global threshold on each channel's mean |w|; the active-weight budget regrows in
+            the surviving channels (docs/method.md, section 11). 0.0: off (the training
+            graph holds no channel code). `ft_keras.compact` then slices the removed channels
+            out.
+        channel_end_step: the step by which ``channel_sparsity`` is reached: the last regular
+            update at or before it removes the last channels. None: the schedule's end step.
+        channel_min_keep: in [0, 1]; ``ceil(channel_min_keep * C)`` (at least 1) channels of
+            every prunable layer are never removed.
 
     Attributes:
         schedule: the `ft_keras.schedules.DropSchedule` (``end_step`` None until a fit fills it).
         updates: what the callback observed of each mask update (step, drop fraction,
-            per-layer churn and density).
+            per-layer churn and density; with ``channel_sparsity`` the surviving channels of
+            each prunable layer under ``"channels"``).
     """
 
     updates_masks = True
@@ -933,10 +1130,21 @@ class DynamicSparsity(SparseTraining):
         verbose=0,
         optimizer_state="masked",
         grown_weight_scale=0.0,
+        channel_sparsity=0.0,
+        channel_end_step=None,
+        channel_min_keep=0.05,
     ):
         super().__init__(optimizer_state=optimizer_state, log_dir=log_dir, verbose=verbose)
         self.grown_weight_scale = _checks.check_real("grown_weight_scale", grown_weight_scale,
                                                      low=0.0)
+        self.channel_sparsity = _checks.check_real("channel_sparsity", channel_sparsity, low=0.0,
+                                                   high=1.0, high_open=True)
+        self.channel_end_step = _checks.check_positive_int("channel_end_step", channel_end_step,
+                                                           allow_none=True)
+        self.channel_min_keep = _checks.check_real("channel_min_keep", channel_min_keep,
+                                                   low=0.0, high=1.0)
+        self._channel_end_override = None
+        self._channel_groups = ()  # the prunable `ft_keras.channels.ChannelGroup`s
         self.schedule = schedules.make_drop_schedule(
             decay, update_every=update_every, drop_fraction=drop_fraction, end_step=end_step,
             start_step=start_step, final_drop_fraction=final_drop_fraction)
@@ -976,6 +1184,82 @@ class DynamicSparsity(SparseTraining):
         """
         self._end_step_override = _checks.check_positive_int("end_step", end_step)
 
+    def set_channel_end_step(self, channel_end_step):
+        """Fixes ``channel_end_step`` of the next fit (an explicit argument wins); for callbacks
+        that know their plan (`ft_keras.FreeTickets`: the end of the exploration phase)."""
+        self._channel_end_override = _checks.check_positive_int("channel_end_step",
+                                                                channel_end_step)
+
+    # ------------------------------------------------------------ channel-level DST
+    def _prepare(self, model):
+        super()._prepare(model)
+        if self.channel_sparsity == 0:
+            return
+        groups, reasons = channels_lib.analyse(model)
+        masked = {id(kernel.layer) for kernel in self._engine.kernels}
+        prunable = []
+        for group in groups:
+            if id(group.producer) not in masked:
+                reasons[group.name] = "it is not masked"
+            elif not group.zero_safe:
+                reasons[group.name] = "an activation on its path maps 0 to a nonzero value"
+            else:
+                prunable.append(group)
+        if not prunable:
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} needs a masked layer whose output "
+                f"channels can be removed; model={model.name!r} has none: {reasons}. See "
+                "ft_keras.channels for the supported topologies, or pass channel_sparsity=0.")
+        total = sum(group.num_channels for group in prunable)
+        target = channels_lib.target_removed(1, 0, 1, self.channel_sparsity, total)
+        removable = sum(group.num_channels - channels_lib.protected_count(
+            self.channel_min_keep, group.num_channels) for group in prunable)
+        if target > removable:
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} removes {target} of the {total} "
+                f"prunable channels, but channel_min_keep={self.channel_min_keep} leaves only "
+                f"{removable} removable ({[(g.name, g.num_channels) for g in prunable]}). "
+                "Lower channel_sparsity or channel_min_keep.")
+        self._channel_groups = tuple(prunable)
+        self._engine.add_channel_state(prunable, self.channel_min_keep)
+        logging.info("%s: channel-level DST over %s; not prunable: %s", type(self).__name__,
+                     [(g.name, g.num_channels) for g in prunable], reasons)
+
+    def _channel_config(self):
+        if self.channel_sparsity == 0:
+            return ()
+        return tuple(state.protect for state in self._engine.channel_groups)
+
+    def _last_channel_step(self, end):
+        """The last regular update step at or before the channel end step."""
+        channel_end = self.channel_end_step or self._channel_end_override or end
+        if channel_end is None:
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} with channel_end_step=None needs the "
+                "schedule's end step, which this fit does not know: pass channel_end_step or "
+                "end_step.")
+        last = channel_end - channel_end % self.update_every
+        if end is not None:
+            while last >= end:
+                last -= self.update_every
+        if last <= self.start_step:
+            raise ValueError(
+                f"channel_end_step={channel_end}: the schedule (update_every="
+                f"{self.update_every}, start_step={self.start_step}, end_step={end}) has no "
+                f"mask update in ({self.start_step}, {channel_end}], so no channel can be "
+                "removed. Use a later channel_end_step or a smaller update_every.")
+        return last
+
+    def on_train_begin(self, logs=None):
+        if (self.channel_sparsity > 0 and getattr(self.model, "jit_compile", False)
+                and not _can_split(self.model)):
+            raise ValueError(
+                f"channel_sparsity={self.channel_sparsity} is not supported with "
+                "jit_compile=True on several replicas (or with run_eagerly): the channel step "
+                "runs in the uncompiled update step, which exists on one replica only. Compile "
+                "without jit_compile or train on one replica.")
+        super().on_train_begin(logs)
+
     def _resolve_end_step(self, epoch):
         """The end step of this fit: explicit, or the step where the fit's last epoch ends.
 
@@ -1007,6 +1291,9 @@ class DynamicSparsity(SparseTraining):
                 jumps[0], jumps[1], jumps[2], self.seed]
         floats = [self.drop_fraction, self.final_drop_fraction,
                   1.0 if self.decay == "cosine" else 0.0, jumps[3], self.grown_weight_scale]
+        if self.channel_sparsity > 0:
+            self._engine.write_channel_schedule(self.start_step, self._last_channel_step(end),
+                                                self.channel_sparsity)
         return ints, floats
 
     def _end_step_or_none(self):

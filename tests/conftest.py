@@ -80,7 +80,7 @@ def has_cifar10():
 @functools.lru_cache(maxsize=None)
 def has_fashion_mnist():
     """True when `ft_keras.data` can find Fashion-MNIST (system package, env var or tfds)."""
-    from ft_keras import data  # pylint: disable=import-outside-toplevel
+    from ft_keras.harness import data  # pylint: disable=import-outside-toplevel
 
     try:
         data.load_numpy("fashion_mnist", "test[:1]")
@@ -143,7 +143,7 @@ def fashion_mnist_small():
 
     Skips the test when Fashion-MNIST is not installed.
     """
-    from ft_keras import data  # pylint: disable=import-outside-toplevel
+    from ft_keras.harness import data  # pylint: disable=import-outside-toplevel
 
     skip_without_fashion_mnist()
     x_train, y_train = data.load_numpy("fashion_mnist", "train[:2048]")
@@ -175,3 +175,24 @@ def masked_state(model):
         )
         for layer in ftk.masked_layers(model)
     }
+
+
+# LeNet-300-100: 784*300 + 300*100 + 100*10 MACs per example dense; 90% uniform sparsity keeps
+# round(0.1 * n) of each kernel: 23,520 + 3,000 + 100 (tests/test_flops.py,
+# tests/test_training_cost.py).
+LENET_DENSE = 784 * 300 + 300 * 100 + 100 * 10
+LENET_SPARSE = 23_520 + 3_000 + 100
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+
+    return ftk.models.lenet_300_100()
+
+
+@pytest.fixture(scope="module")
+def lenet_sparse(lenet):  # pylint: disable=redefined-outer-name
+    import ft_keras as ftk  # pylint: disable=import-outside-toplevel
+
+    return ftk.sparsify(lenet, 0.9, distribution="uniform", seed=0)

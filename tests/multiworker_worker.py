@@ -28,6 +28,10 @@ import keras  # noqa: E402
 
 import ft_keras as ftk  # noqa: E402
 
+# What ft_keras/distribute.py tells multi-worker users to do before the first fit (a no-op with
+# FT_KERAS_MULTIWORKER_FIX=0, which test_stock_keras_still_needs_the_fix sets).
+ftk.distribute.install_multiworker_fix()
+
 GLOBAL_BATCH = 32
 NUM_EXAMPLES = 512
 

@@ -26,20 +26,21 @@ import pytest
 import tensorflow as tf
 
 import ft_keras as ftk
-from ft_keras import corruptions
-from ft_keras import data
 from ft_keras import distribute
-from ft_keras import evaluation
 from ft_keras import flops
-from ft_keras import keras_metrics
 from ft_keras import layers
 from ft_keras import masks
-from ft_keras import metrics
-from ft_keras import models
-from ft_keras import recipes
 from ft_keras import schedules
 from ft_keras import tickets
 from ft_keras import training
+from ft_keras.harness import corruptions
+from ft_keras.harness import data
+from ft_keras.harness import evaluation
+from ft_keras.harness import keras_metrics
+from ft_keras.harness import metrics
+from ft_keras.harness import models
+from ft_keras.harness import recipes
+from ft_keras.harness import training_cost
 
 NUM_FEATURES = 16
 NUM_CLASSES = 3
@@ -852,23 +853,26 @@ FLOPS = [
          lambda e: flops.layer_forward_macs("dense")),
     case("flops/layer_forward_macs_density_above_one", ValueError, r"density=1\.5 is not allowed",
          lambda e: flops.layer_forward_macs(e.mlp().layers[0], density=1.5)),
-    case("flops/training_macs_dense_steps_negative", ValueError, r"steps=-1 is not allowed",
-         lambda e: flops.training_macs_dense(e.mlp(), -1, 8)),
-    case("flops/training_macs_dense_batch_size_zero", ValueError, r"batch_size=0 is not allowed",
-         lambda e: flops.training_macs_dense(e.mlp(), 10, 0)),
-    case("flops/training_macs_dst_grow_unknown", ValueError, r"grow='largest' is not supported",
-         lambda e: flops.training_macs_dst(e.sparse(), 10, 8, 5, grow="largest")),
-    case("flops/training_macs_edst_cumulative_str", TypeError,
-         r"cumulative must be True or False; got 'yes'",
-         lambda e: flops.training_macs_edst(e.sparse(), 1, 1, 2, 10, 8, 5, cumulative="yes")),
-    case("flops/dst_update_steps_update_every_float", TypeError,
+    case("training_cost/training_macs_steps_negative", ValueError, r"steps=-1 is not allowed",
+         lambda e: training_cost.training_macs(e.mlp(), -1, 8, sparse=False)),
+    case("training_cost/training_macs_batch_size_zero", ValueError,
+         r"batch_size=0 is not allowed",
+         lambda e: training_cost.training_macs(e.mlp(), 10, 0, sparse=False)),
+    case("training_cost/training_macs_grow_unknown", ValueError,
+         r"grow='largest' is not supported",
+         lambda e: training_cost.training_macs(e.sparse(), 10, 8, grow="largest")),
+    case("training_cost/training_macs_sparse_str", TypeError,
+         r"sparse must be True or False; got 'yes'",
+         lambda e: training_cost.training_macs(e.sparse(), 10, 8, sparse="yes")),
+    case("training_cost/dst_update_steps_update_every_float", TypeError,
          r"update_every must be an int >= 1; got 2\.5",
-         lambda e: flops.dst_update_steps(10, 2.5)),
-    case("flops/dst_update_steps_start_after_end", ValueError,
+         lambda e: training_cost.dst_update_steps(10, 2.5)),
+    case("training_cost/dst_update_steps_start_after_end", ValueError,
          r"start_step=20 must be smaller than end_step=10",
-         lambda e: flops.dst_update_steps(100, 5, end_step=10, start_step=20)),
-    case("flops/edst_update_steps_num_tickets_zero", ValueError, r"num_tickets=0 is not allowed",
-         lambda e: flops.edst_update_steps(1, 1, 0, 10, 5)),
+         lambda e: training_cost.dst_update_steps(100, 5, end_step=10, start_step=20)),
+    case("training_cost/edst_update_steps_num_tickets_zero", ValueError,
+         r"num_tickets=0 is not allowed",
+         lambda e: training_cost.edst_update_steps(1, 1, 0, 10, 5)),
     case("flops/inference_macs_ensemble_empty", ValueError, r"members_or_macs is empty",
          lambda e: flops.inference_macs_ensemble([])),
     case("flops/inference_macs_ensemble_negative", ValueError, r"members_or_macs\[0\]=-1",
@@ -877,9 +881,6 @@ FLOPS = [
          lambda e: flops.inference_macs_ensemble("mlp")),
     case("flops/relative_cost_reference_zero", ValueError, r"dense_reference=0 is not allowed",
          lambda e: flops.relative_cost(10, 0)),
-    case("flops/training_macs_deep_ensemble_num_members_zero", ValueError,
-         r"num_members=0 is not allowed",
-         lambda e: flops.training_macs_deep_ensemble(e.mlp(), 0, 10, 8)),
 ]
 
 # ============================================================================ data, corruptions
@@ -1077,8 +1078,8 @@ TICKETS_AND_ENSEMBLE = [
          lambda e: ftk.Ensemble.from_directory(e.folder(), allow_partial="x")),
     case("ensemble/export_sparse_kernels_unknown", ValueError, r"sparse_kernels='fast'",
          lambda e: ftk.Ensemble([e.mlp()]).export(e.path("export"), sparse_kernels="fast")),
-    case("ensemble/export_fuse_unknown", ValueError, r"fuse='maybe'",
-         lambda e: ftk.Ensemble([e.mlp()]).export(e.path("export"), fuse="maybe")),
+    case("ensemble/export_input_range_reversed", ValueError, r"input_range=\(1, 0\)",
+         lambda e: ftk.Ensemble([e.mlp()]).export(e.path("export"), input_range=(1, 0))),
     case("export/export_models_not_models", TypeError, r"models\[0\] must be a keras\.Model",
          lambda e: ftk.export.export_models(["mlp"], e.path("export"),
                                             lambda logits: {"logits": logits})),

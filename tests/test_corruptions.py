@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ft_keras import corruptions as C
-from ft_keras import data
+from ft_keras.harness import corruptions as C
+from ft_keras.harness import data
 from tests.conftest import skip_without_fashion_mnist
 
 REQUIRED = (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ft_keras import data
+from ft_keras.harness import data
 from tests.conftest import SHARED_DATA
 from tests.conftest import needs_cifar10
 from tests.conftest import needs_fashion_mnist

@@ -1,4 +1,4 @@
-"""Tests for ft_keras.distributions (hand-computed allocations and error cases)."""
+"""Tests for ft_keras.densities (hand-computed allocations and error cases)."""
 
 import math
 

@@ -39,21 +39,46 @@ def test_fix_applies_to_affected_versions_only(version, expected):
     assert distribute.multiworker_fix_applies(version) is expected
 
 
-def test_fix_is_installed_on_import_and_can_be_removed():
+def test_import_does_not_patch_keras():
+    code = (
+        "import ft_keras\n"
+        "from keras.src.backend.tensorflow import trainer\n"
+        "from ft_keras import distribute\n"
+        "assert not distribute.multiworker_fix_installed()\n"
+        "assert not hasattr(trainer.TensorFlowTrainer._maybe_symbolic_build, 'ftk_original')\n"
+        "assert not hasattr(trainer.reduce_per_replica, 'ftk_original')\n"
+        "print('stock')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "stock"
+
+
+def test_fix_installs_and_can_be_removed():
     from keras.src.backend.tensorflow import trainer  # pylint: disable=import-outside-toplevel
 
-    assert distribute.multiworker_fix_installed()
-    patched_build = trainer.TensorFlowTrainer._maybe_symbolic_build
-    patched_reduce = trainer.reduce_per_replica
+    stock_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+    stock_reduce = trainer.reduce_per_replica
+    was_installed = distribute.multiworker_fix_installed()
+    if was_installed:  # an earlier test installed it
+        stock_build, stock_reduce = stock_build.ftk_original, stock_reduce.ftk_original
     try:
+        assert distribute.install_multiworker_fix()
+        assert distribute.multiworker_fix_installed()
+        assert trainer.TensorFlowTrainer._maybe_symbolic_build.ftk_original is stock_build
+        assert trainer.reduce_per_replica.ftk_original is stock_reduce
+        assert distribute.install_multiworker_fix()  # idempotent: wraps once
+        assert trainer.reduce_per_replica.ftk_original is stock_reduce
         assert distribute.remove_multiworker_fix()
-        assert trainer.reduce_per_replica is patched_reduce.ftk_original
-        assert trainer.TensorFlowTrainer._maybe_symbolic_build is patched_build.ftk_original
+        assert trainer.reduce_per_replica is stock_reduce
+        assert trainer.TensorFlowTrainer._maybe_symbolic_build is stock_build
         assert not distribute.remove_multiworker_fix()
     finally:
-        assert distribute.install_multiworker_fix()
-    assert distribute.install_multiworker_fix()  # idempotent
-    assert trainer.reduce_per_replica.ftk_original is patched_reduce.ftk_original
+        if was_installed:
+            distribute.install_multiworker_fix()
+        else:
+            distribute.remove_multiworker_fix()
 
 
 def test_env_var_turns_the_fix_off(monkeypatch):
@@ -66,10 +91,19 @@ def test_env_var_turns_the_fix_off(monkeypatch):
     finally:
         monkeypatch.delenv(distribute.ENV_VAR)
         distribute.remove_multiworker_fix()
-        assert distribute.install_multiworker_fix()
 
 
-def test_patched_reduce_is_the_original_off_multi_worker(two_cpus):
+@pytest.fixture
+def fix_installed():
+    """The multi-worker fix in place for one test (then back to how it was)."""
+    was_installed = distribute.multiworker_fix_installed()
+    assert distribute.install_multiworker_fix(force=True)
+    yield
+    if not was_installed:
+        distribute.remove_multiworker_fix()
+
+
+def test_patched_reduce_is_the_original_off_multi_worker(two_cpus, fix_installed):
     from keras.src.backend.tensorflow import trainer  # pylint: disable=import-outside-toplevel
 
     values = two_cpus.run(lambda: {"loss": tf.cast(

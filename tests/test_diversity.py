@@ -126,8 +126,11 @@ def test_flops_reference_and_pairing(run):
         # sparse steps; they differ in their mask updates (every 2 steps; EDST: and 2 jumps).
         sparse = ftk.sparsify(ftk.models.get(model, input_shape=(28, 28, 1), num_classes=10),
                               0.8, seed=0)
-        edst = ftk.flops.training_macs_edst(sparse, 0, 1, 3, 4, 128, 2, end_step=12)
-        dst = 3 * ftk.flops.training_macs_dst(sparse, 4, 128, 2, end_step=4)
+        cost = ftk.training_cost
+        edst = cost.training_macs(sparse, 12, 128, grow="gradient",
+                                  update_steps=cost.edst_update_steps(0, 1, 3, 4, 2, end_step=12))
+        dst = 3 * cost.training_macs(sparse, 4, 128, grow="gradient",
+                                     update_steps=cost.dst_update_steps(4, 2, end_step=4))
         for seed in SEEDS:
             assert records[(model, "edst:base", seed)]["metrics"]["cost/training_macs"] == edst
             assert records[(model, "dst_ensemble:1ep", seed)]["metrics"][

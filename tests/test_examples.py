@@ -147,16 +147,18 @@ def test_train_summary(runs, method):
     assert summary["inference_macs_relative_to_dense"] == pytest.approx(0.4, rel=0.01)
 
 
-def test_training_macs_follow_the_flops_formulas(runs):
+def test_training_macs_follow_the_training_cost_formulas(runs):
     spe, batch = 922 // 128, 128
     edst, dst, pf, checkpoints = (_summary(runs, m) for m in METHODS)
     model, _ = ftk.read_ticket(os.path.join(runs["edst"], "tickets", "ticket_0"))
-    assert edst["training_macs"] == ftk.flops.training_macs_edst(
-        model, 1, 1, NUM_MEMBERS, spe, batch, update_every=4, grow="gradient")
+    assert edst["training_macs"] == ftk.training_cost.training_macs(
+        model, (1 + NUM_MEMBERS) * spe, batch, grow="gradient",
+        update_steps=ftk.training_cost.edst_update_steps(1, 1, NUM_MEMBERS, spe, 4))
     assert edst["dense_reference"]["epochs"] == 1 + NUM_MEMBERS
     model, _ = ftk.read_ticket(os.path.join(runs["dst_ensemble"], "tickets", "ticket_0"))
-    assert dst["training_macs"] == NUM_MEMBERS * ftk.flops.training_macs_dst(
-        model, spe, batch, update_every=4, grow="gradient")
+    assert dst["training_macs"] == NUM_MEMBERS * ftk.training_cost.training_macs(
+        model, spe, batch, grow="gradient",
+        update_steps=ftk.training_cost.dst_update_steps(spe, 4))
     # PF: one dense run, then fixed-mask sparse steps (3 x sparse forward per example).
     sparse_forward = pf["members"][0]["forward_macs"]
     assert pf["training_macs"] == 3 * 266_200 * batch * spe + NUM_MEMBERS * (
@@ -164,11 +166,14 @@ def test_training_macs_follow_the_flops_formulas(runs):
     assert edst["training_macs_relative_to_dense"] < 1.0 < pf["training_macs_relative_to_dense"]
     # The checkpoint ensemble: one DST run as long as EDST's, regular updates only.
     model, _ = ftk.read_ticket(os.path.join(runs["checkpoint_ensemble"], "tickets", "ticket_0"))
-    assert checkpoints["training_macs"] == ftk.flops.training_macs_dst(
-        model, (1 + NUM_MEMBERS) * spe, batch, update_every=4, grow="gradient")
+    steps = (1 + NUM_MEMBERS) * spe
+    updates = ftk.training_cost.dst_update_steps(steps, 4)
+    assert checkpoints["training_macs"] == ftk.training_cost.training_macs(
+        model, steps, batch, grow="gradient", update_steps=updates)
     assert [m["cumulative_training_macs"] for m in checkpoints["members"]] == (
-        ftk.flops.training_macs_checkpoint_ensemble(model, 1, 1, NUM_MEMBERS, spe, batch, 4,
-                                                    cumulative=True))
+        ftk.training_cost.training_macs(model, steps, batch, grow="gradient",
+                                        update_steps=updates,
+                                        at=[(1 + i) * spe for i in range(1, NUM_MEMBERS + 1)]))
     assert [m["epoch"] for m in checkpoints["members"]] == [1, 2]  # one epoch per window
 
 
@@ -267,3 +272,21 @@ if __name__ == "__main__":  # bazel test / python tests/test_examples.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_edst_with_channel_sparsity(tmp_path):
+    """--channel_sparsity: the tickets of one run share their removed units, and compacted
+    tickets are narrower than LeNet-300-100 by the asked fraction of its hidden units."""
+    if not _available("fashion_mnist"):
+        pytest.skip("Fashion-MNIST is not available: install the Debian package "
+                    "dataset-fashion-mnist or set FT_KERAS_DATA_DIR to a folder with its IDX files")
+    out = str(tmp_path / "edst_channels")
+    code, output = _finish(_start(TRAIN, ["--method=edst", f"--output_dir={out}",
+                                          "--channel_sparsity=0.5"] + TRAIN_FLAGS))
+    assert code == 0, output[-4000:]
+    widths = []
+    for path in ftk.list_tickets(os.path.join(out, "tickets")):
+        small = ftk.compact(ftk.read_ticket(path)[0])
+        widths.append((small.get_layer("fc1").units, small.get_layer("fc2").units))
+    assert len(widths) == NUM_MEMBERS and len(set(widths)) == 1
+    assert sum(widths[0]) == 400 - round(0.5 * 400)  # fc1 + fc2: 300 + 100 hidden units

@@ -1,4 +1,5 @@
-"""Tests of ft_keras.flops: forward MACs against hand counts, training and ensemble formulas."""
+"""Tests of ft_keras.flops: forward MACs against hand counts and ensemble inference cost (the
+training cost is tested in tests/test_training_cost.py)."""
 
 import keras
 import numpy as np
@@ -7,23 +8,10 @@ import pytest
 import ft_keras as ftk
 from ft_keras import flops
 from ft_keras import layers as masked_layers
+from tests.conftest import LENET_DENSE
+from tests.conftest import LENET_SPARSE
 
 L = keras.layers
-
-# LeNet-300-100: 784*300 + 300*100 + 100*10 dense; 90% uniform sparsity keeps
-# round(0.1 * n) of each kernel: 23,520 + 3,000 + 100.
-LENET_DENSE = 784 * 300 + 300 * 100 + 100 * 10
-LENET_SPARSE = 23_520 + 3_000 + 100
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    return ftk.models.lenet_300_100()
-
-
-@pytest.fixture(scope="module")
-def lenet_sparse(lenet):
-    return ftk.sparsify(lenet, 0.9, distribution="uniform", seed=0)
 
 
 def _conv_model():
@@ -206,76 +194,9 @@ def test_report_rows_totals_and_text(lenet_sparse):
     assert "emb" in str(report)
 
 
-# ---------------------------------------------------------------------------- training cost
-def test_update_steps_follow_the_callback():
-    # end_step=None is the end of training, exclusive: step 10 of 10 does not update.
-    assert flops.dst_update_steps(10, 5) == [5]
-    assert flops.dst_update_steps(10, 5, end_step=11) == [5, 10]
-    assert flops.dst_update_steps(10, 5, start_step=5) == []
-    assert flops.dst_update_steps(10, 3, end_step=7) == [3, 6]
-    # EDST 1 + 2 x 3 epochs of 5 steps = 35 steps: regular updates at 10, 20, 30; global
-    # explorations at the first steps of refinement phases 2 and 3 (epochs 3 and 5): 16, 26.
-    assert flops.edst_update_steps(1, 2, 3, 5, update_every=10) == [10, 16, 20, 26, 30]
-    # a global exploration that falls on a regular update step counts once
-    assert flops.edst_update_steps(1, 2, 3, 5, update_every=8) == [8, 16, 24, 26, 32]
-
-
-def test_update_steps_match_dynamic_sparsity_in_fit():
-    model = ftk.sparsify(ftk.models.mlp((8,), input_shape=(4,), num_classes=2), 0.5)
-    model.compile(keras.optimizers.SGD(0.1),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callback = ftk.DynamicSparsity(update_every=5, decay="constant")
-    x = np.random.default_rng(0).normal(size=(10, 4)).astype("float32")
-    y = (x[:, 0] > 0).astype("int64")
-    # 3 epochs of 5 steps; the callback records (at most) one update per epoch
-    model.fit(x, y, batch_size=2, epochs=3, shuffle=False, verbose=0, callbacks=[callback])
-    assert [u["step"] for u in callback.updates] == flops.dst_update_steps(15, 5) == [5, 10]
-
-
-def test_training_formulas_on_lenet(lenet, lenet_sparse):
-    f_d, f_s, batch, steps = LENET_DENSE, LENET_SPARSE, 2, 10
-    dense = flops.training_macs_dense(lenet, steps, batch)
-    assert dense == 3 * f_d * batch * steps == 15_972_000
-    assert flops.training_macs_dense(lenet_sparse, steps, batch) == dense  # masks ignored
-
-    # gradient growth: one update step (5) with end_step=None, two (5, 10) with end_step=11
-    rigl = flops.training_macs_dst(lenet_sparse, steps, batch, update_every=5)
-    assert rigl == 3 * f_s * batch * steps + 1 * (f_d - f_s) * batch
-    rigl2 = flops.training_macs_dst(lenet_sparse, steps, batch, 5, end_step=11)
-    assert rigl2 == 3 * f_s * batch * steps + 2 * (f_d - f_s) * batch == 2_555_520
-    # an update step costs 2 f_s + f_d per example
-    assert rigl2 - rigl == (2 * f_s + f_d) * batch - 3 * f_s * batch
-
-    random = flops.training_macs_dst(lenet_sparse, steps, batch, 5, grow="random")
-    assert random == 3 * f_s * batch * steps == dense // 10
-    momentum = flops.training_macs_dst(lenet_sparse, steps, batch, 5, grow="momentum")
-    assert momentum == (2 * f_s + f_d) * batch * steps
-    assert random < rigl < momentum < dense
-    assert flops.relative_cost(random, dense) == pytest.approx(0.1)
-    assert flops.relative_cost(rigl2, dense) == pytest.approx(2_555_520 / 15_972_000)
-
-    # a dense model trained with DST costs dense training whatever the growth
-    assert flops.training_macs_dst(lenet, steps, batch, 5) == dense
-
-
-def test_edst_and_ensembles(lenet, lenet_sparse):
+# ---------------------------------------------------------------------------- ensembles
+def test_inference_macs_of_ensembles(lenet, lenet_sparse):
     f_d, f_s = LENET_DENSE, LENET_SPARSE
-    edst = flops.training_macs_edst(lenet_sparse, 1, 2, 3, steps_per_epoch=5, batch_size=4,
-                                    update_every=10)
-    assert edst == 3 * f_s * 4 * 35 + 5 * (f_d - f_s) * 4
-    same_run = flops.training_macs_dst(lenet_sparse, 35, 4, 10)
-    assert edst - same_run == 2 * (f_d - f_s) * 4  # plus the two global explorations
-    assert flops.training_macs_edst(lenet_sparse, 1, 2, 3, 5, 4, 10, grow="random") == (
-        3 * f_s * 4 * 35
-    )
-    assert flops.training_macs_edst(lenet_sparse, 0, 2, 1, 5, 4, 10, grow="momentum") == (
-        (2 * f_s + f_d) * 4 * 10
-    )
-
-    deep = flops.training_macs_deep_ensemble(lenet, 3, 10, 2)
-    assert deep == 3 * flops.training_macs_dense(lenet, 10, 2)
-    assert flops.relative_cost(edst, deep) < 1
-
     other = ftk.sparsify(lenet, 0.8, distribution="uniform", seed=1)
     assert flops.inference_macs_ensemble([lenet_sparse, other, lenet]) == (
         f_s + flops.forward_macs(other) + f_d
@@ -283,69 +204,13 @@ def test_edst_and_ensembles(lenet, lenet_sparse):
     assert flops.inference_macs_ensemble([f_s, f_s, 10]) == 2 * f_s + 10
     ensemble = ftk.Ensemble([lenet_sparse, lenet_sparse, other])
     assert flops.inference_macs_ensemble(ensemble) == 2 * f_s + flops.forward_macs(other)
-
-
-def test_static_sparse_checkpoint_and_pf_formulas(lenet, lenet_sparse):
-    f_d, f_s = LENET_DENSE, LENET_SPARSE
-    # fixed masks: never a dense gradient
-    assert flops.training_macs_static_sparse(lenet_sparse, 10, 2) == 3 * f_s * 2 * 10
-    assert flops.training_macs_static_sparse(lenet_sparse, 10, 2) == flops.training_macs_dst(
-        lenet_sparse, 10, 2, 5, grow="random")
-    assert flops.training_macs_static_sparse(lenet, 10, 2) == flops.training_macs_dense(
-        lenet, 10, 2)
-
-    # EDST 1 + 3 x 2 epochs of 5 steps: tickets complete at steps 15, 25, 35; update steps
-    # 10, 16, 20, 26, 30 (see test_update_steps_follow_the_callback).
-    step, extra = 3 * f_s * 4, (f_d - f_s) * 4
-    edst = flops.training_macs_edst(lenet_sparse, 1, 2, 3, 5, 4, 10, cumulative=True)
-    assert edst == [step * 15 + 1 * extra, step * 25 + 3 * extra, step * 35 + 5 * extra]
-    assert edst[-1] == flops.training_macs_edst(lenet_sparse, 1, 2, 3, 5, 4, 10)
-    # ... the same as an EDST run of i tickets whose updates run to the full run's end
-    for i in (1, 2, 3):
-        assert edst[i - 1] == flops.training_macs_edst(lenet_sparse, 1, 2, i, 5, 4, 10,
-                                                       end_step=35)
-
-    # the checkpoint ensemble: one DST run as long, regular updates only (10, 20, 30)
-    checkpoints = flops.training_macs_checkpoint_ensemble(lenet_sparse, 1, 2, 3, 5, 4, 10,
-                                                          cumulative=True)
-    assert checkpoints == [step * 15 + 1 * extra, step * 25 + 2 * extra, step * 35 + 3 * extra]
-    assert checkpoints[-1] == flops.training_macs_dst(lenet_sparse, 35, 4, 10)
-    assert edst[-1] - checkpoints[-1] == 2 * extra  # EDST's two global explorations
-    assert flops.training_macs_checkpoint_ensemble(lenet_sparse, 1, 2, 3, 5, 4, 10,
-                                                   grow="momentum") == (2 * f_s + f_d) * 4 * 35
-
-    # PF: one dense run, then M fixed-mask fine-tunings
-    pf = flops.training_macs_pf_ensemble(lenet_sparse, 3, 20, 5, 2, cumulative=True)
-    dense, finetune = 3 * f_d * 2 * 20, 3 * f_s * 2 * 5
-    assert pf == [dense + finetune, dense + 2 * finetune, dense + 3 * finetune]
-    assert flops.training_macs_pf_ensemble(lenet_sparse, 3, 20, 5, 2) == pf[-1]
-
-
-def test_grow_is_case_insensitive(lenet_sparse):
-    assert flops.training_macs_dst(lenet_sparse, 10, 2, 5, grow="Gradient") == (
-        flops.training_macs_dst(lenet_sparse, 10, 2, 5, grow="gradient"))
-    assert flops.training_macs_edst(lenet_sparse, 1, 1, 1, 5, 2, 5, grow="RANDOM") == (
-        3 * LENET_SPARSE * 2 * 10)
+    assert flops.relative_cost(f_s, f_d) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "call, error, pattern",
     [
-        (lambda m: flops.training_macs_dense(m, -1, 2), ValueError, "steps=-1"),
-        (lambda m: flops.training_macs_dense(m, 10, 0), ValueError, "batch_size=0"),
-        (lambda m: flops.training_macs_dst(m, -5, 2, 5), ValueError, "steps=-5"),
-        (lambda m: flops.training_macs_dst(m, 10, 0, 5), ValueError, "batch_size=0"),
-        (lambda m: flops.training_macs_dst(m, 10, 2, 0), ValueError, "update_every=0"),
-        (lambda m: flops.training_macs_dst(m, 10, 2, 5, end_step=0), ValueError, "end_step=0"),
-        (lambda m: flops.training_macs_dst(m, 10, 2, 5, grow="magic"), ValueError, "grow="),
-        (lambda m: flops.training_macs_dst(m, 10.0, 2, 5), TypeError, "steps"),
-        (lambda m: flops.training_macs_dst(m, True, 2, 5), TypeError, "steps"),
-        (lambda m: flops.training_macs_edst(m, 1, 1, 2, 0, 2, 5), ValueError, "steps_per_epoch"),
-        (lambda m: flops.training_macs_edst(m, 1, 1, 0, 5, 2, 5), ValueError, "num_tickets"),
-        (lambda m: flops.training_macs_deep_ensemble(m, 0, 10, 2), ValueError, "num_members"),
-        (lambda m: flops.training_macs_dense("lenet", 10, 2), TypeError, "model"),
-        (lambda m: flops.training_macs_dst(object(), 10, 2, 5), TypeError, "model"),
         (lambda m: flops.forward_macs(m.get_layer("fc1")), TypeError, "model"),
         (lambda m: flops.flops_report(None), TypeError, "model"),
         (lambda m: flops.layer_forward_macs(m), TypeError, "layer"),
@@ -357,15 +222,6 @@ def test_grow_is_case_insensitive(lenet_sparse):
         (lambda m: flops.inference_macs_ensemble([-1]), ValueError, r"members_or_macs\[0\]"),
         (lambda m: flops.relative_cost(1, 0), ValueError, "dense_reference"),
         (lambda m: flops.relative_cost("1", 2), TypeError, "x"),
-        (lambda m: flops.training_macs_dst(m, 10, 2, 5, grow=3), TypeError, "grow"),
-        (lambda m: flops.training_macs_static_sparse(m, -1, 2), ValueError, "steps=-1"),
-        (lambda m: flops.training_macs_static_sparse(m, 1, 2.0), TypeError, "batch_size"),
-        (lambda m: flops.training_macs_edst(m, 1, 1, 2, 5, 2, 5, cumulative="yes"), TypeError,
-         "cumulative"),
-        (lambda m: flops.training_macs_checkpoint_ensemble(m, 1, 1, 0, 5, 2, 5), ValueError,
-         "num_snapshots=0"),
-        (lambda m: flops.training_macs_pf_ensemble(m, 0, 10, 5, 2), ValueError, "num_members"),
-        (lambda m: flops.training_macs_pf_ensemble(m, 2, 10, -5, 2), ValueError, "steps=-5"),
         (lambda m: flops.layer_forward_macs(m.get_layer("fc1"), "0.5"), TypeError, "density"),
     ],
 )

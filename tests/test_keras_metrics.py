@@ -1,6 +1,5 @@
 """Tests for ft_keras.keras_metrics: streaming Keras metrics (equal to the numpy metrics of
-ft_keras.metrics on the same data), their declared directions, `metric_direction`, and the
-deprecated aliases left in ft_keras.metrics."""
+ft_keras.metrics on the same data), their declared directions and `metric_direction`."""
 
 import math
 
@@ -9,11 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ft_keras import keras_metrics
-from ft_keras import metrics
-from ft_keras.keras_metrics import BrierScore
-from ft_keras.keras_metrics import ExpectedCalibrationError
-from ft_keras.keras_metrics import NegativeLogLikelihood
+from ft_keras.harness import keras_metrics
+from ft_keras.harness import metrics
+from ft_keras.harness.keras_metrics import BrierScore
+from ft_keras.harness.keras_metrics import ExpectedCalibrationError
+from ft_keras.harness.keras_metrics import NegativeLogLikelihood
 
 
 def _random_probs(rng, shape):
@@ -326,23 +325,6 @@ def test_metric_direction_argument_errors():
     with pytest.raises(ValueError, match="monitor='' is not allowed"):
         keras_metrics.metric_direction(model, "")
 
-
-# ----------------------------------------------------------------------------- old names
-@pytest.mark.parametrize("name",
-                         ["NegativeLogLikelihood", "BrierScore", "ExpectedCalibrationError"])
-def test_old_names_are_deprecated_aliases(name):
-    with pytest.deprecated_call(match=f"use ft_keras.keras_metrics.{name}"):
-        old = getattr(metrics, name)
-    assert old is getattr(keras_metrics, name)
-    assert name not in metrics.__all__ and name in keras_metrics.__all__
-
-
-def test_old_import_statement_still_works():
-    with pytest.deprecated_call():
-        from ft_keras.metrics import NegativeLogLikelihood as Old  # pylint: disable=C0415
-    assert Old is NegativeLogLikelihood
-    with pytest.raises(AttributeError, match="no attribute 'NoSuchMetric'"):
-        getattr(metrics, "NoSuchMetric")
 
 if __name__ == "__main__":  # bazel test / python tests/test_keras_metrics.py
     import sys

@@ -1,4 +1,4 @@
-"""Tests for ft_keras.topology: the prune-and-grow mask algebra (hand-computed expectations)."""
+"""Tests for ft_keras.masks: the prune-and-grow mask algebra (hand-computed expectations)."""
 
 import math
 from fractions import Fraction

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ft_keras import metrics
+from ft_keras.harness import metrics
 
 # Three examples, three classes (used for accuracy / NLL / Brier by hand).
 HAND_PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
@@ -424,16 +424,16 @@ def test_members_of_different_shapes_are_named():
 
 # ----------------------------------------------------------------------------- no Keras
 def test_metrics_module_imports_neither_keras_nor_tensorflow():
-    # Load ft_keras.metrics without the package's __init__ (which imports Keras for the rest of
+    # Load ft_keras.harness.metrics without the package's __init__ (which imports Keras for the rest of
     # the library): the module and what it imports must need numpy only.
-    package_dir = os.path.dirname(metrics.__file__)
+    package_dir = os.path.dirname(os.path.dirname(metrics.__file__))
     code = textwrap.dedent(
         f"""
         import sys, types
         package = types.ModuleType("ft_keras")
         package.__path__ = [{package_dir!r}]
         sys.modules["ft_keras"] = package
-        import ft_keras.metrics as m
+        import ft_keras.harness.metrics as m
         assert m.accuracy([0, 1], [[0.9, 0.1], [0.2, 0.8]]) == 1.0
         print(sorted(n for n in sys.modules
                      if n.split(".")[0] in ("keras", "tensorflow", "tf_keras", "jax", "torch")))

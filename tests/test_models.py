@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from ft_keras import models
+from ft_keras.harness import models
 
 
 def _forward(model, input_shape, batch=2):

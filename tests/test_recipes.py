@@ -9,9 +9,11 @@ import pytest
 import tensorflow as tf
 
 import ft_keras as ftk
+from ft_keras import distribute
 from ft_keras import flops
-from ft_keras import recipes
 from ft_keras import schedules
+from ft_keras.harness import recipes
+from ft_keras.harness import training_cost
 
 NUM_TRAIN, NUM_VAL, BATCH = 256, 64, 32
 STEPS_PER_EPOCH = NUM_TRAIN // BATCH
@@ -91,7 +93,7 @@ def test_dense_and_deep_ensemble(data, tmp_path):
     assert [os.path.basename(p) for p in result.tickets] == ["ticket_0", "ticket_1"]
     assert result.member_seeds == (5, 6)
     assert result.steps == 2 * 2 * STEPS_PER_EPOCH and result.reference_steps == 16
-    dense_run = flops.training_macs_dense(_build(), 16, BATCH)
+    dense_run = 3 * flops.forward_macs(_build()) * BATCH * 16
     assert result.member_training_macs == (dense_run, dense_run)
     assert result.dense_training_macs == dense_run and result.training_macs_relative == 2.0
     assert result.cumulative_training_macs == (dense_run, 2 * dense_run)
@@ -144,7 +146,8 @@ def test_dst_ensemble_gradient_growth_cost(data, tmp_path):
     result = recipes.train_dst_ensemble(_build, 1, train, epochs=2,
                                         dst_kwargs=dict(update_every=5), **kwargs)
     model, _ = ftk.read_ticket(result.tickets[0])
-    assert result.training_macs == flops.training_macs_dst(model, 16, BATCH, 5)
+    assert result.training_macs == training_cost.training_macs(
+        model, 16, BATCH, grow="gradient", update_steps=training_cost.dst_update_steps(16, 5))
     f_s, f_d = flops.forward_macs(model), flops.forward_macs(model, dense=True)
     assert result.training_macs == 3 * f_s * BATCH * 16 + 3 * (f_d - f_s) * BATCH  # 5, 10, 15
 
@@ -179,10 +182,15 @@ def test_edst_tickets_and_cumulative_cost(data, tmp_path):
         window = [1 + 2 * i, 3 + 2 * i]
         best = window[0] + int(np.argmax(run["val_accuracy"][window[0]:window[1]]))
         assert meta["method"] == "edst" and meta["phase"] == i + 1 and meta["epoch"] == best
-    cumulative = flops.training_macs_edst(model, 1, 2, 2, STEPS_PER_EPOCH, BATCH, 4,
-                                          cumulative=True)
+    # the tickets are complete at the ends of epochs 3 and 5; EDST's updates include the
+    # global exploration at the first step of epoch 4
+    updates = training_cost.edst_update_steps(1, 2, 2, STEPS_PER_EPOCH, 4)
+    assert STEPS_PER_EPOCH * 3 + 1 in updates
+    cumulative = training_cost.training_macs(model, 40, BATCH, grow="gradient",
+                                             update_steps=updates,
+                                             at=[3 * STEPS_PER_EPOCH, 5 * STEPS_PER_EPOCH])
     assert list(result.cumulative_training_macs) == cumulative
-    assert result.dense_training_macs == flops.training_macs_dense(model, 40, BATCH)
+    assert result.dense_training_macs == 3 * flops.forward_macs(model, dense=True) * BATCH * 40
     with pytest.raises(ValueError, match="monitor=None"):
         recipes.train_edst(_build, 2, train, exploration_epochs=1, refine_epochs=1,
                            **dict(kwargs, monitor=None))
@@ -212,8 +220,9 @@ def test_checkpoint_ensemble_snapshots_one_run(data, tmp_path):
         assert meta["epoch"] == best and meta["member"] == i
         for saved, recorded in zip(model.get_weights(), run["weights"][best]):
             np.testing.assert_array_equal(saved, recorded)
-    cumulative = flops.training_macs_checkpoint_ensemble(model, 1, 2, 2, STEPS_PER_EPOCH, BATCH,
-                                                         4, cumulative=True)
+    cumulative = training_cost.training_macs(
+        model, 40, BATCH, grow="gradient", update_steps=training_cost.dst_update_steps(40, 4),
+        at=[3 * STEPS_PER_EPOCH, 5 * STEPS_PER_EPOCH])  # regular updates only, one run
     assert list(result.cumulative_training_macs) == cumulative
 
     # monitor=None: the last epoch of each window; no learning-rate control with
@@ -372,6 +381,31 @@ def test_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         recipes.train_dense(_build, (x, y), validation_data=(xv, yv), epochs=1,
                             ticket_dir=str(tmp_path / "full"))
+
+
+def test_recipes_install_the_multiworker_fix_only_under_a_multi_worker_strategy(
+        data, tmp_path, monkeypatch):
+    train, kwargs = _common(data, tmp_path, "mw")
+    was_installed = distribute.multiworker_fix_installed()
+    distribute.remove_multiworker_fix()
+    try:
+        # one device: the recipe leaves Keras alone (refused later, on its sparsity)
+        with pytest.raises(ValueError, match="sparsity=2.0"):
+            recipes.train_pf_ensemble(_build, 2, train, dense_epochs=1, finetune_epochs=1,
+                                      sparsity=2.0, **kwargs)
+        assert not distribute.multiworker_fix_installed()
+        # a multi-worker strategy: the shared arguments are checked, the fix goes in, and PF
+        # then refuses the strategy
+        monkeypatch.setattr(distribute, "is_multi_worker", lambda strategy: True)
+        with pytest.raises(ValueError, match="multi-worker"):
+            recipes.train_pf_ensemble(_build, 2, train, dense_epochs=1, finetune_epochs=1,
+                                      **kwargs)
+        assert distribute.multiworker_fix_installed() == distribute.multiworker_fix_applies()
+    finally:
+        if was_installed:
+            distribute.install_multiworker_fix()
+        else:
+            distribute.remove_multiworker_fix()
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_recipes.py

@@ -148,7 +148,10 @@ def test_costs_are_exact(run):
     # RigL updates every 2 steps; the reference is one dense run of 1 epoch.
     model, _ = ftk.read_ticket(os.path.join(work_dir, "lenet_300_100", "seed_0",
                                             "checkpoint_ensemble", "tickets", "ticket_0"))
-    checkpoints = ftk.flops.training_macs_checkpoint_ensemble(model, 1, 1, NUM_MEMBERS, 4, 128, 2)
+    steps = (1 + NUM_MEMBERS) * 4
+    checkpoints = ftk.training_cost.training_macs(
+        model, steps, 128, grow="gradient",
+        update_steps=ftk.training_cost.dst_update_steps(steps, 2))
     assert cost["checkpoint_ensemble"]["cost/training_macs"] == checkpoints
     assert cost["checkpoint_ensemble"]["cost/dense_training_macs"] == 3 * 266_200 * 128 * 4
 

@@ -171,6 +171,71 @@ def test_non_finite_requests_are_refused_naming_the_rows(exports, name, bad_valu
     assert np.all(np.isfinite(out["probabilities"].numpy()))
 
 
+def _exports_of(model, root, **kwargs):
+    """{name: SavedModel path} of a ticket of ``model`` and of an M = 2 ensemble of it."""
+    ticket = tickets.write_ticket(model, str(root / "tickets"), 0, **kwargs)
+    ens = ftk.Ensemble([model, _member(7)], combine="logits")
+    return {"ticket": os.path.join(ticket, "saved_model", "1"),
+            "ensemble": ens.export(str(root / "ensemble"), **kwargs)}
+
+
+def _bias_only_member():
+    """A member whose first layer has only negative weights: a request of 3e38 drives every
+    pre-activation to -inf, the ReLU turns them into 0, and Keras answers the last layer's
+    biases, whatever the request."""
+    model = _member(3)
+    fc1 = ftk.masked_layers(model)[0]
+    fc1.masked_kernel.assign(-np.abs(fc1.masked_kernel.numpy()) - 0.01)
+    return model
+
+
+def test_overflow_inside_the_model_is_refused_naming_the_rows(tmp_path):
+    model = _bias_only_member()
+    x = _images(4)
+    x[1] = 3e38
+    x[3] = -3e38  # positive pre-activations: +inf
+    logits_layer = model.get_layer("logits")
+    bias_only = model.predict(x[[1]], verbose=0)[0]
+    np.testing.assert_array_equal(bias_only, logits_layer.bias.numpy())  # Keras' answer
+    message = (r"computing the outputs overflowed float32 inside the model.*Offending rows "
+               r"\(first 10\):.*\[1 3\]")
+    for name, path in _exports_of(model, tmp_path).items():
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signature(inputs=tf.constant(x))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            _session_run(path, x, "probabilities")
+        out = signature(inputs=tf.constant(x[[0, 2]]))  # the other rows alone are answered
+        assert np.all(np.isfinite(out["probabilities"].numpy())), name
+
+
+def test_input_range_refuses_rows_outside_it_naming_them(tmp_path):
+    model = _member(0)
+    x = _images(5)
+    x[0, 2, 2] = 1e30
+    x[3, 0, 1] = -0.5
+    bounded = _exports_of(model, tmp_path / "bounded", input_range=(0.0, 1.0))
+    message = (r"inputs holds values outside the input range \[0.0, 1.0\] declared at export."
+               r".*Offending rows \(first 10\):.*\[0 3\]")
+    for name, path in bounded.items():
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            signature(inputs=tf.constant(x))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            _session_run(path, x, "class_ids")
+        edges = x[[1, 2, 4]]
+        edges[0, 0, 0], edges[1, 0, 0] = 0.0, 1.0  # the bounds themselves are inside
+        assert signature(inputs=tf.constant(edges))["class_ids"].shape == (3,), name
+    # Without a declared range, 1e30 is answered: with full certainty (entropy +0.0).
+    free = _exports_of(model, tmp_path / "free")
+    signature = tf.saved_model.load(free["ensemble"]).signatures["serving_default"]
+    out = signature(inputs=tf.constant(x[[0]]))
+    assert out["probabilities"].numpy().max() == 1.0
+    entropy = out["predictive_entropy"].numpy()[0]
+    assert entropy == 0.0 and not np.signbit(entropy)
+    assert not np.signbit(out["mutual_information"].numpy()[0])
+
+
 @pytest.mark.parametrize("name", ["ticket", "ensemble_logits", "ensemble_probs"])
 def test_empty_batch_gives_empty_outputs(exports, name):
     path, keys, _ = exports[name]

@@ -228,3 +228,19 @@ if __name__ == "__main__":  # bazel test / python tests/test_sparsify.py
     import sys
 
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_report_lists_kept_channels_of_channel_prunable_layers():
+    sparse = ftk.sparsify(_lenet(), sparsity=0.9, seed=0)
+    rows = {row.name: row for row in ftk.sparsity_report(sparse).layers}
+    # fc1 and fc2 feed Dense layers only; logits is the model output (not channel-prunable)
+    assert rows["fc1"].channels[1] == 300 and rows["fc2"].channels[1] == 100
+    assert rows["logits"].channels is None
+    fc2 = sparse.get_layer("fc2")
+    fc2.masked_kernel.assign(np.ones((300, 100), "float32"))
+    mask = np.ones((300, 100), bool)
+    mask[:, :7] = False  # seven units with an all-zero kernel slice (and zero bias)
+    fc2.set_mask(mask)
+    report = ftk.sparsity_report(sparse)
+    assert {r.name: r.channels for r in report.layers}["fc2"] == (93, 100)
+    assert "93/100" in str(report)

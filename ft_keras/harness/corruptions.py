@@ -78,7 +78,7 @@ of the image. The random draws of a call come from ``numpy.random.default_rng`` 
 first batch equals `corrupt` of the first ``batch_size`` images).
 
 Example:
-    >>> from ft_keras import corruptions, data
+    >>> from ft_keras.harness import corruptions, data
     >>> x, y = data.load_numpy("fashion_mnist", "test")
     >>> x_fog = corruptions.corrupt(x, "fog", severity=3, seed=0)
     >>> for name, severity, x_c in corruptions.suite(x):          # 12 x 5 corrupted copies

@@ -64,9 +64,9 @@ import numpy as np
 import tensorflow as tf
 
 from ft_keras import _checks
-from ft_keras import corruptions as corruptions_lib
 from ft_keras import flops
-from ft_keras import metrics as metrics_lib
+from ft_keras.harness import corruptions as corruptions_lib
+from ft_keras.harness import metrics as metrics_lib
 from ft_keras.sparsify import sparsity_report
 
 NUM_BINS = 15

@@ -5,8 +5,7 @@ take numpy arrays, lists or eager tensors and return Python floats or numpy arra
 in float64 and validate their input: a wrong type raises ``TypeError``, a bad shape or value
 ``ValueError``, each naming the argument, what it got and what is allowed. This module needs
 only numpy (it imports neither Keras nor TensorFlow); the streaming Keras metrics for
-``model.compile(metrics=[...])`` are in `ft_keras.keras_metrics` (their old names here,
-``ft_keras.metrics.NegativeLogLikelihood`` etc., still work but are deprecated).
+``model.compile(metrics=[...])`` are in `ft_keras.keras_metrics`.
 
 The metrics are defined in docs/method.md, section 8; the ensemble's prediction in section 7.
 
@@ -29,7 +28,7 @@ Conventions:
 Example:
 
 >>> import numpy as np
->>> from ft_keras import metrics
+>>> from ft_keras.harness import metrics
 >>> member_probs = np.array([[[0.9, 0.1], [0.4, 0.6]],
 ...                          [[0.7, 0.3], [0.6, 0.4]]])      # M=2 members, N=2, K=2
 >>> labels = np.array([0, 1])
@@ -41,8 +40,6 @@ Example:
 >>> sorted(metrics.summary(labels, member_probs))[:3]
 ['test/accuracy', 'test/accuracy_member_0', 'test/accuracy_member_1']
 """
-
-import warnings
 
 import numpy as np
 
@@ -72,33 +69,6 @@ __all__ = [
 # Probabilities may carry float32 / float16 round-off: rows must sum to 1 within this tolerance
 # and values must lie in [-_PROB_ATOL, 1 + _PROB_ATOL].
 _PROB_ATOL = 1e-3
-
-# The streaming Keras metrics that lived here before they moved to ft_keras.keras_metrics.
-_MOVED_TO_KERAS_METRICS = (
-    "BrierScore",
-    "ExpectedCalibrationError",
-    "NegativeLogLikelihood",
-    "_ProbabilityMetric",
-    "_WeightedMean",
-)
-
-
-def __getattr__(name):
-    """Deprecated aliases: ``ft_keras.metrics.NegativeLogLikelihood`` and the other streaming
-    metrics now live in `ft_keras.keras_metrics` (imported on first use, so that this module
-    does not import Keras)."""
-    if name in _MOVED_TO_KERAS_METRICS:
-        warnings.warn(
-            f"ft_keras.metrics.{name} is deprecated; use ft_keras.keras_metrics.{name} (the "
-            "streaming Keras metrics moved there; ft_keras.metrics is numpy only).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from ft_keras import keras_metrics  # pylint: disable=import-outside-toplevel
-
-        return getattr(keras_metrics, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # ------------------------------------------------------------------------------ input checking
 def _as_array(value, name):

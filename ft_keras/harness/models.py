@@ -5,7 +5,7 @@ Every model takes float32 images already scaled to [0, 1] and outputs LOGITS
 
 Example:
     >>> import keras
-    >>> from ft_keras import models
+    >>> from ft_keras.harness import models
     >>> model = models.get("lenet_300_100")
     >>> model.compile(
     ...     optimizer="sgd",

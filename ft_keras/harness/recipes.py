@@ -4,7 +4,8 @@ Each recipe builds its models with ``build_fn``, trains them with ``model.fit``,
 members as tickets (``ticket_dir/ticket_<i>/``, the layout of `ft_keras.write_ticket`, so that
 `ft_keras.Ensemble.from_directory` loads the members of any method the same way) and returns a
 `RecipeResult`: the ticket paths, the wall time and the training cost in multiply-accumulates
-(`ft_keras.flops`; FLOPs = 2 x MACs). The methods are described in docs/method.md.
+(FLOPs = 2 x MACs), computed for every fit from the sparsity callback it ran with
+(`ft_keras.training_cost.fit_macs`). The methods are described in docs/method.md.
 
 ==============================  ======================  ===========================================
 recipe                          ``method`` (metadata)   members
@@ -65,6 +66,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -84,7 +86,9 @@ from ft_keras.sparsify import walk_layers
 from ft_keras.free_tickets import FreeTickets
 from ft_keras.free_tickets import TicketCheckpoint
 from ft_keras.training import DynamicSparsity
+from ft_keras.training import SparseTraining
 from ft_keras.training import StaticSparsity
+from ft_keras.harness import training_cost
 
 METHODS = ("dense", "deep_ensemble", "dst_ensemble", "edst", "static_sparse_ensemble",
            "pf_ensemble", "checkpoint_ensemble")
@@ -336,12 +340,35 @@ _EDST_ARGUMENTS = ("ticket_dir", "num_tickets", "exploration_epochs", "refine_ep
                    "metadata")
 
 
-class _Common:
-    """The arguments every recipe shares, checked once."""
+# The arguments every recipe takes, with the meaning the module doc gives them.
+_SHARED_ARGUMENTS = ("build_fn", "num_members", "train_data", "validation_data", "ticket_dir",
+                     "compile_fn", "seed", "monitor", "batch_size", "strategy", "callbacks",
+                     "fit_kwargs", "metadata", "overwrite")
 
-    def __init__(self, method, build_fn, num_members, train_data, validation_data, ticket_dir,
-                 compile_fn, seed, monitor, batch_size, strategy, callbacks, fit_kwargs,
-                 metadata, overwrite):
+
+class _Fit(NamedTuple):
+    """What one fit of a recipe ran: its optimizer steps, examples per step, and its training
+    MACs (`training_cost.fit_macs`) at the epochs asked for (or at its end)."""
+
+    steps: int
+    batch: int
+    macs: list
+
+
+class _Common:
+    """The arguments every recipe shares (`_SHARED_ARGUMENTS`), checked once, and the fit /
+    ticket plumbing built on them."""
+
+    def __init__(self, method, arguments):
+        """``arguments``: the recipe's arguments by name (its ``locals()`` on entry); a recipe
+        without ``num_members`` trains one model."""
+        options = {name: arguments.get(name) for name in _SHARED_ARGUMENTS}
+        options["num_members"] = arguments.get("num_members", 1)
+        self._check(method, **options)
+
+    def _check(self, method, build_fn, num_members, train_data, validation_data, ticket_dir,
+               compile_fn, seed, monitor, batch_size, strategy, callbacks, fit_kwargs, metadata,
+               overwrite):
         self.method = method
         if isinstance(build_fn, keras.Model):  # a model is callable, but on inputs
             raise TypeError(f"build_fn must be a callable returning a keras.Model (e.g. a function "
@@ -379,6 +406,8 @@ class _Common:
             raise TypeError(f"strategy must be a tf.distribute.Strategy or None; got "
                             f"{type(strategy).__name__}.")
         self.strategy = strategy or tf.distribute.get_strategy()
+        if distribute.is_multi_worker(self.strategy):
+            distribute.install_multiworker_fix()  # Keras's fit needs it there (distribute doc)
         if not callable(callbacks):
             callbacks = list(callbacks or ())
             for callback in callbacks:
@@ -446,8 +475,14 @@ class _Common:
             return data, kwargs, self.batch_size or _dataset_batch_size(data)
         raise TypeError(_TRAIN_DATA_TYPES + f"; got {type(data).__name__} from the callable.")
 
-    def fit(self, model, data_seed, epochs, callbacks, name):
-        """Fits ``model``; returns (optimizer steps taken, examples per step)."""
+    def fit(self, model, data_seed, epochs, callbacks, name, cost_at_epochs=None):
+        """Fits ``model`` with ``callbacks`` (at most one `SparseTraining` callback among them)
+        and costs the fit from what it ran (`training_cost.fit_macs`).
+
+        Returns:
+            A `_Fit`; its ``macs`` holds the cost spent by the end of each epoch count in
+            ``cost_at_epochs`` (default: the whole fit).
+        """
         x, kwargs, batch = self._input(data_seed)
         before = int(model.optimizer.iterations.numpy())
         logging.info("%s: fit %s for %d epochs", self.method, name, epochs)
@@ -457,7 +492,17 @@ class _Common:
         self.fit_seconds.append(time.time() - start)
         steps = int(model.optimizer.iterations.numpy()) - before
         self.steps += steps
-        return steps, batch
+        sparsity = [c for c in callbacks if isinstance(c, SparseTraining)]
+        sparsity = sparsity[0] if sparsity else None
+        if cost_at_epochs is None:
+            return _Fit(steps, batch, [training_cost.fit_macs(model, sparsity, steps, batch)])
+        if steps % epochs:
+            raise RuntimeError(f"{steps} optimizer steps in {epochs} epochs: the epochs were not "
+                               "all of the same length, so the fit cannot be costed per epoch.")
+        per_epoch = steps // epochs
+        macs = training_cost.fit_macs(model, sparsity, steps, batch, steps_per_epoch=per_epoch,
+                                      at=[e * per_epoch for e in cost_at_epochs])
+        return _Fit(steps, batch, macs)
 
     def checkpoint(self, ticket_dir, index, method, metadata):
         """A TicketCheckpoint for one member (None when ``monitor`` is None)."""
@@ -491,7 +536,8 @@ class _Common:
             batch_size=int(batch),
             steps=int(self.steps),
             reference_steps=int(reference_steps),
-            dense_training_macs=int(flops.training_macs_dense(model, reference_steps, batch)),
+            dense_training_macs=int(training_cost.training_macs(
+                model, reference_steps, batch, sparse=False)),
             extra=extra,
         )
 
@@ -508,11 +554,6 @@ def _dataset_batch_size(data):
                      "skip this)", size)
         return size
     raise ValueError("the training dataset is empty.")
-
-
-def _dst_cost(model, callback, steps, batch):
-    return flops.training_macs_dst(model, steps, batch, callback.update_every, callback.end_step,
-                                   callback.grow, callback.start_step)
 
 
 def _independent(common, epochs, sparse=None, dst_kwargs=None):
@@ -532,24 +573,18 @@ def _independent(common, epochs, sparse=None, dst_kwargs=None):
         metadata = common.member_metadata(member, member_seed, **extra)
         checkpoint = common.checkpoint(common.ticket_dir, member, common.method, metadata)
         callbacks = []
-        sparsity = None
         if sparse is not None:
-            sparsity = (DynamicSparsity(seed=member_seed, **dst_kwargs) if dst_kwargs is not None
-                        else StaticSparsity())
-            callbacks.append(sparsity)
+            callbacks.append(DynamicSparsity(seed=member_seed, **dst_kwargs)
+                             if dst_kwargs is not None else StaticSparsity())
         callbacks += [c for c in (checkpoint,) if c is not None]
-        steps, batch = common.fit(model, member_seed, epochs, callbacks, f"member_{member}")
+        run = common.fit(model, member_seed, epochs, callbacks, f"member_{member}")
+        batch = run.batch
         paths.append(common.ticket(model, checkpoint, common.ticket_dir, member, common.method,
-                                   metadata, epochs, steps))
+                                   metadata, epochs, run.steps))
         seeds.append(member_seed)
-        if sparse is None:
-            costs.append(flops.training_macs_dense(model, steps, batch))
-        elif dst_kwargs is None:
-            costs.append(flops.training_macs_static_sparse(model, steps, batch))
-        else:
-            costs.append(_dst_cost(model, sparsity, steps, batch))
+        costs.append(run.macs[0])
         if reference is None:
-            reference, first = steps, model
+            reference, first = run.steps, model
         logging.info("%s: member %d/%d (seed %d) done in %.1f s", common.method, member + 1,
                      common.num_members, member_seed, common.fit_seconds[-1])
     return common.result(paths, seeds, costs, batch, reference, first)
@@ -566,9 +601,7 @@ def train_dense(build_fn, train_data, *, validation_data, epochs, ticket_dir,
     Returns:
         A `RecipeResult` (``method="dense"``).
     """
-    common = _Common("dense", build_fn, 1, train_data, validation_data, ticket_dir, compile_fn,
-                     seed, monitor, batch_size, strategy, callbacks, fit_kwargs, metadata,
-                     overwrite)
+    common = _Common("dense", locals())
     return _independent(common, epochs)
 
 
@@ -583,9 +616,7 @@ def train_deep_ensemble(build_fn, num_members, train_data, *, validation_data, e
     Returns:
         A `RecipeResult` (``method="deep_ensemble"``).
     """
-    common = _Common("deep_ensemble", build_fn, num_members, train_data, validation_data,
-                     ticket_dir, compile_fn, seed, monitor, batch_size, strategy, callbacks,
-                     fit_kwargs, metadata, overwrite)
+    common = _Common("deep_ensemble", locals())
     return _independent(common, epochs)
 
 
@@ -606,11 +637,9 @@ def train_dst_ensemble(build_fn, num_members, train_data, *, validation_data, ep
         (the others: see the module doc)
 
     Returns:
-        A `RecipeResult` (``method="dst_ensemble"``); each member costs `flops.training_macs_dst`.
+        A `RecipeResult` (``method="dst_ensemble"``); each member is charged its own run.
     """
-    common = _Common("dst_ensemble", build_fn, num_members, train_data, validation_data,
-                     ticket_dir, compile_fn, seed, monitor, batch_size, strategy, callbacks,
-                     fit_kwargs, metadata, overwrite)
+    common = _Common("dst_ensemble", locals())
     sparse = _check_sparse(sparsity, distribution, keep_dense)
     dst_kwargs = _dst_kwargs(dst_kwargs)
     DynamicSparsity(**dst_kwargs)  # refuses bad arguments before anything is built
@@ -627,12 +656,10 @@ def train_static_sparse_ensemble(build_fn, num_members, train_data, *, validatio
     Member m draws its weights and masks with seed ``seed + m``.
 
     Returns:
-        A `RecipeResult` (``method="static_sparse_ensemble"``); each member costs
-        `flops.training_macs_static_sparse`.
+        A `RecipeResult` (``method="static_sparse_ensemble"``); each member is charged its
+        own run.
     """
-    common = _Common("static_sparse_ensemble", build_fn, num_members, train_data,
-                     validation_data, ticket_dir, compile_fn, seed, monitor, batch_size,
-                     strategy, callbacks, fit_kwargs, metadata, overwrite)
+    common = _Common("static_sparse_ensemble", locals())
     return _independent(common, epochs, _check_sparse(sparsity, distribution, keep_dense))
 
 
@@ -683,12 +710,9 @@ def train_edst(build_fn, num_members, train_data, *, validation_data, exploratio
 
     Returns:
         A `RecipeResult` (``method="edst"``); ticket i is charged the steps of its refinement
-        phase (ticket 0 also the exploration), `flops.training_macs_edst` with
-        ``cumulative=True``.
+        phase (ticket 0 also the exploration).
     """
-    common = _Common("edst", build_fn, num_members, train_data, validation_data, ticket_dir,
-                     compile_fn, seed, monitor, batch_size, strategy, callbacks, fit_kwargs,
-                     metadata, overwrite)
+    common = _Common("edst", locals())
     if common.monitor is None:
         raise ValueError("monitor=None: EDST's tickets are the best epoch of each refinement "
                          "phase; give the epoch log to select them by (e.g. 'val_accuracy').")
@@ -708,25 +732,15 @@ def train_edst(build_fn, num_members, train_data, *, validation_data, exploratio
         metadata=dict(common.metadata, sparsity=sparse[0]), **dst_kwargs)
     common.prepare()
     model = common.build(common.seed, sparse)
-    epochs = schedules.plan_epochs(plan)
-    steps, batch = common.fit(model, common.seed, epochs, [free_tickets], "edst")
+    windows = [p.end_epoch for p in plan if p.kind == "refinement"]
+    run = common.fit(model, common.seed, schedules.plan_epochs(plan), [free_tickets], "edst",
+                     cost_at_epochs=windows)
     paths = list(free_tickets.tickets) if common.chief else [
         os.path.join(common.ticket_dir, f"ticket_{i}") for i in range(common.num_members)]
     if len(paths) != common.num_members:
         raise RuntimeError(f"EDST wrote {len(paths)} tickets, expected {common.num_members}.")
-    cumulative = flops.training_macs_edst(
-        model, exploration_epochs, refine_epochs, common.num_members,
-        _steps_per_epoch(steps, epochs), batch, free_tickets.update_every,
-        free_tickets.end_step, free_tickets.grow, free_tickets.start_step, cumulative=True)
-    return common.result(paths, [common.seed] * common.num_members, _marginal(cumulative), batch,
-                         steps, model)
-
-
-def _steps_per_epoch(steps, epochs):
-    if steps % epochs:
-        raise RuntimeError(f"{steps} optimizer steps in {epochs} epochs: the epochs were not all "
-                           "of the same length, so the per-epoch plan cannot be costed.")
-    return steps // epochs
+    return common.result(paths, [common.seed] * common.num_members, _marginal(run.macs),
+                         run.batch, run.steps, model)
 
 
 def _marginal(cumulative):
@@ -798,11 +812,9 @@ def train_checkpoint_ensemble(build_fn, num_members, train_data, *, validation_d
 
     Returns:
         A `RecipeResult` (``method="checkpoint_ensemble"``); snapshot i is charged the steps of
-        its window, `flops.training_macs_checkpoint_ensemble` with ``cumulative=True``.
+        its window.
     """
-    common = _Common("checkpoint_ensemble", build_fn, num_members, train_data, validation_data,
-                     ticket_dir, compile_fn, seed, monitor, batch_size, strategy, callbacks,
-                     fit_kwargs, metadata, overwrite)
+    common = _Common("checkpoint_ensemble", locals())
     sparse = _check_sparse(sparsity, distribution, keep_dense)
     plan = _check_plan(exploration_epochs, refine_epochs, common.num_members)
     exploration_lr, refine_lr = _check_learning_rates(exploration_lr, refine_lr, allow_none=True)
@@ -830,21 +842,16 @@ def train_checkpoint_ensemble(build_fn, num_members, train_data, *, validation_d
                                         overwrite=True)
 
         windows.append(_WindowCheckpoint(checkpoint, phase.start_epoch, phase.end_epoch, write))
-    epochs = schedules.plan_epochs(plan)
-    steps, batch = common.fit(model, common.seed, epochs, callbacks + windows,
-                              "checkpoint_ensemble")
+    run = common.fit(model, common.seed, schedules.plan_epochs(plan), callbacks + windows,
+                     "checkpoint_ensemble", cost_at_epochs=[w.end for w in windows])
     paths = []
     for index, window in enumerate(windows):
         if common.chief and window.path is None:
             raise RuntimeError(f"snapshot {index} was not written (no {common.monitor!r} value "
                                "seen in its window).")
         paths.append(window.path or os.path.join(common.ticket_dir, f"ticket_{index}"))
-    cumulative = flops.training_macs_checkpoint_ensemble(
-        model, exploration_epochs, refine_epochs, common.num_members,
-        _steps_per_epoch(steps, epochs), batch, dynamic.update_every, dynamic.end_step,
-        dynamic.grow, dynamic.start_step, cumulative=True)
-    return common.result(paths, [common.seed] * common.num_members, _marginal(cumulative), batch,
-                         steps, model)
+    return common.result(paths, [common.seed] * common.num_members, _marginal(run.macs),
+                         run.batch, run.steps, model)
 
 
 def train_pf_ensemble(build_fn, num_members, train_data, *, validation_data, dense_epochs,
@@ -869,15 +876,13 @@ def train_pf_ensemble(build_fn, num_members, train_data, *, validation_data, den
 
     Returns:
         A `RecipeResult` (``method="pf_ensemble"``, ``extra["dense_ticket"]``); the dense run is
-        charged to member 0, `flops.training_macs_pf_ensemble` with ``cumulative=True``.
+        charged to member 0.
 
     Raises:
         ValueError: under a multi-worker strategy (the members start from the dense ticket that
             only the chief writes).
     """
-    common = _Common("pf_ensemble", build_fn, num_members, train_data, validation_data,
-                     ticket_dir, compile_fn, seed, monitor, batch_size, strategy, callbacks,
-                     fit_kwargs, metadata, overwrite)
+    common = _Common("pf_ensemble", locals())
     if distribute.is_multi_worker(common.strategy):
         raise ValueError("train_pf_ensemble does not support a multi-worker strategy: its "
                          "members start from the dense ticket that only the chief writes.")
@@ -898,10 +903,10 @@ def train_pf_ensemble(build_fn, num_members, train_data, *, validation_data, den
         dense = common.build(common.seed)
         metadata = common.member_metadata(0, common.seed)
         checkpoint = common.checkpoint(parent_dir, 0, "pf_dense", metadata)
-        dense_steps, batch = common.fit(dense, common.seed, dense_epochs,
-                                        [c for c in (checkpoint,) if c is not None], "pf_dense")
+        dense_run = common.fit(dense, common.seed, dense_epochs,
+                               [c for c in (checkpoint,) if c is not None], "pf_dense")
         parent = common.ticket(dense, checkpoint, parent_dir, 0, "pf_dense", metadata,
-                               dense_epochs, dense_steps)
+                               dense_epochs, dense_run.steps)
         best, _ = tickets.read_ticket(parent)  # the selected dense state
         paths, seeds, finetune = [], [], []
         pruned = None
@@ -915,17 +920,16 @@ def train_pf_ensemble(build_fn, num_members, train_data, *, validation_data, den
                 pruned = model
             meta = common.member_metadata(member, member_seed, sparsity=sparsity)
             member_checkpoint = common.checkpoint(common.ticket_dir, member, common.method, meta)
-            steps, batch = common.fit(
+            run = common.fit(
                 model, member_seed, finetune_epochs,
                 [StaticSparsity()] + [c for c in (member_checkpoint,) if c is not None],
                 f"member_{member}")
             paths.append(common.ticket(model, member_checkpoint, common.ticket_dir, member,
-                                       common.method, meta, finetune_epochs, steps))
+                                       common.method, meta, finetune_epochs, run.steps))
             seeds.append(member_seed)
-            finetune.append(flops.training_macs_static_sparse(model, steps, batch))
-        dense_macs = flops.training_macs_dense(pruned, dense_steps, batch)
-        costs = [dense_macs + finetune[0]] + finetune[1:]
-        return common.result(paths, seeds, costs, batch, dense_steps, pruned,
+            finetune.append(run.macs[0])
+        costs = [dense_run.macs[0] + finetune[0]] + finetune[1:]
+        return common.result(paths, seeds, costs, run.batch, dense_run.steps, pruned,
                              dense_ticket=parent if keep else None)
     finally:
         if not keep:

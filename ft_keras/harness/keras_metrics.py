@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from ft_keras import _checks
-from ft_keras import _keras_compat
+from ft_keras._keras_compat import metric_direction
 
 __all__ = [
     "BrierScore",
@@ -35,11 +35,6 @@ __all__ = [
     "NegativeLogLikelihood",
     "metric_direction",
 ]
-
-# What a metric's ``_direction`` (Keras's convention, read by its MonitorCallback) means for a
-# best-value rule.
-_DIRECTIONS = {"down": "min", "up": "max"}
-
 
 def _check_from_logits(from_logits):
     return _checks.check_bool("from_logits", from_logits)
@@ -51,124 +46,6 @@ def _check_eps(eps):
 
 def _check_num_bins(num_bins):
     return _checks.check_positive_int("num_bins", num_bins)
-
-
-# ------------------------------------------------------------------------------ direction
-def _declared_direction(metric):
-    """``"min"`` / ``"max"`` from a metric's declared ``_direction``, else None."""
-    return _DIRECTIONS.get(getattr(metric, "_direction", None))
-
-
-def _built_metrics(metrics):
-    """``(name, metric)`` of the metric objects in ``metrics`` (``model.metrics``: the loss
-    tracker, the compiled metrics once built, metrics of layers), Keras's containers opened."""
-    for metric in metrics:
-        inner = getattr(metric, "metrics", None)
-        if isinstance(inner, (list, tuple)):
-            yield from _built_metrics(inner)
-        else:
-            yield str(getattr(metric, "name", "")), metric
-
-
-def _resolve_identifier(identifier):
-    """``(name, direction)`` of a metric as ``compile(metrics=[...])`` will build it, or None."""
-    if isinstance(identifier, keras.metrics.Metric):
-        return identifier.name, _declared_direction(identifier)
-    if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
-        # Keras picks BinaryAccuracy, CategoricalAccuracy or SparseCategoricalAccuracy from the
-        # shapes when it builds the metrics; all three are higher-is-better.
-        return identifier, "max"
-    try:
-        metric = keras.metrics.get(identifier)
-        if isinstance(metric, type):
-            metric = metric()
-        if not isinstance(metric, keras.metrics.Metric):
-            metric = keras.metrics.MeanMetricWrapper(metric)  # a function, as Keras wraps it
-    except (ValueError, TypeError):
-        return None
-    name = identifier if isinstance(identifier, str) else metric.name
-    return name, _declared_direction(metric)
-
-
-def _resolve_user_metrics(structure, prefix=""):
-    """``(log name, direction)`` of the metrics given to ``compile``: a list, or per output a
-    dict of lists (log names ``<output>_<metric>``) or a list of lists."""
-    if structure is None:
-        return
-    if isinstance(structure, dict):
-        for output, value in structure.items():
-            yield from _resolve_user_metrics(value, f"{output}_")
-        return
-    if not isinstance(structure, (list, tuple)):
-        structure = [structure]
-    for item in structure:
-        if isinstance(item, (list, tuple, dict)):
-            yield from _resolve_user_metrics(item, prefix)
-        elif item is not None:
-            resolved = _resolve_identifier(item)
-            if resolved is not None:
-                yield prefix + resolved[0], resolved[1]
-
-
-def _compiled_metrics(model):
-    """``(log name, direction)`` of the metrics given to ``compile``.
-
-    Read from the ``compile`` arguments rather than from the metrics Keras builds, because Keras
-    builds them only when the train or test step is first traced (after the callbacks'
-    ``on_train_begin``), and its built list drops the output names of multi-output models.
-    Private Keras API (`ft_keras._keras_compat.compiled_metric_arguments`), checked by
-    tests/test_keras_metrics.py (`metric_direction` on a compiled model that has not run, and on
-    a multi-output model).
-    """
-    for user in _keras_compat.compiled_metric_arguments(model):
-        yield from _resolve_user_metrics(user)
-
-
-def metric_direction(model, monitor):
-    """Whether lower (``"min"``) or higher (``"max"``) is better for ``monitor``, or None.
-
-    The rule of Keras's callbacks in ``mode="auto"``: a ``"val_"`` prefix is dropped; ``"loss"``
-    is ``"min"``; any other name is looked up among the model's metrics (the compiled metrics,
-    Keras's and ft_keras's alike, and metrics added by layers), and the metric's declared
-    direction decides. Keras's metrics and ft_keras's `NegativeLogLikelihood`, `BrierScore` and
-    `ExpectedCalibrationError` declare one; a user metric declares one by setting
-    ``self._direction = "down"`` (lower is better) or ``"up"`` in its ``__init__``. A name that
-    is not found, or a metric that declares no direction, gives None: the caller should then
-    ask for an explicit ``mode``. Unlike Keras's callbacks, this also knows the compiled metrics
-    before the first step (e.g. in ``on_train_begin``) and the ``<output>_<metric>`` names of
-    multi-output models.
-
-    Args:
-        model: a `keras.Model`, compiled for anything but ``"loss"``.
-        monitor: an epoch log name such as ``"val_nll"``, ``"accuracy"`` or ``"val_loss"``.
-
-    Returns:
-        ``"min"``, ``"max"`` or None.
-
-    Raises:
-        TypeError: ``model`` is not a `keras.Model` or ``monitor`` is not a str.
-        ValueError: ``monitor`` is empty.
-
-    Example:
-
-    >>> model.compile("sgd", "sparse_categorical_crossentropy",
-    ...               metrics=["accuracy", NegativeLogLikelihood()])
-    >>> metric_direction(model, "val_nll"), metric_direction(model, "val_accuracy")
-    ('min', 'max')
-    """
-    _checks.check_model("model", model, built=False)
-    monitor = _checks.check_str("monitor", monitor)
-    name = monitor[len("val_"):] if monitor.startswith("val_") else monitor
-    if name == "loss":
-        return "min"
-    candidates = [(log_name, _declared_direction(metric))
-                  for log_name, metric in _built_metrics(model.metrics)]
-    candidates += list(_compiled_metrics(model))
-    direction = None
-    for log_name, declared in candidates:
-        if log_name == name and declared is not None:
-            direction = declared  # as in Keras: the last match that declares one decides
-    return direction
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -40,7 +40,7 @@ example, like tfds does. A split with a part that selects no example (``"train[5
 exist (it is never silently skipped in favour of another source).
 
 Example:
-    >>> from ft_keras import data
+    >>> from ft_keras.harness import data
     >>> ds = data.load("fashion_mnist", "train[:10%]")     # (uint8 image, int64 label)
     >>> ds = data.normalize(ds).shuffle(6000).batch(128)   # float32 images in [0, 1]
     >>> x_test, y_test = data.load_numpy("mnist", "test", data_dir="/path/to/data")
