@@ -237,3 +237,32 @@ def check_names(argument, value):
         if not isinstance(name, str):
             raise TypeError(f"{argument} must hold str names; got {_describe(name)} in it.")
     return names
+
+
+def check_validation_batches(batches, num_classes, what="the validation data"):
+    """Scans ``(x, y, ...)`` numpy batches once; raises ValueError, naming ``what``, the batch
+    and the value, at the first NaN / Inf in a float ``x`` or integer label ``y`` outside
+    ``[0, num_classes)`` (``num_classes`` None: labels unchecked). Returns the number of rows
+    seen (0: ``what`` is empty)."""
+    rows = 0
+    for number, batch in enumerate(batches):
+        x = np.asarray(batch[0])
+        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+            bad = x[~np.isfinite(x)].ravel()[0]
+            raise ValueError(
+                f"{what} holds non-finite inputs ({bad} in batch {number}): a model maps them to "
+                "meaningless outputs (ReLU turns NaN into 0) and tickets would be selected on "
+                "them. Clean or drop those rows."
+            )
+        if len(batch) > 1 and batch[1] is not None and num_classes is not None:
+            y = np.asarray(batch[1])
+            if np.issubdtype(y.dtype, np.integer) and y.size and (
+                    y.min() < 0 or y.max() >= num_classes):
+                bad = y.min() if y.min() < 0 else y.max()
+                raise ValueError(
+                    f"{what} holds label {bad} (batch {number}), outside [0, {num_classes}) for "
+                    f"a model with {num_classes} outputs. Fix the labels or the model's output "
+                    "size."
+                )
+        rows += len(x)
+    return rows

@@ -34,9 +34,10 @@ Internals used (Keras 3, TensorFlow backend):
     ``_compile_metrics._user_metrics`` / ``_user_weighted_metrics``: the metrics given to
     ``compile`` before Keras builds them (`compiled_metric_arguments`, read by
     `metric_direction`, public as ``ft_keras.keras_metrics.metric_direction``).
-11. The local variables of ``TensorFlowTrainer.fit`` (``validation_data``): read by
-    `fit_validation_data` from the ``on_train_begin`` call, so that a callback that needs
-    validation data can say so before the first epoch rather than after it.
+11. ``Model._eval_epoch_iterator`` (the validation data ``fit`` caches before its first
+    validation) and its ``data_adapter.get_numpy_iterator()``: read by `fit_validation_data`
+    at the first ``on_test_begin`` of a fit, so that bad validation data (NaN / Inf inputs,
+    labels out of range) is refused before any ticket is selected on it.
 12. ``TensorFlowTrainer.make_train_function`` reads ``self.train_step`` and
     ``self.jit_compile`` when it makes the function, not when the function runs:
     `make_train_function_around` makes one around another step, uncompiled, and restores both.
@@ -45,7 +46,6 @@ The multi-worker fix (8) is installed by `install_multiworker_fix` only, never a
 and why to call it is said in ``ft_keras/distribute.py``.
 """
 
-import inspect
 import os
 
 import keras
@@ -385,31 +385,31 @@ def compiled_metric_arguments(model):
             getattr(compiled, "_user_weighted_metrics", None))
 
 
-_MISSING = object()
 
 
-def fit_validation_data():
-    """``(found, validation_data)`` of the ``Model.fit`` call on the current stack.
+def fit_validation_data(model):
+    """The validation batches of the running ``fit`` of ``model``, as numpy ``(x, y, ...)``
+    tuples; None when there are none to see.
 
-    Called from a callback's ``on_train_begin``: walks up the stack to Keras's
-    ``TensorFlowTrainer.fit`` frame and reads its local ``validation_data`` (which ``fit`` has
-    already filled from ``validation_split``). ``found`` is False when no such frame is found
-    (then the caller must find out later, e.g. from the first epoch's logs).
+    Keras's ``fit`` caches its validation data as ``model._eval_epoch_iterator`` (an
+    ``EpochIterator`` whose ``data_adapter`` yields the batches) just before its first
+    validation, so a callback sees them from the first ``on_test_begin`` of the fit on (before
+    that, and outside ``fit``, this returns None). The batches are those of one validation pass
+    (``validation_steps`` of them when given).
     """
-    trainer = _trainer_module()
-    fit_code = getattr(inspect.unwrap(trainer.TensorFlowTrainer.fit), "__code__", None)
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code is fit_code:
-                value = frame.f_locals.get("validation_data", _MISSING)
-                if value is _MISSING:
-                    return False, None
-                return True, value
-            frame = frame.f_back
-        return False, None
-    finally:
-        del frame
+    iterator = model.__dict__.get("_eval_epoch_iterator")
+    adapter = getattr(iterator, "data_adapter", None)
+    if adapter is None:
+        return None
+    steps = getattr(iterator, "steps_per_epoch", None)
+
+    def batches():
+        for count, batch in enumerate(adapter.get_numpy_iterator()):
+            if steps is not None and count >= steps:
+                return
+            yield batch if isinstance(batch, tuple) else (batch,)
+
+    return batches()
 
 
 def make_train_function_around(model, step):

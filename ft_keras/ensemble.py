@@ -152,6 +152,13 @@ def _check_members(members):
         raise ValueError("members=[] is empty; an Ensemble needs at least one keras.Model.")
     for i, member in enumerate(members):
         _checks.check_model(f"members[{i}]", member)
+        if tickets_lib.output_kind(member) != "logits":
+            raise ValueError(
+                f"members[{i}] {member.name!r} ends in a softmax (layer "
+                f"{member.layers[-1].name!r}): members must output logits, since the ensemble "
+                "applies the softmax itself (combine='probs' would apply it twice). Drop the "
+                "final softmax."
+            )
     input_shapes = [
         export_lib.model_input_shape(m, f"members[{i}]") for i, m in enumerate(members)
     ]
@@ -193,6 +200,22 @@ def _check_metadata(metadata, num_members):
         if not isinstance(item, dict):
             raise TypeError(f"metadata[{i}] must be a dict; got {type(item).__name__}.")
     return [dict(item) for item in metadata]
+
+
+def _missing_members(complete, incomplete, metadata):
+    """The ticket names missing from ``ticket_dir`` (a description, "" when none): gaps in the
+    indices 0..max, and indices up to the ``num_tickets`` the tickets' metadata records."""
+    present = {int(os.path.basename(path).split("_")[1]) for path in complete}
+    present |= {int(os.path.basename(path).split("_")[1]) for path, _ in incomplete}
+    planned = {meta.get("num_tickets") for meta in metadata} - {None}
+    expected = max(present, default=-1) + 1
+    if len(planned) == 1 and isinstance(min(planned), int):
+        expected = max(expected, min(planned))
+    missing = [f"ticket_{i}" for i in range(expected) if i not in present]
+    if not missing:
+        return ""
+    return (f"{missing} (implied by the indices present and num_tickets="
+            f"{sorted(planned) or None} in their metadata)")
 
 
 @keras.saving.register_keras_serializable(package="ft_keras")
@@ -424,6 +447,15 @@ class Ensemble(keras.Model):
                 f"ticket_dir={ticket_dir!r} holds damaged tickets: " + "; ".join(problems)
                 + " (pass allow_partial=True to build the ensemble from the complete ones)."
             )
+        gaps = _missing_members(complete, incomplete, metadata)
+        if gaps and not allow_partial:
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} lacks {gaps}: the ensemble would have fewer members "
+                "than the run wrote, without a word (pass allow_partial=True to build it from "
+                "the tickets that are there)."
+            )
+        if gaps:
+            problems.append(f"{ticket_dir}: lacks {gaps}")
         for problem in problems:
             logging.warning("Ensemble.from_directory skips damaged ticket %s", problem)
         if not members:

@@ -7,20 +7,29 @@ ticket (a DST Ensemble member). Both select by a ``monitor`` of the epoch logs w
 direction; "loss" is minimised) and is checked, with the presence of validation data, when
 ``fit`` starts. See docs/method.md for the method.
 
-Crash safety. A selection window's best-so-far state is mirrored to
-``<ticket_dir>/.progress-<i>.json`` / ``.npz`` (atomically) after every epoch, so a run resumed
-with ``keras.callbacks.BackupAndRestore`` continues the selection exactly, whatever the order of
-the callbacks: a phase whose ticket was not written before the crash (e.g. killed while writing
-it, or ``BackupAndRestore`` saved the epoch before FreeTickets saw it) gets its ticket at the
-start of the resumed fit, from the persisted state (the restored model is evaluated on the
-fit's validation data when the crash fell between the two callbacks). Leftovers of interrupted
-writes are removed at that point. Ticket writes themselves are atomic (``ft_keras.tickets``).
-A state with non-finite weights is never selected.
+Crash safety (run the same fit again with ``keras.callbacks.BackupAndRestore``, in either
+order, ``save_freq="epoch"``). Each epoch is recorded at the end of its validation (its last
+step for a training-metric monitor), before any callback's ``on_epoch_end`` where
+``BackupAndRestore`` saves it: the weights' digest in the run record
+``<ticket_dir>/.ft_keras-run.json``, the phase's best-so-far state in one atomically replaced
+``<ticket_dir>/.progress-<i>.npz`` (weights and record together), and at a phase's last epoch
+its ticket, after which the progress file is removed. So every epoch that ``BackupAndRestore``
+counts as done is on disk here first, and a resumed fit reproduces the uninterrupted run's
+tickets: an epoch already recorded is not offered again, a ticket already written ends its
+phase, a phase that ended without its ticket gets it from its progress file. A fit that starts
+at a later epoch must prove it continues the run that wrote the folder (its weights equal the
+recorded digest of the previous epoch); one writer holds the folder at a time (a lock). A state
+with non-finite weights is never selected.
 """
 
+import datetime
+import hashlib
+import io
 import json
 import os
-import shutil
+import secrets
+import socket
+import zipfile
 
 import keras
 import numpy as np
@@ -35,7 +44,7 @@ from ft_keras import training
 MODES = ("auto", "min", "max")
 # Ticket metadata keys that FreeTickets sets itself.
 _OWN_METADATA = ("method", "phase", "epoch", "step", "monitor", "monitor_value", "seed",
-                 "explore_fraction", "num_tickets", "optimizer_state")
+                 "explore_fraction", "num_tickets", "optimizer_state", "run_id")
 
 
 def _is_chief(model):
@@ -65,21 +74,82 @@ def resolve_mode(model, monitor, mode):
     return direction
 
 
-def check_validation_data(callback, monitor):
-    """At ``on_train_begin``: a ``val_`` monitor needs validation data in the running ``fit``.
+class _EpochClose:
+    """Calls ``self._close_epoch(epoch, logs)`` once per epoch of a fit, at the first moment the
+    epoch's ``monitor`` value and final weights are known: at ``on_test_end`` of the epoch's
+    validation for a ``val_`` monitor, at the epoch's last ``on_train_batch_end`` for another
+    monitor (at ``on_epoch_end`` when the number of steps is unknown). Both come before every
+    callback's ``on_epoch_end``, where ``keras.callbacks.BackupAndRestore`` saves the epoch, so
+    what the callback persists for an epoch is on disk before the epoch counts as done,
+    whatever the order of the callbacks.
 
-    Raises ValueError when the running ``fit`` call has no validation data (when the call
-    cannot be inspected, the first epoch's logs tell instead).
+    The subclass calls `_begin_epoch` from ``on_epoch_begin``, `_batch_ended` from
+    ``on_train_batch_end`` and `_end_epoch` from ``on_epoch_end``.
     """
-    if not monitor.startswith("val_"):
-        return
-    found, validation_data = _keras_compat.fit_validation_data()
-    if found and validation_data is None:
-        raise ValueError(
-            f"{type(callback).__name__}: monitor={monitor!r} needs validation data, but fit() "
-            "got none: pass validation_data=... (or validation_split=...) to fit(), or monitor "
-            "a training metric."
-        )
+
+    _epoch = None
+    _closed = True
+    _validation_checked = False
+
+    def _reset_epoch_close(self):
+        self._epoch, self._closed, self._validation_checked = None, True, False
+
+    def on_test_begin(self, logs=None):
+        """The first validation of the fit: its data is checked once (`_checks.
+        check_validation_batches`) before anything is selected on it."""
+        if self._validation_checked or self._epoch is None:
+            return
+        self._validation_checked = True
+        batches = _keras_compat.fit_validation_data(self.model)
+        if batches is None:
+            return
+        shape = getattr(self.model, "output_shape", None)
+        classes = shape[-1] if isinstance(shape, tuple) and shape and shape[-1] else None
+        rows = _checks.check_validation_batches(batches, classes,
+                                                "fit()'s validation data")
+        if rows == 0:
+            raise ValueError(
+                f"{type(self).__name__}: fit()'s validation data is empty (0 rows): "
+                f"monitor={self.monitor!r} cannot be computed. Pass validation data with at "
+                "least one row."
+            )
+
+    def _begin_epoch(self, epoch):
+        self._epoch, self._closed = epoch, False
+
+    def _batch_ended(self, batch, logs):
+        steps = (self.params or {}).get("steps")
+        if (self.monitor.startswith("val_") or self._closed or self._epoch is None
+                or not steps or batch + 1 < steps):
+            return
+        self._closed = True
+        self._close_epoch(self._epoch, dict(logs or {}))
+
+    def on_test_end(self, logs=None):
+        if not self.monitor.startswith("val_") or self._closed or self._epoch is None:
+            return
+        logs = {f"val_{name}": value for name, value in (logs or {}).items()}
+        if self.monitor not in logs:
+            raise ValueError(
+                f"{type(self).__name__}: the validation of epoch {self._epoch} logged "
+                f"{sorted(logs)}, without monitor={self.monitor!r}: is the validation data "
+                "empty? Pass validation data with at least one batch."
+            )
+        self._closed = True
+        self._close_epoch(self._epoch, logs)
+
+    def _end_epoch(self, epoch, logs):
+        if not self._closed:  # e.g. a wrapper that forwards only the epoch calls
+            if self.monitor.startswith("val_") and self.monitor not in (logs or {}):
+                raise ValueError(
+                    f"{type(self).__name__}: monitor={self.monitor!r} needs validation data, but "
+                    f"fit() got none (no validation ran in epoch {epoch}): pass "
+                    "validation_data=... (or validation_split=...) to fit() and keep "
+                    "validation_freq=1, or monitor a training metric."
+                )
+            self._closed = True
+            self._close_epoch(epoch, dict(logs or {}))
+        self._epoch = None
 
 
 def check_monitor_name(callback, monitor, logs):
@@ -108,29 +178,49 @@ def _all_finite(weights):
                if np.issubdtype(np.asarray(w).dtype, np.floating))
 
 
+def weights_digest(weights):
+    """A sha256 hex digest of a list of arrays (dtype, shape and bytes of each, in order)."""
+    digest = hashlib.sha256()
+    for array in weights:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _progress_error(path, problem, index):
+    return ValueError(
+        f"progress file {path!r} of ticket {index} {problem}: the selection of that ticket "
+        "cannot be resumed from it. The complete tickets in the folder are not affected; run "
+        "the training again into a new ticket_dir to get this ticket."
+    )
+
+
 class _BestSnapshot:
     """Keeps the best-so-far model state of one selection window (a phase, or a whole fit).
 
-    The state is held in memory and mirrored to ``<ticket_dir>/.progress-<index>.*`` (written
-    atomically): the weights after each improvement, the record of the last epoch seen after
-    every epoch. So a run resumed inside the window, or after it ended, still selects over the
-    whole window.
+    The state is held in memory and mirrored, after every epoch, to one file
+    ``<ticket_dir>/.progress-<index>.npz`` holding the best weights *and* the record (best
+    value, its epoch, the last epoch seen, the run) together, replaced atomically: a crash
+    leaves the previous epoch's state or this epoch's, never a mix. An epoch the record has
+    already seen (a resumed run re-running it) is not offered again.
     """
 
-    def __init__(self, ticket_dir, index, monitor, mode):
+    def __init__(self, ticket_dir, index, monitor, mode, run_id=None):
         self.ticket_dir = ticket_dir
         self.index = index
         self.monitor = monitor
         self.mode = mode
+        self.run_id = run_id
         self.value = None
         self.weights = None
         self.info = {}
         self.last_epoch = None
+        self.done = False  # the window's ticket is already written
 
     @property
-    def _paths(self):
-        base = os.path.join(self.ticket_dir, f".progress-{self.index}")
-        return base + ".json", base + ".npz"
+    def path(self):
+        return os.path.join(self.ticket_dir, f"{tickets.PROGRESS_PREFIX}{self.index}.npz")
 
     def better(self, value):
         if self.value is None:
@@ -140,9 +230,14 @@ class _BestSnapshot:
     def offer(self, model, value, info, persist):
         """Takes the model's state if ``value`` beats the best so far; returns True if taken.
 
-        States with non-finite weights, and non-finite values, are never taken.
+        States with non-finite weights, non-finite values and epochs already seen are never
+        taken.
         """
-        self.last_epoch = info.get("epoch")
+        epoch = info.get("epoch")
+        if self.done or (self.last_epoch is not None and epoch is not None
+                         and epoch <= self.last_epoch):
+            return False
+        self.last_epoch = epoch
         taken = False
         if value is not None and np.isfinite(value) and self.better(value):
             weights = [np.array(w) for w in model.get_weights()]
@@ -155,53 +250,60 @@ class _BestSnapshot:
                 logging.warning("epoch %s not taken for ticket %d: its weights are not finite",
                                 info.get("epoch"), self.index)
         if persist:
-            self._persist(weights_too=taken)
+            self._persist()
         return taken
 
-    def _persist(self, weights_too):
-        json_path, npz_path = self._paths
+    def _persist(self):
         os.makedirs(self.ticket_dir, exist_ok=True)
         record = {"info": self.info, "value": self.value, "last_epoch": self.last_epoch,
-                  "monitor": self.monitor, "mode": self.mode}
-        writes = [(json_path, lambda f: f.write(json.dumps(record).encode()))]
-        if weights_too:
-            writes.insert(0, (npz_path, lambda f: np.savez(f, *self.weights)))
-        for path, write in writes:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+                  "monitor": self.monitor, "mode": self.mode, "index": self.index,
+                  "run_id": self.run_id}
+        arrays = {f"arr_{i}": w for i, w in enumerate(self.weights or [])}
+        buffer = io.BytesIO()
+        np.savez(buffer, record=np.frombuffer(json.dumps(record).encode(), np.uint8), **arrays)
+        tickets.write_file_atomically(self.path, buffer.getvalue())
 
     def restore(self, num_weights):
-        """Loads a persisted best-so-far state, if one exists for this window."""
-        json_path, npz_path = self._paths
-        if not os.path.exists(json_path):
+        """Loads the persisted state of this window; False if there is none.
+
+        Raises:
+            ValueError: the file is damaged, belongs to another run or ticket, or holds
+                weights of another model (the message names the file).
+        """
+        path = self.path
+        if not os.path.exists(path):
             return False
-        with open(json_path) as f:
-            record = json.load(f)
+        try:
+            with np.load(path) as data:
+                record = json.loads(bytes(data["record"]).decode())
+                weights = [data[f"arr_{i}"] for i in range(len(data.files) - 1)]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile,
+                UnicodeDecodeError) as error:
+            raise _progress_error(path, f"is damaged (truncated or overwritten? "
+                                        f"{type(error).__name__}: {error})", self.index) from None
+        if not isinstance(record, dict) or record.get("index") != self.index:
+            raise _progress_error(path, "is not this ticket's record", self.index)
+        if self.run_id is not None and record.get("run_id") != self.run_id:
+            raise _progress_error(path, f"belongs to run {record.get('run_id')!r}, not to the "
+                                        f"run {self.run_id!r} being resumed", self.index)
+        if weights and len(weights) != num_weights:
+            raise _progress_error(path, f"holds {len(weights)} arrays, the model "
+                                        f"{num_weights}", self.index)
         self.last_epoch = record.get("last_epoch")
         if self.mode is None:
             self.mode = record.get("mode")
-        if record.get("value") is None or not os.path.exists(npz_path):
-            return True
-        with np.load(npz_path) as data:
-            weights = [data[f"arr_{i}"] for i in range(len(data.files))]
-        if len(weights) != num_weights:
-            logging.warning("ignoring %s: it holds %d arrays, the model %d", npz_path,
-                            len(weights), num_weights)
-            return False
-        self.info, self.weights, self.value = record["info"], weights, float(record["value"])
+        if record.get("value") is not None:
+            self.info, self.weights = record["info"], weights
+            self.value = float(record["value"])
         return True
 
     def clear(self):
-        for path in self._paths:
-            if os.path.exists(path):
-                os.remove(path)
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
     def write_ticket(self, model, method, extra, overwrite):
-        """Writes the best state as ``ticket_<index>`` (atomically) and forgets the progress."""
+        """Writes the best state as ``ticket_<index>`` (atomically), then forgets the progress
+        (in that order: the progress is removed only once the ticket is on disk)."""
         if self.weights is None:
             raise ValueError(
                 f"No finite value of monitor={self.monitor!r} was seen for ticket {self.index}; "
@@ -218,42 +320,146 @@ class _BestSnapshot:
         return path
 
 
-def remove_partial_writes(ticket_dir):
-    """Deletes what interrupted writes left in ``ticket_dir``: hidden ``.tmp-*`` / ``.trash-*``
-    folders and ``*.tmp-<pid>`` progress files. Returns the removed names."""
+def recover_partial_writes(ticket_dir):
+    """Finishes or undoes the writes a crash interrupted in ``ticket_dir``: a ticket whose
+    overwrite was interrupted is renamed back into place (`ft_keras.tickets.
+    recover_interrupted_writes`), and the other leftovers (``.tmp-*`` / ``.ready-*`` /
+    ``.trash-*`` folders, ``*.tmp-<pid>`` files) are deleted. Returns the removed names."""
     removed = []
     if not os.path.isdir(ticket_dir):
         return removed
+    bases = set()
     for name in sorted(os.listdir(ticket_dir)):
         path = os.path.join(ticket_dir, name)
-        partial_dir = name.startswith((".tmp-", ".trash-")) and os.path.isdir(path)
-        partial_file = name.startswith(".progress-") and ".tmp-" in name
-        if partial_dir and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
-        elif partial_file:
+        for prefix in (".tmp-", ".ready-", ".trash-"):
+            if name.startswith(prefix) and os.path.isdir(path):
+                bases.add(name[len(prefix):].split("-")[0])
+        if ".tmp-" in name and not name.startswith(".tmp-") and os.path.isfile(path):
             os.remove(path)
             removed.append(name)
-    if removed:
-        logging.info("removed leftovers of interrupted writes in %s: %s", ticket_dir, removed)
+    for base in sorted(bases):
+        removed += tickets.recover_interrupted_writes(ticket_dir, base)[1]
     return removed
 
 
-def _evaluate_monitor(model, monitor):
-    """The monitored value of the model's current state, from the running fit's validation
-    data (None when that cannot be done)."""
-    found, validation_data = _keras_compat.fit_validation_data()
-    if not found or validation_data is None:
+class _RunRecord:
+    """``<ticket_dir>/.ft_keras-run.json``: who writes the folder (a run id made when the run
+    starts at epoch 0) and the digest of the model's weights at the end of every epoch, so that
+    a fit starting at a later epoch can prove it continues this run."""
+
+    def __init__(self, ticket_dir, data):
+        self.ticket_dir = ticket_dir
+        self.data = data
+
+    @property
+    def run_id(self):
+        return self.data["run_id"]
+
+    @staticmethod
+    def path(ticket_dir):
+        return os.path.join(ticket_dir, tickets.RUN_FILE)
+
+    @classmethod
+    def new(cls, ticket_dir, steps, total_epochs):
+        return cls(ticket_dir, {
+            "run_id": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "steps_per_epoch": steps, "total_epochs": total_epochs, "epochs": {}})
+
+    def describe(self):
+        return (f"run {self.run_id} started {self.data.get('started')} by pid "
+                f"{self.data.get('pid')} on {self.data.get('host')}")
+
+    def record_epoch(self, epoch, digest):
+        self.data["epochs"][str(epoch)] = digest
+        self.save()
+
+    def save(self):
+        tickets.write_file_atomically(self.path(self.ticket_dir),
+                                      json.dumps(self.data, indent=1).encode())
+
+    @classmethod
+    def _load(cls, ticket_dir, epoch):
+        path = cls.path(ticket_dir)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                record = cls(ticket_dir, json.load(handle))
+            if not isinstance(record.run_id, str) or not isinstance(record.data["epochs"], dict):
+                raise TypeError("no run_id or epochs")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"run record {path!r} is damaged ({type(error).__name__}: {error}): this fit "
+                f"(starting at epoch {epoch}) cannot prove it continues the run that wrote "
+                f"ticket_dir={ticket_dir!r}. Use another ticket_dir."
+            ) from None
+        return record
+
+    @classmethod
+    def restarted(cls, ticket_dir, steps, digest):
+        """The record of the run that a fit starting at epoch 0 with initial weights of
+        ``digest`` starts again (killed before its first epoch was saved), else None."""
+        if not os.path.exists(cls.path(ticket_dir)):
+            return None
+        record = cls._load(ticket_dir, 0)
+        if record.data["epochs"].get("-1") == digest and (
+                record.data.get("steps_per_epoch") == steps):
+            return record
         return None
-    if isinstance(validation_data, (tuple, list)):
-        logs = model.evaluate(*validation_data[:3], verbose=0, return_dict=True)
-    else:
-        logs = model.evaluate(validation_data, verbose=0, return_dict=True)
-    name = monitor[4:] if monitor.startswith("val_") else monitor
-    return logs.get(name)
+
+    @classmethod
+    def for_resume(cls, ticket_dir, epoch, steps, digest):
+        """The record of the run that a fit starting at ``epoch`` (> 0) continues.
+
+        Raises ValueError when the folder holds no run, another run, or a run whose weights at
+        the end of epoch ``epoch - 1`` differ from the model's (``digest``)."""
+        path = cls.path(ticket_dir)
+        entries = sorted(n for n in os.listdir(ticket_dir) if n != tickets.LOCK_FILE)
+        if not os.path.exists(path):
+            if entries:
+                raise ValueError(
+                    f"fit starts at epoch {epoch}, but ticket_dir={ticket_dir!r} holds "
+                    f"{tickets.describe_ticket_dir(ticket_dir, entries)} and no FreeTickets "
+                    "run record: this fit cannot prove it continues the run that wrote them, "
+                    "and its tickets would be mixed with theirs. Use another ticket_dir."
+                )
+            raise ValueError(
+                f"fit starts at epoch {epoch} (initial_epoch={epoch}) but ticket_dir="
+                f"{ticket_dir!r} holds no FreeTickets run to resume: a fresh run starts at "
+                "epoch 0 (the exploration epochs come first). Pass initial_epoch=0; an "
+                "interrupted run resumes when the same fit is run again with "
+                "keras.callbacks.BackupAndRestore."
+            )
+        record = cls._load(ticket_dir, epoch)
+        data, epochs = record.data, record.data["epochs"]
+        if data.get("steps_per_epoch") != steps:
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} holds {record.describe()} with "
+                f"{data.get('steps_per_epoch')} steps per epoch; this fit has {steps}: it is "
+                "not that run resumed. Use another ticket_dir, or resume with the same data "
+                "and batch size."
+            )
+        recorded = epochs.get(str(epoch - 1))
+        if recorded != digest and epochs.get(str(epoch)) == digest:
+            raise ValueError(
+                f"fit starts at epoch {epoch} from the weights that {record.describe()} had at "
+                f"the end of epoch {epoch}, not {epoch - 1}: the backup was cut in the middle "
+                "of BackupAndRestore's save (Keras writes the weights, then the epoch number), "
+                f"so epoch {epoch} would be trained twice. Set \"epoch\" to {epoch + 1} in "
+                "the backup's training_metadata.json and run again."
+            )
+        if recorded != digest:
+            what = ("ended epoch {} with other weights than this fit starts from".format(
+                epoch - 1) if recorded else f"never finished epoch {epoch - 1}")
+            raise ValueError(
+                f"fit starts at epoch {epoch}, but ticket_dir={ticket_dir!r} holds "
+                f"{record.describe()}, which {what}: this fit is not that run resumed (with "
+                "BackupAndRestore(save_freq='epoch')), and its tickets would be mixed with "
+                "that run's. Use another ticket_dir."
+            )
+        return record
 
 
-class FreeTickets(training.DynamicSparsity):
+class FreeTickets(_EpochClose, training.DynamicSparsity):
     """EDST Ensemble (docs/method.md): M tickets from one sparse run.
 
     The fit follows an EDST plan (`ft_keras.schedules.EDSTPlan`): ``exploration_epochs`` of DST
@@ -272,7 +478,9 @@ class FreeTickets(training.DynamicSparsity):
     (``control_learning_rate=False`` leaves it alone).
 
     Args:
-        ticket_dir: folder for the tickets; a non-empty folder is refused unless ``overwrite``.
+        ticket_dir: folder for the tickets; a non-empty folder is refused unless ``overwrite``
+            (or it holds this run, interrupted: see the module docstring). Locked while the fit
+            runs: a second run on it is refused.
         num_tickets: M >= 1.
         exploration_epochs: t_ex >= 0.
         refine_epochs: t_re >= 1.
@@ -351,7 +559,7 @@ class FreeTickets(training.DynamicSparsity):
         self.overwrite = _checks.check_bool("overwrite", overwrite)
         self.metadata = _checks.check_metadata(
             "metadata", metadata, reserved=tickets.COMPUTED_KEYS + _OWN_METADATA)
-        self.tickets = []  # paths written by this callback, in ticket order
+        self.tickets = []  # the run's ticket paths, in ticket order (those of this fit's phases)
         self._jump_steps = ()
         self._best = None
         self._started = False
@@ -364,11 +572,14 @@ class FreeTickets(training.DynamicSparsity):
 
     def on_train_begin(self, logs=None):
         epochs = (self.params or {}).get("epochs")
-        if epochs is not None and epochs < self.total_epochs:
+        if epochs is not None and epochs != self.total_epochs:
             raise ValueError(
-                f"fit(epochs={epochs}) does not cover the FreeTickets plan: exploration_epochs="
+                f"fit(epochs={epochs}) does not match the FreeTickets plan: exploration_epochs="
                 f"{self.exploration_epochs} + num_tickets={self.num_tickets} x refine_epochs="
-                f"{self.refine_epochs} = {self.total_epochs} epochs."
+                f"{self.refine_epochs} = {self.total_epochs} epochs"
+                + (" (the extra epochs would train past the last ticket)"
+                   if epochs > self.total_epochs else "")
+                + f". Pass epochs={self.total_epochs}."
             )
         if not (self.params or {}).get("steps"):
             raise ValueError(
@@ -381,46 +592,96 @@ class FreeTickets(training.DynamicSparsity):
                 "FreeTickets sets the learning rate itself; compile with a float learning "
                 "rate (or pass control_learning_rate=False)."
             )
-        check_validation_data(self, self.monitor)
         self._mode = resolve_mode(self.model, self.monitor, self.mode)
         super().on_train_begin(logs)
         self._jump_steps = ()
         self._best = None
         self._started = False
         self._monitor_checked = False
+        self._run = None
+        self._origin = None
+        self._finished = False
+        self.tickets = []
+        self._reset_epoch_close()
+        if _is_chief(self.model):  # last: nothing after it can fail and leave the lock held
+            tickets.lock_ticket_dir(self.ticket_dir, {"writer": "FreeTickets"})
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if _is_chief(self.model):
+            written = all(os.path.isdir(self._ticket_path(i)) for i in range(self.num_tickets))
+            if written and os.path.exists(_RunRecord.path(self.ticket_dir)):
+                os.remove(_RunRecord.path(self.ticket_dir))  # finished: nothing to resume
+            tickets.unlock_ticket_dir(self.ticket_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._monitor_checked:
             check_monitor_name(self, self.monitor, logs)
             self._monitor_checked = True
         super().on_train_batch_end(batch, logs)
+        self._batch_ended(batch, logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._started:
             self._start(epoch)
         super().on_epoch_begin(epoch, logs)
-        if epoch >= self.total_epochs:
-            self.model.stop_training = True
-            return
+        self._begin_epoch(epoch)
         if self.control_learning_rate:
             self._optimizer.learning_rate = self.edst_plan.learning_rate(epoch)
         phase = self.edst_plan.phase_at(epoch)
         if phase.kind == "refinement" and (self._best is None or
                                            self._best.index != phase.index - 1):
-            self._best = _BestSnapshot(self.ticket_dir, phase.index - 1, self.monitor,
-                                       self._mode)
-            if epoch > phase.start_epoch:  # resumed inside the phase
-                self._best.restore(len(self.model.get_weights()))
+            self._best = self._phase_snapshot(phase, epoch)
         if epoch in self.edst_plan.global_exploration_epochs:
             logging.info("epoch %d: global exploration (q = %.2f) at step %d", epoch,
                          self.explore_fraction, self._jump_steps[phase.index - 2])
 
+    def _ticket_path(self, index):
+        return os.path.join(self.ticket_dir, f"ticket_{index}")
+
+    def _phase_snapshot(self, phase, epoch):
+        """The selection state of refinement ``phase`` at the start of ``epoch``: fresh, or
+        what an interrupted process of this run persisted (its progress file, or its ticket
+        when that is already written)."""
+        index = phase.index - 1
+        best = _BestSnapshot(self.ticket_dir, index, self.monitor, self._mode,
+                             self._run.run_id if self._run is not None else None)
+        if not _is_chief(self.model):
+            return best
+        if os.path.isdir(self._ticket_path(index)):
+            self._check_own_ticket(index)
+            best.done = True  # written before the crash; the re-run epochs change nothing
+            return best
+        if not best.restore(len(self.model.get_weights())) and epoch > phase.start_epoch:
+            raise ValueError(
+                f"FreeTickets: resumed at epoch {epoch}, inside refinement phase {phase.index} "
+                f"(epochs {phase.start_epoch}-{phase.end_epoch - 1}), but the progress file "
+                f"{best.path!r} of ticket {index} is missing: the epochs {phase.start_epoch}-"
+                f"{epoch - 1} it recorded are lost (was the folder changed?), so the ticket "
+                "cannot be selected over the whole phase. The complete tickets in the folder "
+                "are not affected; run the training again into a new ticket_dir to get this "
+                "ticket."
+            )
+        return best
+
+    def _check_own_ticket(self, index):
+        path = self._ticket_path(index)
+        run_id = tickets.read_metadata(path).get("run_id")
+        if run_id != self._run.run_id:
+            raise ValueError(
+                f"FreeTickets: {path!r} was written by run {run_id!r}, not by the run "
+                f"{self._run.run_id!r} being resumed: the folder was changed. Use another "
+                "ticket_dir."
+            )
+
     def _start(self, epoch):
         """First epoch of this fit (fresh or resumed): fix the jump steps and the end step,
-        prepare the ticket folder, and finish phases a crash left without their ticket."""
+        prepare the ticket folder (fresh) or check that this fit continues the run that wrote
+        it (resumed), and finish phases a crash left without their ticket."""
         self._started = True
         steps = int(self.params["steps"])
         origin = int(self._optimizer.iterations.numpy()) - epoch * steps
+        self._origin = origin
         self._jump_steps = tuple(
             origin + e * steps + 1 for e in self.edst_plan.global_exploration_epochs
         )
@@ -429,80 +690,122 @@ class FreeTickets(training.DynamicSparsity):
                                          len(self._jump_steps), self.explore_fraction)
         else:
             self.set_global_explorations(1, 1, 0, self.explore_fraction)
+        total_steps = self.total_epochs * steps
         if self.end_step is None:
-            self.set_end_step(origin + self.total_epochs * steps)
+            if self.updates_masks and self.update_every >= total_steps:
+                logging.warning(
+                    "FreeTickets(update_every=%d): the whole run is %d steps (%d epochs x %d), "
+                    "so no mask update runs (only the global explorations change the masks). "
+                    "Pass update_every < %d for dynamic sparse training.", self.update_every,
+                    total_steps, self.total_epochs, steps, total_steps)
+            self.set_end_step(origin + total_steps)
         if self.channel_sparsity > 0 and self.channel_end_step is None:
             self.set_channel_end_step(max(origin + self.exploration_epochs * steps, 1))
         if not _is_chief(self.model):
             return
         if epoch == 0:
+            recover_partial_writes(self.ticket_dir)  # this process holds the lock: all are dead
+            initial = weights_digest(self.model.get_weights())
+            self._run = None if self.overwrite else _RunRecord.restarted(self.ticket_dir, steps,
+                                                                         initial)
+            if self._run is not None:  # killed before its first epoch was saved: start again
+                if all(os.path.isdir(self._ticket_path(i)) for i in range(self.num_tickets)):
+                    # killed while finishing, after BackupAndRestore deleted its backup
+                    logging.warning("FreeTickets: %s has written all its tickets; this fit "
+                                    "stops after its first step", self._run.describe())
+                    self._finished = True
+                    self.model.stop_training = True
+                    self.tickets = [self._ticket_path(i) for i in range(self.num_tickets)]
+                    return
+                logging.warning("FreeTickets: %s restarts at epoch 0", self._run.describe())
+                return
             tickets.prepare_ticket_dir(self.ticket_dir, overwrite=self.overwrite)
+            self._run = _RunRecord.new(self.ticket_dir, steps, self.total_epochs)
+            self._run.record_epoch(-1, initial)
             return
-        remove_partial_writes(self.ticket_dir)
+        recover_partial_writes(self.ticket_dir)
+        self._run = _RunRecord.for_resume(self.ticket_dir, epoch, steps,
+                                          weights_digest(self.model.get_weights()))
         for phase in self.plan:
             if phase.kind == "refinement" and phase.end_epoch <= epoch:
                 self._finish_phase_after_crash(phase, epoch)
 
     def _finish_phase_after_crash(self, phase, epoch):
+        """A phase that ended before this (resumed) fit: its ticket, if a crash came between
+        the end of the phase and the ticket being on disk, is written from the progress file
+        (which held the whole phase before the epoch counted as done)."""
         index = phase.index - 1
-        if os.path.isdir(os.path.join(self.ticket_dir, f"ticket_{index}")):
+        best = _BestSnapshot(self.ticket_dir, index, self.monitor, self._mode, self._run.run_id)
+        if os.path.isdir(self._ticket_path(index)):
+            self._check_own_ticket(index)
+            best.clear()  # a crash after the ticket, before its progress file was removed
+            self.tickets.append(self._ticket_path(index))
             return
-        best = _BestSnapshot(self.ticket_dir, index, self.monitor, self._mode)
-        if not best.restore(len(self.model.get_weights())):
+        if not best.restore(len(self.model.get_weights())) or (
+                best.last_epoch != phase.end_epoch - 1):
             raise ValueError(
                 f"FreeTickets: resumed at epoch {epoch}, after refinement phase {phase.index} "
                 f"(epochs {phase.start_epoch}-{phase.end_epoch - 1}) ended, but its ticket "
                 f"{index} is neither in {self.ticket_dir!r} nor recoverable from its progress "
-                "files there: was the folder changed? Start again with overwrite=True."
+                f"file {best.path!r} (missing, or it stops at epoch {best.last_epoch}): was the "
+                "folder changed? The complete tickets are not affected; run the training again "
+                "into a new ticket_dir to get this ticket."
             )
-        last = phase.end_epoch - 1
-        if best.last_epoch is not None and best.last_epoch < last and epoch == phase.end_epoch:
-            # BackupAndRestore saved the phase's last epoch before FreeTickets saw it: the
-            # restored model *is* that epoch's state; evaluate it as fit would have.
-            value = _evaluate_monitor(self.model, self.monitor)
-            if value is None:
-                logging.warning(
-                    "FreeTickets: epoch %d was saved by BackupAndRestore before FreeTickets saw "
-                    "it and its %s cannot be recomputed here; ticket %d is chosen from epochs "
-                    "%d-%d.", last, self.monitor, index, phase.start_epoch, best.last_epoch)
-            else:
-                step = int(self._optimizer.iterations.numpy())
-                best.offer(self.model, value, {"phase": phase.index, "epoch": last,
-                                               "step": step}, persist=True)
         logging.warning("FreeTickets: writing ticket %d of refinement phase %d, which the "
                         "interrupted run did not finish writing", index, phase.index)
         self.tickets.append(best.write_ticket(self.model, "edst", self._ticket_extra(),
-                                              overwrite=True))
+                                              overwrite=False))
 
     def _ticket_extra(self):
         return dict(self.metadata, seed=self.seed, explore_fraction=self.explore_fraction,
-                    num_tickets=self.num_tickets, optimizer_state=self.optimizer_state)
+                    num_tickets=self.num_tickets, optimizer_state=self.optimizer_state,
+                    run_id=self._run.run_id if self._run is not None else None)
 
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
+    def _close_epoch(self, epoch, logs):
+        """The epoch's monitored value is known: check the epoch ran all its steps, record
+        the weights' digest (the run's identity), offer the state to the phase's selection,
+        and write the phase's ticket at its last epoch."""
+        if self._finished:
+            return
+        steps = int(self.params["steps"])
+        step = int(self._optimizer.iterations.numpy())
+        if step - self._origin != (epoch + 1) * steps:
+            raise ValueError(
+                f"FreeTickets: epoch {epoch} ended at step {step - self._origin} of the run, "
+                f"not {(epoch + 1) * steps} (steps_per_epoch={steps}): the data ran out before "
+                "the epoch's steps, so the plan's epochs no longer match the data. Repeat the "
+                "dataset (dataset.repeat()) or pass the steps_per_epoch it really has."
+            )
+        chief = _is_chief(self.model)
+        if chief:
+            self._run.record_epoch(epoch, weights_digest(self.model.get_weights()))
         phase = self.edst_plan.phase_at(epoch)
-        if phase is None or phase.kind != "refinement":
+        if phase.kind != "refinement":
             return
         value = _monitored(logs, self.monitor)
-        chief = _is_chief(self.model)
-        step = int(self._optimizer.iterations.numpy())
         self._best.offer(self.model, value, {"phase": phase.index, "epoch": epoch, "step": step},
                          persist=chief)
         if epoch == phase.end_epoch - 1 and chief:
-            self.tickets.append(
-                self._best.write_ticket(self.model, method="edst", extra=self._ticket_extra(),
-                                        overwrite=True)
-            )
+            if self._best.done:
+                self._best.clear()
+                self.tickets.append(self._ticket_path(self._best.index))
+            else:
+                self.tickets.append(self._best.write_ticket(
+                    self.model, method="edst", extra=self._ticket_extra(), overwrite=False))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._end_epoch(epoch, logs)
+        super().on_epoch_end(epoch, logs)
 
 
-class TicketCheckpoint(keras.callbacks.Callback):
+class TicketCheckpoint(_EpochClose, keras.callbacks.Callback):
     """Writes the best epoch of a fit (by ``monitor``) as ``ticket_dir/ticket_<index>/``.
 
     Used for DST Ensemble members (`ft_keras.recipes.train_dst_ensemble`): each independent run
     contributes its best-validation checkpoint as one ticket. Written once, at the end of
     training (atomically), by the chief worker only. ``mode="auto"`` takes the metric's own
-    direction ("min" for the loss); the monitor and the validation data are checked when ``fit``
-    starts.
+    direction ("min" for the loss), checked when ``fit`` starts; the monitor's name is checked
+    after the first step, the validation data at the first validation.
     """
 
     def __init__(self, ticket_dir, index, monitor="val_accuracy", mode="auto",
@@ -523,26 +826,31 @@ class TicketCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if os.path.exists(self.ticket_dir) and not os.path.isdir(self.ticket_dir):
             raise ValueError(f"ticket_dir={self.ticket_dir!r} exists and is not a folder.")
-        check_validation_data(self, self.monitor)
         self._best = _BestSnapshot(self.ticket_dir, self.index, self.monitor,
                                    resolve_mode(self.model, self.monitor, self.mode))
         self._monitor_checked = False
+        self._reset_epoch_close()
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._monitor_checked:
             check_monitor_name(self, self.monitor, logs)
             self._monitor_checked = True
+        self._batch_ended(batch, logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch > 0 and self._best.weights is None:
             if _is_chief(self.model):
-                remove_partial_writes(self.ticket_dir)
+                recover_partial_writes(self.ticket_dir)
             self._best.restore(len(self.model.get_weights()))
+        self._begin_epoch(epoch)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def _close_epoch(self, epoch, logs):
         step = int(self.model.optimizer.iterations.numpy())
         self._best.offer(self.model, _monitored(logs, self.monitor),
                          {"epoch": epoch, "step": step}, persist=_is_chief(self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._end_epoch(epoch, logs)
 
     def on_train_end(self, logs=None):
         if _is_chief(self.model) and self._best.weights is not None:

@@ -19,9 +19,16 @@ per layer (``sparse_kernels``), and one signature, ``serving_default``: input ``
 ``class_ids`` (int64 argmax). The folder ``saved_model/`` is a TF Serving model base path on its
 own. A model with NaN or Inf weights is never written (ValueError naming layer and variable).
 
-Writes are atomic: everything goes to a hidden sibling folder ``.tmp-ticket_<i>-<random>/``
-that is renamed to ``ticket_<i>`` once complete, so a crash leaves either a complete ticket or
-nothing that `list_tickets` (or `ft_keras.Ensemble.from_directory`) accepts.
+Writes are atomic: everything goes to a hidden sibling folder ``.tmp-ticket_<i>-<pid>-<random>/``,
+renamed ``.ready-...`` once complete and then to ``ticket_<i>`` (an old ticket is moved to
+``.trash-...`` first and deleted last), so a crash leaves either a complete ticket or nothing
+that `list_tickets` (or `ft_keras.Ensemble.from_directory`) accepts, and
+`recover_interrupted_writes` rolls an interrupted overwrite forward or back.
+
+Tickets verify themselves: ``metadata.json`` records the ticket's index, its output kind
+(``"logits"``; a softmax-output model is refused) and sha256 digests of ``model.keras`` and of
+the ``saved_model/`` tree; `read_ticket`, `scan_tickets` and `Ensemble.from_directory` refuse a
+ticket whose parts do not match (swapped, replaced, changed or missing).
 
 Example:
 
@@ -35,13 +42,20 @@ Example:
 """
 
 import datetime
+import hashlib
 import json
 import os
+import socket
 import platform
 import re
 import secrets
 import shutil
 import zipfile
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; see lock_ticket_dir
+    fcntl = None
 
 import keras
 import numpy as np
@@ -56,7 +70,7 @@ from ft_keras.export import SERVING_SIGNATURE
 from ft_keras.sparsify import sparsity_report
 from ft_keras.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
@@ -66,6 +80,13 @@ _TICKET_RE = re.compile(r"^ticket_(0|[1-9][0-9]*)$")
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+_READY_PREFIX = ".ready-"
+_WRITE_PREFIXES = (_TMP_PREFIX, _READY_PREFIX, _TRASH_PREFIX)
+#: The lock file of a ticket folder (`lock_ticket_dir`) and the record of the FreeTickets run
+#: that writes it (`ft_keras.free_tickets`): control files, not tickets.
+LOCK_FILE = ".ft_keras.lock"
+RUN_FILE = ".ft_keras-run.json"
+PROGRESS_PREFIX = ".progress-"
 
 # Keys that write_ticket computes itself; a caller's metadata may not set them.
 COMPUTED_KEYS = (
@@ -77,6 +98,8 @@ COMPUTED_KEYS = (
     "num_active_params",
     "versions",
     "created",
+    "output",
+    "files",
 )
 # Keys every ticket has; None unless the caller gives a value.
 CALLER_KEYS = (
@@ -145,37 +168,84 @@ def _pid_alive(pid):
     return True
 
 
-def remove_stale_writes(parent, base):
-    """Deletes ``parent/.tmp-<base>-*`` and ``.trash-<base>-*`` folders left by writers that
-    died (a crash or ``kill -9`` in the middle of `atomic_folder`); folders of live writers on
-    this machine are left alone. Returns the removed names."""
-    removed = []
+def _dead_writer_folders(parent, base):
+    """``{prefix: [names]}`` of the ``.tmp-`` / ``.ready-`` / ``.trash-`` folders of ``base`` in
+    ``parent`` whose writer is not alive on this machine, newest name last."""
+    found = {prefix: [] for prefix in _WRITE_PREFIXES}
     if not os.path.isdir(parent):
-        return removed
+        return found
     for name in sorted(os.listdir(parent)):
-        for prefix in (f"{_TMP_PREFIX}{base}-", f"{_TRASH_PREFIX}{base}-"):
-            if not name.startswith(prefix):
+        for prefix in _WRITE_PREFIXES:
+            lead = f"{prefix}{base}-"
+            if not name.startswith(lead):
                 continue
-            owner = name[len(prefix):].split("-")[0]
-            if owner.isdigit() and _pid_alive(int(owner)):
-                continue
+            owner = name[len(lead):].split("-")[0]
             path = os.path.join(parent, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(name)
+            if (owner.isdigit() and _pid_alive(int(owner))) or os.path.islink(path) or not (
+                    os.path.isdir(path)):
+                continue
+            found[prefix].append(name)
+    return found
+
+
+def recover_interrupted_writes(parent, base):
+    """Finishes or undoes what writers of ``parent/<base>`` that died left behind.
+
+    `atomic_folder` writes into ``.tmp-<base>-<pid>-*``, renames the complete folder to
+    ``.ready-<base>-<pid>-*``, moves an old ``<base>`` aside to ``.trash-<base>-<pid>-*``, renames
+    the ready folder to ``<base>`` and deletes the trash. After a crash at any of these points:
+    when ``<base>`` is missing, a complete ``.ready-`` folder is renamed into place (rolled
+    forward), else a ``.trash-`` folder is renamed back (rolled back); then the other leftovers
+    of dead writers are deleted. Folders of live writers on this machine are left alone.
+
+    Returns:
+        ``(restored, removed)``: the name ``<base>`` renamed into place from (or None) and the
+        removed leftover names.
+    """
+    found = _dead_writer_folders(parent, base)
+    destination = os.path.join(parent, base)
+    restored = None
+    if not os.path.lexists(destination):
+        for prefix in (_READY_PREFIX, _TRASH_PREFIX):
+            if found[prefix]:
+                restored = found[prefix].pop()
+                os.rename(os.path.join(parent, restored), destination)
+                _fsync_dir(parent)
+                logging.warning("%s: an interrupted write left %s without %s; %s renamed "
+                                "into place", parent, base, base, restored)
+                break
+    removed = []
+    for names in found.values():
+        for name in names:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
     if removed:
         logging.info("removed leftovers of interrupted writes in %s: %s", parent, removed)
-    return removed
+    return restored, removed
+
+
+def interrupted_writes(parent, base):
+    """The names of the leftover ``.ready-`` / ``.trash-`` folders that hold a complete copy of
+    ``parent/<base>`` while ``<base>`` itself is missing (an interrupted overwrite)."""
+    if os.path.lexists(os.path.join(parent, base)) or not os.path.isdir(parent):
+        return []
+    return sorted(name for name in os.listdir(parent)
+                  if name.startswith((f"{_READY_PREFIX}{base}-", f"{_TRASH_PREFIX}{base}-")))
 
 
 def atomic_folder(destination, write, overwrite=False, argument="folder"):
     """Builds a folder with ``write(tmp_path)`` in a hidden sibling, then renames it into place.
 
+    The complete folder is first renamed to a ``.ready-`` name; an existing ``destination`` is
+    then renamed aside (``.trash-``), the ready folder renamed into place and the old one
+    deleted. A crash at any point leaves either the old or the new folder in place, or a
+    complete copy that `recover_interrupted_writes` (run at the start of every write) renames
+    back.
+
     Args:
         destination: the final folder path.
         write: a callable that fills the (existing, empty) temporary folder it is given.
-        overwrite: whether to replace an existing ``destination``; the old folder is renamed
-            aside first and deleted only after the new one is in place.
+        overwrite: whether to replace an existing ``destination``.
         argument: what ``destination`` is, for error messages (e.g. "ticket folder").
 
     Returns:
@@ -186,6 +256,8 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
             ``overwrite`` is False.
     """
     parent, base = os.path.split(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    recover_interrupted_writes(parent, base)
     if os.path.lexists(destination):
         empty_dir = os.path.isdir(destination) and not os.listdir(destination)
         if not empty_dir and not overwrite:
@@ -193,23 +265,25 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
                 f"{argument} {destination!r} already exists (overwrite=False); pass "
                 "overwrite=True to replace it."
             )
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_writes(parent, base)
     tmp = _make_unique_dir(parent, f"{_TMP_PREFIX}{base}-{os.getpid()}-")
+    ready = None
     try:
         write(tmp)
         _fsync_tree(tmp)
+        ready = _unique_name(parent, f"{_READY_PREFIX}{base}-{os.getpid()}-")
+        os.rename(tmp, ready)
+        _fsync_dir(parent)
         trash = None
         if os.path.lexists(destination):
-            trash = _make_unique_dir(parent, f"{_TRASH_PREFIX}{base}-{os.getpid()}-")
-            os.rmdir(trash)  # only the unique name is needed
+            trash = _unique_name(parent, f"{_TRASH_PREFIX}{base}-{os.getpid()}-")
             os.rename(destination, trash)
         try:
-            os.rename(tmp, destination)
+            os.rename(ready, destination)
         except BaseException:
             if trash is not None:
                 os.rename(trash, destination)
             raise
+        ready = None
         _fsync_dir(parent)
         if trash is not None:
             if os.path.isdir(trash) and not os.path.islink(trash):
@@ -217,9 +291,109 @@ def atomic_folder(destination, write, overwrite=False, argument="folder"):
             else:
                 os.remove(trash)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, ready):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
         raise
     return destination
+
+
+def _unique_name(parent, prefix):
+    """A path ``parent/<prefix><random>`` that does not exist (nothing is created)."""
+    path = _make_unique_dir(parent, prefix)
+    os.rmdir(path)
+    return path
+
+
+def write_file_atomically(path, data):
+    """Writes the bytes ``data`` to ``path`` through a ``<path>.tmp-<pid>`` file that is flushed
+    to disk and renamed into place: a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# Locks this process holds: real path of the ticket folder -> open lock file descriptor.
+_HELD_LOCKS = {}
+
+
+def lock_ticket_dir(ticket_dir, owner):
+    """Makes this process the only writer of ``ticket_dir`` until `unlock_ticket_dir`.
+
+    An exclusive advisory lock (``flock``) on ``ticket_dir/.ft_keras.lock``, a file that records
+    the holder (``owner``: a JSON-serialisable dict, plus pid, host and time) and is deleted when
+    the lock is released. The operating system drops the lock when the process ends, however it
+    ends, so a killed run never leaves a stale lock (only its file, which the next writer takes
+    over). Within one process the lock is re-entrant. Where the platform has no ``fcntl``
+    (Windows) only the writability of the folder is checked.
+
+    Raises:
+        ValueError: ``ticket_dir`` cannot be created or written (the message says why), or
+            another process holds the lock (the message names it: pid, host, run, since when).
+    """
+    ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
+    key = os.path.realpath(ticket_dir)
+    path = os.path.join(ticket_dir, LOCK_FILE)
+    descriptor = _HELD_LOCKS.get(key)
+    while descriptor is None:
+        try:
+            os.makedirs(ticket_dir, exist_ok=True)
+            if not os.access(ticket_dir, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+            candidate = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} cannot be written ({error.strerror or error}): the "
+                "run would fail at its first ticket. Use a folder this process can write."
+            ) from None
+        if fcntl is None:
+            descriptor = candidate
+            break
+        try:
+            fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    holder = handle.read().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            os.close(candidate)
+            raise ValueError(
+                f"ticket_dir={ticket_dir!r} is being written by another run ({holder}); two "
+                "runs cannot write into one ticket_dir. Wait for that run to end, or use "
+                "another ticket_dir."
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(candidate).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            descriptor = candidate
+        else:  # the holder released (and deleted) the file between our open and our lock
+            os.close(candidate)
+    _HELD_LOCKS[key] = descriptor
+    record = dict(owner or {}, pid=os.getpid(), host=socket.gethostname(),
+                  since=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"))
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, json.dumps(record, default=_json_default).encode(), 0)
+    return descriptor
+
+
+def unlock_ticket_dir(ticket_dir):
+    """Releases this process's lock on ``ticket_dir`` (if it holds one) and deletes the lock
+    file (before the release, so a waiting writer never locks a file that is going away)."""
+    descriptor = _HELD_LOCKS.pop(os.path.realpath(ticket_dir), None)
+    if descriptor is not None:
+        try:
+            os.remove(os.path.join(ticket_dir, LOCK_FILE))
+        except OSError:
+            pass
+        os.close(descriptor)  # closing the descriptor releases the flock
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +535,91 @@ def _forward_flops_or_none(model):
         return None
 
 
+def output_kind(model):
+    """"probabilities" when ``model`` ends in a softmax (its last layer is a ``Softmax`` layer,
+    or has ``activation`` softmax), else "logits"."""
+    layer = model.layers[-1] if getattr(model, "layers", None) else None
+    if isinstance(layer, keras.layers.Softmax):
+        return "probabilities"
+    activation = getattr(layer, "activation", None)
+    if getattr(activation, "__name__", None) == "softmax":
+        return "probabilities"
+    return "logits"
+
+
+def _check_logits_output(model, what):
+    if output_kind(model) != "logits":
+        raise ValueError(
+            f"{what} ends in a softmax (layer {model.layers[-1].name!r}): a ticket must output "
+            "logits, because ensembles and the serving signature apply the softmax themselves "
+            "(it would be applied twice). Drop the final softmax, e.g. Dense(10) instead of "
+            "Dense(10, activation='softmax')."
+        )
+
+
+def _file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tree_digest(root):
+    """A sha256 over every file under ``root``: relative paths and contents, in sorted order."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def ticket_digests(path):
+    """``{"model.keras": ..., "saved_model": ...}``: sha256 digests of a ticket folder's model
+    file and SavedModel tree (None for a part that is missing)."""
+    model_path = os.path.join(path, MODEL_FILE)
+    saved = os.path.join(path, SAVED_MODEL_DIR)
+    return {
+        MODEL_FILE: _file_digest(model_path) if os.path.isfile(model_path) else None,
+        SAVED_MODEL_DIR: _tree_digest(saved) if os.path.isdir(saved) else None,
+    }
+
+
+def verify_ticket(path, metadata):
+    """What is wrong with ticket folder ``path`` given its parsed ``metadata`` ("" if nothing):
+    metadata of another index than the folder's name, and a ``model.keras`` or SavedModel that
+    differs from the digests recorded when the ticket was written (a part swapped with another
+    ticket's, or changed afterwards), or a missing SavedModel. A ticket without ``model.keras``
+    is an inference-only copy and passes when its SavedModel does."""
+    problems = []
+    match = _TICKET_RE.match(os.path.basename(os.path.normpath(path)))
+    if match and metadata.get("index") != int(match.group(1)):
+        problems.append(f"its {METADATA_FILE} is ticket {metadata.get('index')!r}'s, not ticket "
+                        f"{match.group(1)}'s")
+    recorded = metadata.get("files")
+    if not isinstance(recorded, dict):
+        problems.append(f"its {METADATA_FILE} records no file digests (not written by "
+                        "write_ticket?)")
+        recorded = {}
+    actual = ticket_digests(path)
+    for part, want in sorted(recorded.items()):
+        got = actual.get(part)
+        if got is None and part == MODEL_FILE:
+            continue  # an inference-only copy: read from its SavedModel (see read_ticket)
+        if got is None:
+            problems.append(f"{part} is missing (it was written with the ticket)")
+        elif got != want and part == MODEL_FILE and _archive_problem(
+                os.path.join(path, MODEL_FILE)):
+            problems.append(_archive_problem(os.path.join(path, MODEL_FILE)))
+        elif got != want:
+            problems.append(f"{part} differs from the one written with the ticket (swapped "
+                            "with another ticket's, or changed afterwards)")
+    return "; ".join(problems)
+
+
 def _write_metadata(metadata, path):
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2)
@@ -431,7 +690,9 @@ def write_ticket(
     input_range = export_lib.check_input_range(input_range)
     export_lib.model_input_shape(model)
     export_lib.check_finite_weights(model)
+    _check_logits_output(model, f"model={model.name!r}")
     meta = ticket_metadata(model, index, metadata)
+    meta["output"] = "logits"
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
     destination = os.path.join(ticket_dir, f"ticket_{index}")
@@ -440,10 +701,37 @@ def write_ticket(
         _save_keras_model(model, os.path.join(tmp, MODEL_FILE), include_optimizer)
         _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)),
                            sparse_kernels, input_range)
+        meta["files"] = ticket_digests(tmp)
         _write_metadata(meta, os.path.join(tmp, METADATA_FILE))  # last: marks completeness
 
     atomic_folder(destination, write, overwrite=overwrite, argument="ticket folder")
     return destination
+
+
+def _is_control_file(name):
+    return name in (LOCK_FILE, RUN_FILE)
+
+
+def _is_ours(name):
+    """Whether ``name`` in a ticket folder is ft_keras's: a ticket, a leftover of a ticket write,
+    a progress file or the run record (the lock file is left alone)."""
+    return bool(_TICKET_RE.match(name)) or name == RUN_FILE or name.startswith(
+        tuple(f"{prefix}ticket_" for prefix in _WRITE_PREFIXES) + (PROGRESS_PREFIX,))
+
+
+def describe_ticket_dir(ticket_dir, entries):
+    """A short description of what ``entries`` of ``ticket_dir`` are, for error messages."""
+    complete, incomplete = scan_tickets(ticket_dir)
+    parts = []
+    if complete:
+        parts.append(f"{len(complete)} complete ticket(s): "
+                     f"{[os.path.basename(p) for p in complete]}")
+    if incomplete:
+        parts.append(f"{len(incomplete)} incomplete ticket folder(s)")
+    others = [n for n in entries if not _TICKET_RE.match(n)]
+    if others:
+        parts.append(f"{len(others)} other entries, e.g. {others[:3]}")
+    return "; ".join(parts)
 
 
 def prepare_ticket_dir(ticket_dir, overwrite=False):
@@ -456,33 +744,39 @@ def prepare_ticket_dir(ticket_dir, overwrite=False):
 
     Args:
         ticket_dir: the folder; created (with parents) if missing.
-        overwrite: if ``ticket_dir`` is not empty, delete its ``ticket_<i>`` folders (and
-            leftovers of interrupted writes) and keep everything else; if False, refuse.
+        overwrite: if ``ticket_dir`` is not empty, delete its ``ticket_<i>`` folders, leftovers
+            of interrupted writes, progress files and run record, and keep everything else; if
+            False, refuse. (The lock file of `lock_ticket_dir` does not count.)
 
     Returns:
         ``ticket_dir``.
 
     Raises:
-        ValueError: ``ticket_dir`` is a file, or a non-empty folder and ``overwrite=False``.
+        ValueError: ``ticket_dir`` is a file, or a non-empty folder and ``overwrite=False``
+            (the message says what it holds).
     """
     ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
     overwrite = _checks.check_bool("overwrite", overwrite)
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
     os.makedirs(ticket_dir, exist_ok=True)
-    entries = sorted(os.listdir(ticket_dir))
+    entries = sorted(name for name in os.listdir(ticket_dir) if name != LOCK_FILE)
     if entries and not overwrite:
         raise ValueError(
-            f"ticket_dir={ticket_dir!r} is not empty ({len(entries)} entries, e.g. "
-            f"{entries[:3]}); pass overwrite=True to delete its ticket_* folders."
+            f"ticket_dir={ticket_dir!r} is not empty ({describe_ticket_dir(ticket_dir, entries)})"
+            ": new tickets are not mixed with old ones. Write them to another (empty) "
+            "ticket_dir; a FreeTickets run that was interrupted resumes when the same fit is "
+            "run again with keras.callbacks.BackupAndRestore. (overwrite=True deletes the "
+            "ticket_* folders and progress files in it.)"
         )
     for name in entries:
-        ours = _TICKET_RE.match(name) or name.startswith(
-            (f"{_TMP_PREFIX}ticket_", f"{_TRASH_PREFIX}ticket_")
-        )
         path = os.path.join(ticket_dir, name)
-        if ours and os.path.isdir(path) and not os.path.islink(path):
+        if not _is_ours(name) or os.path.islink(path):
+            continue
+        if os.path.isdir(path):
             shutil.rmtree(path)
+        else:
+            os.remove(path)
     return ticket_dir
 
 
@@ -513,11 +807,21 @@ def _missing_parts(path):
     return " and ".join(missing)
 
 
+def _verify_or_reason(path):
+    try:
+        return verify_ticket(path, read_metadata(path))
+    except ValueError as error:
+        return str(error)
+
+
 def scan_tickets(ticket_dir):
     """The ``ticket_<i>`` folders of ``ticket_dir``: complete ones and incomplete ones.
 
-    Hidden folders (``.tmp-*``, ``.trash-*``: writes in progress or interrupted) and other
-    names are not tickets and are ignored.
+    A ticket folder is complete when it has its metadata and model and passes `verify_ticket`
+    (metadata of its own index; ``model.keras`` and SavedModel equal to the ones written with
+    it). Hidden folders (``.tmp-*`` / ``.ready-*`` / ``.trash-*``: writes in progress or
+    interrupted) and other names are not tickets, but a ticket that an interrupted overwrite
+    left only in a ``.ready-`` or ``.trash-`` folder is listed as incomplete.
 
     Example:
 
@@ -540,10 +844,23 @@ def scan_tickets(ticket_dir):
         if not match or not os.path.isdir(path):
             continue
         missing = _missing_parts(path)
-        if missing:
-            incomplete.append((int(match.group(1)), path, f"missing {missing}"))
+        problem = f"missing {missing}" if missing else _verify_or_reason(path)
+        if problem:
+            incomplete.append((int(match.group(1)), path, problem))
         else:
             found.append((int(match.group(1)), path))
+    present = {index for index, _ in found} | {index for index, _, _ in incomplete}
+    for name in os.listdir(ticket_dir):
+        for prefix in (_READY_PREFIX, _TRASH_PREFIX):
+            base = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+            match = _TICKET_RE.match(base)
+            if match and int(match.group(1)) not in present:
+                present.add(int(match.group(1)))
+                incomplete.append((int(match.group(1)), os.path.join(ticket_dir, base),
+                                   f"missing: an interrupted write left its complete copy in "
+                                   f"{name}; resuming the run (or ft_keras.tickets."
+                                   f"recover_interrupted_writes(ticket_dir, {base!r})) puts it "
+                                   "back"))
     return ([path for _, path in sorted(found)],
             [(path, reason) for _, path, reason in sorted(incomplete)])
 
@@ -610,10 +927,12 @@ def read_metadata(ticket_path):
     version = metadata.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(f"ticket metadata file {path!r} is corrupt: no int format_version.")
-    if version > FORMAT_VERSION:
+    if version != FORMAT_VERSION:
         raise ValueError(
             f"ticket metadata file {path!r} has format_version={version}; this ft_keras "
-            f"({__version__}) reads format_version <= {FORMAT_VERSION}: upgrade ft_keras."
+            f"({__version__}) reads format_version {FORMAT_VERSION}: "
+            + ("upgrade ft_keras." if version > FORMAT_VERSION else
+               "write the ticket again with this version.")
         )
     return metadata
 
@@ -687,22 +1006,35 @@ def read_ticket(path, *, compile=False):  # pylint: disable=redefined-builtin
     model_path = os.path.join(path, MODEL_FILE)
     if os.path.isfile(model_path):
         _check_keras_archive(model_path)
-        model = _load_or_raise(
-            lambda: keras.models.load_model(model_path, compile=compile),
-            f"ticket model file {model_path!r}",
-        )
-        return model, metadata
-    serving_path = saved_model_path(path)
-    if serving_path is None:
+    elif saved_model_path(path) is None:
         raise ValueError(
             f"ticket folder {path!r} has no model: both {model_path!r} and "
             f"{os.path.join(path, SAVED_MODEL_DIR)!r}/<version>/{SAVED_MODEL_PB} are missing."
         )
+    problem = verify_ticket(path, metadata)
+    if problem:
+        raise ValueError(f"ticket folder {path!r} fails its check: {problem}.")
+    if os.path.isfile(model_path):
+        model = _load_or_raise(
+            lambda: keras.models.load_model(model_path, compile=compile),
+            f"ticket model file {model_path!r}",
+        )
+        _check_logits_output(model, f"ticket model file {model_path!r}")
+        return model, metadata
+    serving_path = saved_model_path(path)
     model = _load_or_raise(
         lambda: load_serving_model(serving_path, name=f"ticket_{metadata.get('index', 'x')}"),
         f"ticket SavedModel {serving_path!r}",
     )
     return model, metadata
+
+
+def _archive_problem(path):
+    try:
+        _check_keras_archive(path)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def _check_keras_archive(path):

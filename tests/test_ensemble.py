@@ -1,5 +1,6 @@
 """Ensemble: combining members, Keras integration, ticket directories and TF Serving export."""
 
+import json
 import os
 import shutil
 
@@ -297,7 +298,7 @@ def test_from_directory_refuses_a_damaged_ticket(ticket_dir, members, images, tm
     elif damage == "corrupt_model":
         data = (victim / "model.keras").read_bytes()
         (victim / "model.keras").write_bytes(data[: len(data) // 3])
-        reason = r"ticket_1.*is damaged.*model\.keras' is corrupt"
+        reason = r"ticket_1.*model\.keras' is corrupt"
     else:
         shutil.rmtree(victim)
         victim.mkdir()
@@ -314,6 +315,77 @@ def test_from_directory_refuses_a_damaged_ticket(ticket_dir, members, images, tm
     )
     with pytest.raises(TypeError, match="allow_partial"):
         Ensemble.from_directory(str(copy), allow_partial="yes")
+
+
+@pytest.mark.parametrize("damage", ["gap", "num_tickets", "interrupted_overwrite"])
+def test_from_directory_refuses_missing_members(ticket_dir, tmp_path, damage):
+    """Issue 20: a ticket lost in an interrupted overwrite (or any gap) gave an ensemble with
+    fewer members, without a word."""
+    copy = tmp_path / "tickets"
+    shutil.copytree(ticket_dir, str(copy))
+    if damage == "gap":
+        shutil.rmtree(copy / "ticket_1")
+        reason, present = r"lacks \['ticket_1'\]", [0, 2]
+    elif damage == "num_tickets":
+        for i in range(3):
+            meta_path = copy / f"ticket_{i}" / "metadata.json"
+            meta = json.loads(meta_path.read_text())
+            meta_path.write_text(json.dumps(dict(meta, num_tickets=4)))
+        reason, present = r"lacks \['ticket_3'\] .*num_tickets=\[4\]", [0, 1, 2]
+    else:
+        os.rename(copy / "ticket_1", copy / ".trash-ticket_1-999999999-deadbeef")
+        reason, present = (r"ticket_1: missing: an interrupted write left its complete copy in "
+                           r"\.trash-ticket_1-999999999-deadbeef.*recover_interrupted_writes"), [0, 2]
+    with pytest.raises(ValueError, match=reason + r".*allow_partial=True"):
+        Ensemble.from_directory(str(copy))
+    ens = Ensemble.from_directory(str(copy), allow_partial=True)
+    assert [meta["index"] for meta in ens.metadata] == present
+    if damage == "interrupted_overwrite":
+        restored, removed = tickets.recover_interrupted_writes(str(copy), "ticket_1")
+        assert (restored, removed) == (".trash-ticket_1-999999999-deadbeef", [])
+        assert Ensemble.from_directory(str(copy)).num_members == 3
+
+
+@pytest.mark.parametrize("damage", ["metadata_of_another_ticket", "model_keras_swapped",
+                                    "saved_model_deleted", "dense_model_under_sparse_metadata"])
+def test_from_directory_refuses_mismatched_parts(ticket_dir, tmp_path, damage):
+    """Issue 20: loading never cross-checked a ticket's parts."""
+    copy = tmp_path / "tickets"
+    shutil.copytree(ticket_dir, str(copy))
+    victim = copy / "ticket_0"
+    if damage == "metadata_of_another_ticket":
+        shutil.copy(copy / "ticket_1" / "metadata.json", victim / "metadata.json")
+        reason = r"its metadata\.json is ticket 1's, not ticket 0's"
+    elif damage == "model_keras_swapped":
+        shutil.copy(copy / "ticket_1" / "model.keras", victim / "model.keras")
+        reason = r"model\.keras differs from the one written with the ticket"
+    elif damage == "saved_model_deleted":
+        shutil.rmtree(victim / "saved_model")
+        reason = r"saved_model is missing"
+    else:
+        _mlp(0).save(str(victim / "model.keras"))
+        reason = r"model\.keras differs from the one written with the ticket"
+    with pytest.raises(ValueError, match=r"ticket_0: " + reason):
+        Ensemble.from_directory(str(copy))
+    with pytest.raises(ValueError, match=r"ticket_0' fails its check: " + reason):
+        tickets.read_ticket(str(victim))
+    complete, incomplete = tickets.scan_tickets(str(copy))
+    assert [os.path.basename(p) for p in complete] == ["ticket_1", "ticket_2"]
+    assert [os.path.basename(p) for p, _ in incomplete] == ["ticket_0"]
+
+
+def test_softmax_output_members_are_refused(tmp_path):
+    """Issue 20: a softmax-output model written as a ticket had softmax applied twice by
+    combine="probs"."""
+    soft = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax",
+                                                                   name="probs")], name="soft")
+    with pytest.raises(ValueError, match=r"members\[0\] 'soft' ends in a softmax \(layer "
+                                         r"'probs'\): members must output logits"):
+        Ensemble([soft])
+    with pytest.raises(ValueError, match=r"model='soft' ends in a softmax \(layer 'probs'\): a "
+                                         r"ticket must output logits"):
+        tickets.write_ticket(soft, str(tmp_path), 0)
+    assert os.listdir(tmp_path) == []
 
 
 def test_from_directory_with_saved_models_only(ticket_dir, members, images, tmp_path):

@@ -3,6 +3,9 @@
 import itertools
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -172,7 +175,7 @@ def test_fit_must_cover_the_plan(fashion_mnist_small, tmp_path):
     (x, y), (xv, yv) = fashion_mnist_small
     callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=2, exploration_epochs=1,
                                refine_epochs=2)
-    with pytest.raises(ValueError, match="does not cover"):
+    with pytest.raises(ValueError, match=r"fit\(epochs=4\) does not match the FreeTickets plan.*= 5 epochs\. Pass epochs=5"):
         _model().fit(x[:128], y[:128], epochs=4, validation_data=(xv, yv), verbose=0,
                      callbacks=[callback])
 
@@ -304,10 +307,11 @@ def _same_tickets(want_dir, got_dir):
 @pytest.mark.parametrize("crash", ["between_callbacks", "during_ticket_write"])
 def test_ticket_of_a_phase_that_ended_before_the_crash_is_written_on_resume(
         fashion_mnist_small, tmp_path, monkeypatch, crash):
-    """[BackupAndRestore, FreeTickets] (the natural order): BackupAndRestore saves the last
-    epoch of refinement phase 1 first; a crash before FreeTickets wrote ticket 0 must not lose
-    it: the resumed run writes it from the persisted state (evaluating the restored model when
-    FreeTickets never saw that epoch)."""
+    """[BackupAndRestore, FreeTickets] (the natural order): FreeTickets selects and writes a
+    phase's ticket at the validation of its last epoch, before any on_epoch_end (where
+    BackupAndRestore saves the epoch). A crash between the callbacks' on_epoch_end finds the
+    ticket written; a crash during the ticket write finds the epoch not saved, and the resumed
+    run re-runs it and writes the ticket from the progress file, which already holds it."""
     (x, y), (xv, yv) = fashion_mnist_small
     fit_args = dict(x=x[:512], y=y[:512], batch_size=64, epochs=5,
                     validation_data=(xv[:256], yv[:256]), shuffle=False, verbose=0)
@@ -331,12 +335,17 @@ def test_ticket_of_a_phase_that_ended_before_the_crash_is_written_on_resume(
                                     _small_edst(tmp_path / "resumed")], **fit_args)
         if crash == "during_ticket_write":
             monkeypatch.setattr(ftk.tickets, "write_ticket", real_write)
-        assert not os.path.exists(tmp_path / "resumed" / "ticket_0")
-        assert os.path.exists(tmp_path / "resumed" / ".progress-0.json")
+            assert not os.path.exists(tmp_path / "resumed" / "ticket_0")
+            assert os.path.exists(tmp_path / "resumed" / ".progress-0.npz")
+        else:
+            assert os.path.exists(tmp_path / "resumed" / "ticket_0")
+        ftk.tickets.unlock_ticket_dir(str(tmp_path / "resumed"))  # the process did not end
         recorder = Recorder()
         _model().fit(callbacks=[keras.callbacks.BackupAndRestore(backup),
                                 _small_edst(tmp_path / "resumed"), recorder], **fit_args)
-        assert sorted(recorder.lrs) == [3, 4]  # resumed after phase 1
+        # resumed after phase 1 (crash after BackupAndRestore saved epoch 2), or at its last
+        # epoch (the crash came before that epoch counted as done)
+        assert sorted(recorder.lrs) == ([3, 4] if crash == "between_callbacks" else [2, 3, 4])
         _same_tickets(tmp_path / "reference", tmp_path / "resumed")
         leftovers = [n for n in os.listdir(tmp_path / "resumed") if n.startswith(".")]
         assert leftovers == []
@@ -419,14 +428,15 @@ def test_misspelt_monitor_is_refused_after_the_first_step(fashion_mnist_small, t
     assert int(model.optimizer.iterations.numpy()) == 1
 
 
-def test_missing_validation_data_is_refused_before_training(fashion_mnist_small, tmp_path):
+def test_missing_validation_data_is_refused_after_the_first_epoch(fashion_mnist_small, tmp_path):
     (x, y), _ = fashion_mnist_small
     model = _model()
     callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=3,
                                refine_epochs=1)
-    with pytest.raises(ValueError, match="needs validation data, but fit\(\) got none"):
-        model.fit(x[:128], y[:128], epochs=4, verbose=0, callbacks=[callback])
-    assert int(model.optimizer.iterations.numpy()) == 0
+    with pytest.raises(ValueError, match=r"needs validation data, but fit\(\) got none \(no "
+                                         r"validation ran in epoch 0\)"):
+        model.fit(x[:128], y[:128], batch_size=32, epochs=4, verbose=0, callbacks=[callback])
+    assert int(model.optimizer.iterations.numpy()) == 4  # refused at the end of the first epoch
 
 
 def test_non_finite_weights_are_never_selected(fashion_mnist_small, tmp_path):
@@ -440,6 +450,187 @@ def test_non_finite_weights_are_never_selected(fashion_mnist_small, tmp_path):
     again = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
     assert again.restore(len(model.get_weights())) and again.value == 0.5
     assert again.last_epoch == 1
+
+
+# ---------------------------------------------------------------------- one run per ticket_dir
+def _edst_fit_args(edst_run, fashion_mnist_small, **kwargs):
+    (x, y), _ = fashion_mnist_small
+    return dict(dict(x=x, y=y, batch_size=64, epochs=7,
+                     validation_data=(edst_run["xv"], edst_run["yv"]), shuffle=False,
+                     verbose=0), **kwargs)
+
+
+def _edst_callback(ticket_dir):  # the configuration of the edst_run fixture
+    return ftk.FreeTickets(ticket_dir, num_tickets=3, exploration_epochs=1, refine_epochs=2,
+                           update_every=8, grow="gradient")
+
+
+def test_rerunning_a_finished_run_is_refused_without_advice_to_delete(
+        edst_run, fashion_mnist_small, tmp_path):
+    ticket_dir = str(tmp_path / "tickets")
+    shutil.copytree(edst_run["ticket_dir"], ticket_dir)
+    model = _model()
+    with pytest.raises(ValueError, match=r"is not empty \(3 complete ticket\(s\): \['ticket_0', "
+                                         r"'ticket_1', 'ticket_2'\]\): new tickets are not mixed "
+                                         r"with old ones\. Write them to another \(empty\) "
+                                         r"ticket_dir"):
+        model.fit(callbacks=[_edst_callback(ticket_dir)],
+                  **_edst_fit_args(edst_run, fashion_mnist_small))
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert len(ftk.list_tickets(ticket_dir)) == 3
+
+
+def test_a_later_start_into_another_runs_tickets_is_refused(edst_run, fashion_mnist_small,
+                                                           tmp_path):
+    """Issue 20: fit(initial_epoch=3) into a folder holding another run's tickets was accepted
+    and mixed the two runs."""
+    ticket_dir = str(tmp_path / "tickets")
+    shutil.copytree(edst_run["ticket_dir"], ticket_dir)
+    model = _model(seed=5)
+    with pytest.raises(ValueError, match=r"fit starts at epoch 3, but ticket_dir=.* holds 3 "
+                                         r"complete ticket\(s\).* and no FreeTickets run record: "
+                                         r"this fit cannot prove it continues the run"):
+        model.fit(callbacks=[_edst_callback(ticket_dir)],
+                  **_edst_fit_args(edst_run, fashion_mnist_small, initial_epoch=3))
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_a_later_start_into_a_fresh_folder_is_refused(fashion_mnist_small, tmp_path):
+    """Issue 20: initial_epoch=2 on a fresh run was taken as a resume (exploration skipped)."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    model = _model()
+    with pytest.raises(ValueError, match=r"fit starts at epoch 2 \(initial_epoch=2\) but "
+                                         r"ticket_dir=.* holds no FreeTickets run to resume: a "
+                                         r"fresh run starts at epoch 0"):
+        model.fit(x[:128], y[:128], epochs=3, initial_epoch=2, validation_data=(xv, yv),
+                  verbose=0, callbacks=[ftk.FreeTickets(str(tmp_path / "t"), num_tickets=2,
+                                                        exploration_epochs=1, refine_epochs=1)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_a_second_writer_is_refused_naming_the_first(fashion_mnist_small, tmp_path):
+    """Issue 20: two runs on one ticket_dir started together both finished, one overwriting
+    the other's tickets."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    ticket_dir = tmp_path / "t"
+    ticket_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.write(fd, b'{\"writer\": \"FreeTickets\", \"pid\": 4242}'); "
+         "print('locked', flush=True); time.sleep(60)",
+         str(ticket_dir / ftk.tickets.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        model = _model()
+        with pytest.raises(ValueError, match=r"ticket_dir=.* is being written by another run "
+                                             r"\(\{\"writer\": \"FreeTickets\", \"pid\": 4242\}"
+                                             r"\); two runs cannot write into one ticket_dir"):
+            model.fit(x[:128], y[:128], epochs=2, validation_data=(xv, yv), verbose=0,
+                      callbacks=[ftk.FreeTickets(str(ticket_dir), num_tickets=1,
+                                                 exploration_epochs=1, refine_epochs=1)])
+        assert int(model.optimizer.iterations.numpy()) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_read_only_ticket_dir_is_refused_before_training(fashion_mnist_small, tmp_path,
+                                                           monkeypatch):
+    (x, y), (xv, yv) = fashion_mnist_small
+    ticket_dir = str(tmp_path / "t")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if path == ticket_dir
+                        else real_access(path, mode))  # as root, chmod would not stop writes
+    model = _model()
+    with pytest.raises(ValueError, match=r"ticket_dir=.* cannot be written \(Permission denied\)"):
+        model.fit(x[:128], y[:128], epochs=4, validation_data=(xv, yv), verbose=0,
+                  callbacks=[ftk.FreeTickets(ticket_dir, num_tickets=1, exploration_epochs=3,
+                                             refine_epochs=1)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+# ---------------------------------------------------------------------- progress files
+def test_a_foreign_start_or_a_missing_progress_file_at_resume_is_refused(fashion_mnist_small, tmp_path):
+    """Issue 20: a .progress-<i>.npz missing at resume was accepted (the ticket became the
+    wrong epoch)."""
+    (x, y), (xv, yv) = fashion_mnist_small
+    fit_args = dict(x=x[:256], y=y[:256], batch_size=64, epochs=3, validation_data=(xv, yv),
+                    shuffle=False, verbose=0)
+    ticket_dir = tmp_path / "t"
+
+    def callbacks(*extra):
+        return [keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                ftk.FreeTickets(str(ticket_dir), num_tickets=1, exploration_epochs=1,
+                                refine_epochs=2, update_every=2), *extra]
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _model().fit(callbacks=callbacks(_CrashAtEpochEnd(1)), **fit_args)
+    other = _model(seed=5)  # not restored by BackupAndRestore: another run's weights
+    with pytest.raises(ValueError, match=r"fit starts at epoch 2, but ticket_dir=.* holds run "
+                                         r"[0-9a-f]{16} started .*, which ended epoch 1 with other "
+                                         r"weights than this fit starts from: this fit is not "
+                                         r"that run resumed"):
+        other.fit(initial_epoch=2, callbacks=callbacks()[1:], **fit_args)
+    os.remove(ticket_dir / ".progress-0.npz")
+    model = _model()
+    with pytest.raises(ValueError, match=r"resumed at epoch 2, inside refinement phase 1 \(epochs "
+                                         r"1-2\), but the progress file '.*\.progress-0\.npz' of "
+                                         r"ticket 0 is missing: the epochs 1-1 it recorded are "
+                                         r"lost"):
+        model.fit(callbacks=callbacks(), **fit_args)
+    assert int(model.optimizer.iterations.numpy()) == 8  # restored, nothing trained
+    assert not os.path.exists(ticket_dir / "ticket_0")
+
+
+def test_update_every_longer_than_the_run_warns(fashion_mnist_small, tmp_path, caplog):
+    (x, y), (xv, yv) = fashion_mnist_small
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=1, exploration_epochs=1,
+                               refine_epochs=1, update_every=100)
+    with caplog.at_level("WARNING"):
+        _model().fit(x[:256], y[:256], batch_size=64, epochs=2, validation_data=(xv, yv),
+                     verbose=0, callbacks=[callback])
+    assert any("FreeTickets(update_every=100): the whole run is 8 steps (2 epochs x 4), so no "
+               "mask update runs" in record.getMessage() for record in caplog.records)
+    assert callback.updates == []
+
+
+def test_progress_file_holds_weights_and_record_together(tmp_path):
+    model = _model()
+    best = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run1")  # pylint: disable=W0212
+    assert best.offer(model, 0.5, {"epoch": 4}, persist=True)
+    assert sorted(os.listdir(tmp_path)) == [".progress-1.npz"]
+    assert not best.offer(model, 0.9, {"epoch": 4}, persist=True)  # epoch 4 already seen
+    again = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run1")  # pylint: disable=W0212
+    assert again.restore(len(model.get_weights()))
+    assert (again.value, again.last_epoch, again.info["epoch"]) == (0.5, 4, 4)
+    for a, b in zip(again.weights, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    other = ftk.free_tickets._BestSnapshot(str(tmp_path), 1, "val_accuracy", "max", "run2")  # pylint: disable=W0212
+    with pytest.raises(ValueError, match=r"\.progress-1\.npz' of ticket 1 belongs to run 'run1', "
+                                         r"not to the run 'run2'"):
+        other.restore(len(model.get_weights()))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "not_npz"])
+def test_a_damaged_progress_file_is_named(tmp_path, damage):
+    """Issue 20: truncated or bit-flipped progress files gave raw JSONDecodeError / BadZipFile /
+    AttributeError without the file's name."""
+    model = _model()
+    best = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
+    best.offer(model, 0.5, {"epoch": 1}, persist=True)
+    path = tmp_path / ".progress-0.npz"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bit_flip":
+        path.write_bytes(data[:-30] + bytes([data[-30] ^ 0xFF]) + data[-29:])
+    else:
+        path.write_text('{"info": {}}')
+    again = ftk.free_tickets._BestSnapshot(str(tmp_path), 0, "val_accuracy", "max")  # pylint: disable=W0212
+    with pytest.raises(ValueError, match=r"progress file '.*\.progress-0\.npz' of ticket 0 is "
+                                         r"damaged.*new ticket_dir"):
+        again.restore(len(model.get_weights()))
 
 
 if __name__ == "__main__":  # bazel test / python tests/test_free_tickets.py

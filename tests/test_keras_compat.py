@@ -178,15 +178,18 @@ def test_11_fit_validation_data_seen_from_a_callback():
 
     class Look(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            seen.append(compat.fit_validation_data())
+            seen.append(compat.fit_validation_data(self.model))
 
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[Look()])
-    model.fit(x, y, epochs=1, verbose=0, validation_data=(x, y), callbacks=[Look()])
-    model.fit(x, y, epochs=1, verbose=0, validation_split=0.25, callbacks=[Look()])
-    assert seen[0] == (True, None)
-    assert seen[1][0] and seen[1][1][0] is x
-    assert seen[2][0] and seen[2][1] is not None
-    assert compat.fit_validation_data() == (False, None)  # not inside a fit
+        def on_test_begin(self, logs=None):
+            seen.append(list(compat.fit_validation_data(self.model)))
+
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, validation_data=(x[:6], y[:6]),
+              callbacks=[Look()])
+    assert seen[0] is None  # before the first validation
+    assert [len(batch[0]) for batch in seen[1]] == [4, 2]
+    np.testing.assert_array_equal(np.concatenate([batch[0] for batch in seen[1]]), x[:6])
+    np.testing.assert_array_equal(np.concatenate([batch[1] for batch in seen[1]]), y[:6])
+    assert compat.fit_validation_data(model) is None  # after fit
 
 
 def test_12_train_function_made_around_another_step_without_xla():

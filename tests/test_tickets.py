@@ -116,8 +116,12 @@ def test_metadata_fields(written, sparse_model):
     with open(os.path.join(path, "metadata.json"), encoding="utf-8") as handle:
         assert json.load(handle) == metadata
     report = ftk.sparsity_report(sparse_model)
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == 2
     assert metadata["index"] == 0
+    assert metadata["output"] == "logits"
+    assert metadata["files"] == tickets.ticket_digests(path)
+    assert sorted(metadata["files"]) == ["model.keras", "saved_model"]
+    assert all(len(digest) == 64 for digest in metadata["files"].values())
     assert metadata["method"] == "edst"
     assert metadata["phase"] == 2
     assert metadata["epoch"] == 7
@@ -273,6 +277,55 @@ def test_crash_during_overwrite_keeps_old_ticket(sparse_model, tmp_path, monkeyp
         tickets.write_ticket(sparse_model, ticket_dir, 1, {"method": "new"}, overwrite=True)
     assert sorted(os.listdir(ticket_dir)) == ["ticket_1"]
     assert tickets.read_ticket(path)[1]["method"] == "old"
+
+
+@pytest.mark.parametrize("moment", ["after_ready_and_trash", "after_trash_before_ready",
+                                    "after_ready_before_trash"])
+def test_an_interrupted_overwrite_is_rolled_forward_or_back(written, sparse_model, tmp_path,
+                                                            moment):
+    """Issue 20: killed inside an overwrite (old folder moved aside), the ticket was missing and
+    the clean-up deleted the only complete copy. The write order is .tmp- (being written) ->
+    .ready- (complete) -> old moved to .trash- -> .ready- renamed into place; a dead writer's
+    leftovers are rolled forward (.ready-) or back (.trash-) by the next write or resume."""
+    _, old_path = written
+    ticket_dir = str(tmp_path / "tickets")
+    new_path = tickets.write_ticket(sparse_model, str(tmp_path / "new"), 0, {"method": "new"})
+    dead = "999999999"  # no such process
+    destination = os.path.join(ticket_dir, "ticket_0")
+    shutil.copytree(old_path, destination)
+    if moment == "after_trash_before_ready":  # (an older order) the new copy incomplete
+        os.makedirs(os.path.join(ticket_dir, f".tmp-ticket_0-{dead}-00000000"))
+    else:
+        shutil.copytree(new_path, os.path.join(ticket_dir, f".ready-ticket_0-{dead}-11111111"))
+    if moment != "after_ready_before_trash":
+        os.rename(destination, os.path.join(ticket_dir, f".trash-ticket_0-{dead}-22222222"))
+        assert tickets.list_tickets(ticket_dir, allow_empty=True) == []
+        (_, reason), = tickets.scan_tickets(ticket_dir)[1]
+        assert "an interrupted write left its complete copy in" in reason
+    restored, removed = tickets.recover_interrupted_writes(ticket_dir, "ticket_0")
+    assert os.listdir(ticket_dir) == ["ticket_0"]
+    method = tickets.read_ticket(destination)[1]["method"]
+    if moment == "after_ready_and_trash":  # rolled forward: the new ticket
+        assert (restored, method) == (f".ready-ticket_0-{dead}-11111111", "new")
+        assert removed == [f".trash-ticket_0-{dead}-22222222"]
+    elif moment == "after_trash_before_ready":  # rolled back: the old ticket
+        assert (restored, method) == (f".trash-ticket_0-{dead}-22222222", "edst")
+        assert removed == [f".tmp-ticket_0-{dead}-00000000"]
+    else:  # the old ticket was never moved: it stays
+        assert (restored, method) == (None, "edst")
+        assert removed == [f".ready-ticket_0-{dead}-11111111"]
+
+
+def test_lock_is_reentrant_in_a_process_and_released(tmp_path):
+    ticket_dir = str(tmp_path / "t")
+    first = tickets.lock_ticket_dir(ticket_dir, {"writer": "a"})
+    assert tickets.lock_ticket_dir(ticket_dir, {"writer": "b"}) == first
+    with open(os.path.join(ticket_dir, tickets.LOCK_FILE), encoding="utf-8") as handle:
+        holder = json.load(handle)
+    assert holder["writer"] == "b" and holder["pid"] == os.getpid()
+    tickets.unlock_ticket_dir(ticket_dir)
+    tickets.unlock_ticket_dir(ticket_dir)  # not held: nothing to do
+    assert tickets.prepare_ticket_dir(ticket_dir) == ticket_dir  # the lock file does not count
 
 
 def test_hard_crash_leftovers_are_ignored(written, tmp_path):
