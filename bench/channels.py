@@ -70,6 +70,8 @@ import latency as timing  # noqa: E402  pylint: disable=wrong-import-position
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT_NAME = "results_channels"
 REGION = "channels"
+# The hand-written explanation of the columns, on the page itself (outside the region).
+NOTES = "results_channels.md#how-the-numbers-are-taken"
 # key: (label, builder(input_shape, num_classes), epochs of one dense run)
 MODELS = {
     "lenet_300_100": ("LeNet-300-100", lambda **kw: ftk.models.lenet_300_100(**kw), 20),
@@ -105,6 +107,7 @@ flags.DEFINE_integer("update_every", 100, "Optimizer steps between DST mask upda
 flags.DEFINE_float("learning_rate", 0.05, "SGD (momentum 0.9) peak learning rate (cosine for the "
                    "independent runs, EDST's exploration rate).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("steps_per_execution", 32, "Keras steps_per_execution.")
 flags.DEFINE_integer("train_examples", 0, "Use the first N training examples (0: all).")
 flags.DEFINE_integer("test_examples", 0, "Use the first N test examples (0: all).")
 flags.DEFINE_list("batches", ["1", "64", "256"], "Request batch sizes of the latency table.")
@@ -119,7 +122,7 @@ flags.DEFINE_bool("plots", True, "Write the PNG plot.")
 flags.DEFINE_string("render_only", None, "Train nothing: rewrite the markdown and the plot of "
                     "this JSON (into its folder).")
 
-for _name in ("num_members", "update_every", "batch_size", "rounds"):
+for _name in ("num_members", "update_every", "batch_size", "steps_per_execution", "rounds"):
     flags.register_validator(_name, lambda v: v >= 1, f"--{_name} must be an integer >= 1.")
 for _name in ("train_examples", "test_examples"):
     flags.register_validator(_name, lambda v: v >= 0, f"--{_name} must be an integer >= 0.")
@@ -187,7 +190,8 @@ def resolve_settings():
         "num_members": FLAGS.num_members, "sparsity": FLAGS.sparsity,
         "update_every": FLAGS.update_every, "drop_fraction": 0.5, "explore_fraction": 0.8,
         "learning_rate": FLAGS.learning_rate, "refine_lr": [0.01, 0.001],
-        "batch_size": FLAGS.batch_size, "validation_fraction": 0.1,
+        "batch_size": FLAGS.batch_size, "steps_per_execution": FLAGS.steps_per_execution,
+        "validation_fraction": 0.1,
         "train_examples": FLAGS.train_examples, "test_examples": FLAGS.test_examples,
         "batches": batches, "rounds": FLAGS.rounds, "seconds_per_round": FLAGS.seconds,
     }
@@ -198,8 +202,8 @@ def cell_config(settings, model):
     reuses cells trained with the same."""
     keys = ("dataset", "num_members", "sparsity", "update_every", "drop_fraction",
             "explore_fraction", "learning_rate", "refine_lr", "batch_size",
-            "validation_fraction", "train_examples", "test_examples", "batches", "rounds",
-            "seconds_per_round")
+            "steps_per_execution", "validation_fraction", "train_examples", "test_examples",
+            "batches", "rounds", "seconds_per_round")
     return dict({k: settings[k] for k in keys}, epochs=settings["epochs"][model],
                 edst_epochs=settings["edst_epochs"][model])
 
@@ -214,8 +218,9 @@ def _train(settings, data, model, method, seed, ticket_dir):
     common = dict(validation_data=data.validation(), ticket_dir=ticket_dir, seed=100 * seed,
                   monitor="val_accuracy", batch_size=s["batch_size"], overwrite=True,
                   fit_kwargs=dict(verbose=0))
+    steps = dict(steps_per_execution=s["steps_per_execution"])
     cosine = ftk.recipes.make_compile_fn("sgd", s["learning_rate"], "cosine",
-                                         decay_steps=epochs * data.steps_per_epoch)
+                                         decay_steps=epochs * data.steps_per_epoch, **steps)
     dst = dict(update_every=s["update_every"], drop_fraction=s["drop_fraction"],
                final_drop_fraction=0.005, grow="gradient")
     if method == "dense":
@@ -231,7 +236,7 @@ def _train(settings, data, model, method, seed, ticket_dir):
         build, s["num_members"], data.train, exploration_epochs=exploration,
         refine_epochs=refine, exploration_lr=s["learning_rate"], refine_lr=tuple(s["refine_lr"]),
         explore_fraction=s["explore_fraction"], sparsity=s["sparsity"], dst_kwargs=dst,
-        compile_fn=ftk.recipes.make_compile_fn("sgd", s["learning_rate"]), **common)
+        compile_fn=ftk.recipes.make_compile_fn("sgd", s["learning_rate"], **steps), **common)
 
 
 def method_epochs(settings, method, model):
@@ -398,11 +403,13 @@ def verdict_lines(summary):
                 continue
             gap = 100 * (stats["test/accuracy"]["mean"] - edst)
             ratio = stats[f"latency_ratio/{TARGET_BATCH}"]["mean"]
-            both = ratio <= target and gap >= -ACCURACY_GAP_PT
-            checks.append(f"{method}: latency {ratio:.2f}x ({'meets' if ratio <= target else 'misses'}"
-                          f" <= {target}x), accuracy {gap:+.2f} pt vs EDST "
-                          f"({'meets' if gap >= -ACCURACY_GAP_PT else 'misses'} >= "
-                          f"-{ACCURACY_GAP_PT} pt){' - both' if both else ''}")
+            near = gap >= -ACCURACY_GAP_PT - 1e-9  # -0.3 pt itself meets the target
+            both = ratio <= target and near
+            fast = "meets" if ratio <= target else "misses"
+            close = "meets" if near else "misses"
+            checks.append(f"{method}: latency {ratio:.2f}x ({fast} <= {target}x), accuracy "
+                          f"{gap:+.2f} pt vs EDST ({close} >= -{ACCURACY_GAP_PT} pt)"
+                          + (" - both" if both else ""))
         if checks:
             lines.append(f"- {MODELS[model][0]}: " + "; ".join(checks) + ".")
     return lines
@@ -459,12 +466,16 @@ def markdown_region(report):
     return bench_tables.markdown_region(
         "bench/channels.py", report["command"],
         bench_tables.run_line(report["date_utc"], report["machine"], report["timing"]),
-        settings, body, "reading_benchmarks.md", intro=f"Fashion-MNIST, {mode}. ")
+        settings, body, NOTES, intro=f"Fashion-MNIST, {mode}. ")
 
 
 NEW_PAGE = """# Channel-level tickets: accuracy against serving cost
 
 {region}
+
+## How the numbers are taken
+
+See the module doc of bench/channels.py (and docs/results_channels.md in the repository).
 
 ## Verdict
 
