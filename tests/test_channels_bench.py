@@ -149,3 +149,17 @@ def test_render_keeps_the_verdict(run):
 def test_bad_flags_are_refused(tmp_path, flag, message):
     code, output = _run([flag, f"--output_dir={tmp_path}"], timeout=120)
     assert code != 0 and message in output, output[-2000:]
+
+
+def test_mean_std_and_its_cell():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+    import bench_tables  # pylint: disable=import-outside-toplevel
+
+    assert bench_tables.mean_std([None]) is None
+    assert bench_tables.mean_std([0.5, None]) == {"mean": 0.5, "std": 0.0, "n": 1}
+    stat = bench_tables.mean_std([1.0, 2.0, 4.0])
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(7 / 3)
+    assert stat["std"] == pytest.approx(((16 + 1 + 25) / 9 / 2) ** 0.5)  # sample std, n - 1
+    assert bench_tables.mean_std_cell(stat, "{:.2f}", 10.0) == "23.33 ± 15.28"
+    assert bench_tables.mean_std_cell({"mean": 0.5, "std": 0.0, "n": 3}, "{:.1f}") == "0.5"
+    assert bench_tables.mean_std_cell(None, "{:.1f}") == "-"
