@@ -21,13 +21,10 @@ A second table times the opt-in sparse kernels: one ticket of a wide MLP
 ``"csr"`` and ``"coo"``.
 
 Members are freshly initialised (untrained): size and latency depend on shapes and densities,
-not on weight values. Every SavedModel is loaded with ``tf.saved_model.load`` and called through
-its ``serving_default`` signature, as TF Serving calls it. Timing: for each batch size the
-variants are called in interleaved rounds (the order rotates every round); a round calls each
-variant for ``--seconds`` (at least 3 calls) and keeps the p50 of its calls. The table gives the
-median over rounds of those p50s, and each ratio is the median over rounds of the paired
-per-round ratio (variant / dense model of the same round), so that a busy moment of the machine
-hits both sides of a ratio alike. Sizes are the bytes of the files of each SavedModel folder.
+not on weight values. Every SavedModel is loaded and timed as bench/latency.py describes
+(``serving_default`` as TF Serving calls it; ``--rounds`` interleaved rounds of ``--seconds``
+per variant; p50 and paired ratio to the dense model as medians over rounds). Sizes are the
+bytes of the files of each SavedModel folder.
 
 Another process may use the CPU at the same time: each row records how many cores other
 processes kept busy while it ran (``bench_tables.CpuMeter``).
