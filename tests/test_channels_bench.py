@@ -132,6 +132,7 @@ def test_render_keeps_the_verdict(run):
     text = page.read_text(encoding="utf-8")
     assert "<!-- channels:begin -->" in text and "<!-- channels:end -->" in text
     assert "| edst_c0.5 |" in text and "LeNet-300-100: edst_c0.5: latency" in text
+    assert "- LeNet-300-100: EDST " in text and "x its training FLOPs." in text
     page.write_text(text.replace("(Not written yet.)", "A hand-written verdict."),
                     encoding="utf-8")
     code, output = _run([f"--render_only={root / 'out' / 'results_channels.json'}",
