@@ -65,8 +65,8 @@ diversity: venv data
 	$(PY) bench/diversity.py $(if $(QUICK),--quick,)
 
 # Channel-level tickets against dense, EDST and the DST Ensemble, with served size and latency
-# (docs/results_channels.md; ~4 hours on 2 quiet CPU cores: run it on a quiet machine, latency
-# is measured). QUICK=1 for a ~6-minute smoke run into the temp dir (docs/ untouched).
+# (docs/results_channels.md; ~4 hours (3 to 5) on 2 quiet CPU cores: run it on a quiet machine,
+# latency is measured). QUICK=1 for a ~3-minute smoke run into the temp dir (docs/ untouched).
 # Rerunning resumes an interrupted run from docs/results_channels.json.
 channels: venv data
 	$(PY) bench/channels.py $(if $(QUICK),--quick,)

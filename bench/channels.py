@@ -25,8 +25,9 @@ disk over the dense SavedModel's.
 
 The JSON (``<output_dir>/results_channels.json``) is written after every finished cell;
 rerunning the same command resumes: cells already in the JSON are not trained again
-(``--restart`` starts over). Tickets and SavedModels stay in ``--work_dir`` until the run is
-complete, so that a resumed run times its cells against the same dense SavedModel.
+(``--restart`` starts over). Tickets and SavedModels stay in ``--work_dir`` (outside the
+repository) until the run is complete, so that a resumed run times its cells against the same
+dense SavedModel (a seed whose dense SavedModel is gone trains its dense model again).
 The markdown (``results_channels.md``) gets its ``channels`` region rewritten; text outside the
 markers (the verdict) is kept. The plot ``results_channels_tradeoff.png``: accuracy against the
 p50 latency ratio at batch 64 and against the served MACs, one column per model.
@@ -115,8 +116,9 @@ flags.DEFINE_integer("rounds", 15, "Interleaved timing rounds per batch size.")
 flags.DEFINE_float("seconds", 0.2, "Seconds of calls per variant and round (>= 3 calls).")
 flags.DEFINE_string("output_dir", None, "Where the JSON, markdown and plot go (default: docs/, "
                     "or <tmp>/ft_keras_channels_quick with --quick).")
-flags.DEFINE_string("work_dir", None, "Tickets and SavedModels (default: <output_dir>/"
-                    ".channels_work, deleted when the run is complete).")
+flags.DEFINE_string("work_dir", None, "Tickets and SavedModels (default: a folder under "
+                    "<tmp>/ft_keras_channels_work named after --output_dir, deleted when the run "
+                    "is complete).")
 flags.DEFINE_bool("restart", False, "Ignore an existing JSON in --output_dir.")
 flags.DEFINE_bool("plots", True, "Write the PNG plot.")
 flags.DEFINE_string("render_only", None, "Train nothing: rewrite the markdown and the plot of "
@@ -573,7 +575,9 @@ def main(argv):
     output_dir = FLAGS.output_dir or (
         os.path.join(tempfile.gettempdir(), "ft_keras_channels_quick") if FLAGS.quick
         else os.path.join(_REPO, "docs"))
-    work_dir = FLAGS.work_dir or os.path.join(output_dir, ".channels_work")
+    work_dir = FLAGS.work_dir or os.path.join(
+        tempfile.gettempdir(), "ft_keras_channels_work",
+        os.path.abspath(output_dir).strip(os.sep).replace(os.sep, "_"))
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, OUTPUT_NAME + ".json")
     store = Store(json_path, FLAGS.restart)
