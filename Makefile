@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv data test test-fast test-unit demo docs bench reproduce diversity clean
+.PHONY: venv data test test-fast test-unit demo docs bench reproduce diversity channels clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,13 @@ reproduce: venv data
 # Rerunning resumes an interrupted sweep from docs/diversity.json.
 diversity: venv data
 	$(PY) bench/diversity.py $(if $(QUICK),--quick,)
+
+# Channel-level tickets against dense, EDST and the DST Ensemble, with served size and latency
+# (docs/results_channels.md; ~4 hours (3 to 5) on 2 quiet CPU cores: run it on a quiet machine,
+# latency is measured). QUICK=1 for a ~3-minute smoke run into the temp dir (docs/ untouched).
+# Rerunning resumes an interrupted run from docs/results_channels.json.
+channels: venv data
+	$(PY) bench/channels.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build site *.egg-info

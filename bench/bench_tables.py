@@ -232,6 +232,27 @@ def summary(values):
     return {"min": min(values), "median": statistics.median(values)}
 
 
+def mean_std(values):
+    """``{"mean", "std", "n"}`` of the non-None values (sample std, 0.0 for one value), or None
+    when there are none: the per-seed summary of the recipe benchmarks."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def mean_std_cell(stat, fmt, scale=1.0):
+    """A table cell of `mean_std`: ``mean ± std`` formatted with ``fmt`` after multiplying by
+    ``scale`` (no "± 0" where every seed agrees exactly), "-" for None."""
+    if stat is None:
+        return "-"
+    text = fmt.format(stat["mean"] * scale)
+    if stat["n"] > 1 and stat["std"] > 0:
+        text += " ± " + fmt.format(stat["std"] * scale)
+    return text
+
+
 def ratio(numerator, denominator):
     """``numerator / denominator``, or None when either is missing or the denominator is 0."""
     if numerator is None or denominator is None or denominator == 0:

@@ -21,13 +21,10 @@ A second table times the opt-in sparse kernels: one ticket of a wide MLP
 ``"csr"`` and ``"coo"``.
 
 Members are freshly initialised (untrained): size and latency depend on shapes and densities,
-not on weight values. Every SavedModel is loaded with ``tf.saved_model.load`` and called through
-its ``serving_default`` signature, as TF Serving calls it. Timing: for each batch size the
-variants are called in interleaved rounds (the order rotates every round); a round calls each
-variant for ``--seconds`` (at least 3 calls) and keeps the p50 of its calls. The table gives the
-median over rounds of those p50s, and each ratio is the median over rounds of the paired
-per-round ratio (variant / dense model of the same round), so that a busy moment of the machine
-hits both sides of a ratio alike. Sizes are the bytes of the files of each SavedModel folder.
+not on weight values. Every SavedModel is loaded and timed as bench/latency.py describes
+(``serving_default`` as TF Serving calls it; ``--rounds`` interleaved rounds of ``--seconds``
+per variant; p50 and paired ratio to the dense model as medians over rounds). Sizes are the
+bytes of the files of each SavedModel folder.
 
 Another process may use the CPU at the same time: each row records how many cores other
 processes kept busy while it ran (``bench_tables.CpuMeter``).
@@ -45,7 +42,6 @@ import json
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +65,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _BENCH)
 import bench_tables  # noqa: E402  pylint: disable=wrong-import-position
+import latency as timing  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _lenet5(widths, name):
@@ -136,51 +133,6 @@ flags.DEFINE_string("render_only", None,
                     "Rewrite the markdown from this JSON report (no measurement).")
 
 
-# ------------------------------------------------------------------------------- timing
-def _block(outputs):
-    for value in tf.nest.flatten(outputs):
-        value.numpy()
-
-
-def _round_p50(fn, x, seconds):
-    """p50 (ms) of the calls of ``fn(x)`` during about ``seconds`` (at least 3 calls)."""
-    times = []
-    end = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < end:
-        start = time.perf_counter()
-        _block(fn(x))
-        times.append(time.perf_counter() - start)
-    return float(np.percentile(np.array(times) * 1e3, 50))
-
-
-def _interleaved(fns, x, rounds, seconds, baseline):
-    """{name: {"p50_ms", "ratio", "round_p50_ms"}}: medians over interleaved rounds; ``ratio``
-    is the median of the per-round ratios to ``baseline``."""
-    names = list(fns)
-    for name in names:  # warm-up: tracing, first-call allocations
-        _block(fns[name](x))
-    per_round = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            per_round[name].append(_round_p50(fns[name], x, seconds))
-    base = per_round[baseline]
-    return {
-        name: {
-            "p50_ms": statistics.median(values),
-            "ratio": statistics.median(v / b for v, b in zip(values, base)),
-            "round_p50_ms": values,
-        }
-        for name, values in per_round.items()
-    }
-
-
-def _signature(path):
-    """The ``serving_default`` signature of a SavedModel, called with its one input."""
-    signature = tf.saved_model.load(path).signatures[ftk.export.SERVING_SIGNATURE]
-    (name,) = signature.structured_input_signature[1]  # Keras names it after its tensor
-    return lambda inputs: signature(**{name: inputs})
-
-
 def _plan_rows(members, **kwargs):
     return [{"layer": r.layer, "members": r.members, "shape": list(r.shape), "nnz": r.nnz,
              "storage": list(r.storage), "kernels": r.kernels}
@@ -216,7 +168,7 @@ def _ensemble_row(key, batches, workdir):
     paths["sparse"] = ftk.Ensemble(unstructured, combine="probs").export(
         os.path.join(workdir, "sparse"))
     export_seconds = time.perf_counter() - started
-    fns = {name: _signature(path) for name, path in paths.items()}
+    fns = {name: timing.signature(path) for name, path in paths.items()}
     rng = np.random.default_rng(FLAGS.seed)
     shape = tuple(ftk.export.model_input_shape(dense))
     x_check = tf.constant(rng.random((16,) + shape, dtype=np.float32))
@@ -226,7 +178,7 @@ def _ensemble_row(key, batches, workdir):
     latency = {}
     for batch in batches:
         x = tf.constant(rng.random((batch,) + shape, dtype=np.float32))
-        latency[str(batch)] = _interleaved(fns, x, FLAGS.rounds, FLAGS.seconds, "dense")
+        latency[str(batch)] = timing.interleaved(fns, x, FLAGS.rounds, FLAGS.seconds, "dense")
         logging.info("%s batch %d: %s", key, batch,
                      {n: round(v["ratio"], 3) for n, v in latency[str(batch)].items()})
     sizes = {name: ftk.export.saved_model_bytes(path) for name, path in paths.items()}
@@ -257,13 +209,13 @@ def _kernel_row(key, batches, workdir):
     model = ftk.sparsify(_build(key, 1.0, FLAGS.seed, "ticket"), sparsity=FLAGS.kernel_sparsity,
                          seed=FLAGS.seed)
     paths = {k: _ticket(model, os.path.join(workdir, k), sparse_kernels=k) for k in KERNELS}
-    fns = {name: _signature(path) for name, path in paths.items()}
+    fns = {name: timing.signature(path) for name, path in paths.items()}
     rng = np.random.default_rng(FLAGS.seed)
     shape = tuple(ftk.export.model_input_shape(model))
     latency = {}
     for batch in batches:
         x = tf.constant(rng.random((batch,) + shape, dtype=np.float32))
-        latency[str(batch)] = _interleaved(fns, x, FLAGS.rounds, FLAGS.seconds, "dense")
+        latency[str(batch)] = timing.interleaved(fns, x, FLAGS.rounds, FLAGS.seconds, "dense")
     row = {
         "model": key,
         "label": label,
