@@ -496,7 +496,8 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         overwrite: replace existing tickets in ``ticket_dir``.
         **dst_kwargs: `DynamicSparsity` arguments (update_every, drop_fraction, decay, grow,
             optimizer_state, channel_sparsity, channel_min_keep, ...); FreeTickets' defaults
-            are drop_fraction=0.5 annealed (cosine) to 0.005 over the run, and
+            are drop_fraction=0.5 annealed (cosine) to 0.005 over the run (unless a
+            ``schedule`` object is given), and
             ``channel_end_step`` = the last step of the exploration phase, so that all tickets
             of one run share their removed channels and differ in their unstructured masks.
     """
@@ -520,8 +521,9 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         metadata=None,
         **dst_kwargs,
     ):
-        dst_kwargs.setdefault("drop_fraction", 0.5)
-        dst_kwargs.setdefault("final_drop_fraction", 0.005)
+        if "schedule" not in dst_kwargs:  # a user's schedule object carries its own numbers
+            dst_kwargs.setdefault("drop_fraction", 0.5)
+            dst_kwargs.setdefault("final_drop_fraction", 0.005)
         super().__init__(**dst_kwargs)
         ticket_dir = _checks.check_path("ticket_dir", ticket_dir)
         if exploration_epochs is None or refine_epochs is None:

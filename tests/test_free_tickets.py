@@ -668,3 +668,15 @@ def test_edst_under_xla_matches_without(fashion_mnist_small, tmp_path):
     for ticket, xla_ticket in zip(tickets, xla_tickets):
         for name, (mask, _) in masked_state(ticket).items():
             np.testing.assert_array_equal(masked_state(xla_ticket)[name][0], mask)
+
+
+def test_a_schedule_object_replaces_the_default_drop_fractions(tmp_path):
+    schedule = ftk.schedules.ConstantDrop(update_every=7, drop_fraction=0.25)
+    callback = ftk.FreeTickets(str(tmp_path / "t"), num_tickets=2, exploration_epochs=1,
+                               refine_epochs=1, schedule=schedule)
+    assert callback.schedule == schedule
+    assert (callback.update_every, callback.drop_fraction, callback.decay) == (7, 0.25,
+                                                                               "constant")
+    with pytest.raises(ValueError, match="drop_fraction"):
+        ftk.FreeTickets(str(tmp_path / "u"), num_tickets=2, exploration_epochs=1,
+                        refine_epochs=1, schedule=schedule, drop_fraction=0.5)
