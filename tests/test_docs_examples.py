@@ -1,7 +1,8 @@
 """Every ```python block of README.md and docs/*.md runs as written.
 
 Each page is one test: its blocks run in order in one fresh namespace (a later block may use
-what an earlier one defined), in a temporary working folder (examples write under ``out/``).
+what an earlier one defined), in a process of its own, in a temporary working folder (examples
+write under ``out/``).
 Two HTML comments, invisible on the rendered page, steer a run:
 
 * ``<!-- skip: reason -->`` on the line before a ```python fence: the block does not run. Every
@@ -15,11 +16,12 @@ A fence whose language looks like Python but is not exactly ``python`` (```py, `
 
 import os
 import re
+import subprocess
+import sys
 
-import keras
 import pytest
 
-from tests.conftest import REPO_ROOT, needs_fashion_mnist
+from tests.conftest import REPO_ROOT, needs_fashion_mnist, script_env
 
 DOCS_DIR = os.path.join(REPO_ROOT, "docs")
 #: Data a page can declare with ``<!-- needs: NAME -->``, and the marks that skip without it.
@@ -124,18 +126,25 @@ def _marks_of(decorator):
     return list(getattr(decorator(probe), "pytestmark", []))
 
 
+#: Runs one page's blocks in order in one namespace (in a process of its own: a page may create
+#: a tf.distribute strategy or set a global policy, which must not leak into other tests).
+_RUN_PAGE = """
+import sys
+from tests.test_docs_examples import parse, _read
+page = sys.argv[1]
+namespace = {"__name__": "docs_example"}
+for line, source in parse(_read(page), page)[0]:
+    exec(compile(source, f"{page}:{line}", "exec"), namespace)
+"""
+
+
 @pytest.mark.parametrize("page", _params())
-def test_page_examples_run_as_written(page, tmp_path, monkeypatch):
-    blocks, _, _ = parse(_read(page), page)
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": f"docs_example_{page}"}
-    try:
-        for line, source in blocks:
-            code = compile(source, f"{page}:{line}", "exec")
-            exec(code, namespace)  # pylint: disable=exec-used
-    finally:  # what a page may change globally (docs/training.md sets a mixed policy)
-        keras.mixed_precision.set_global_policy("float32")
-        keras.backend.clear_session()
+def test_page_examples_run_as_written(page, tmp_path):
+    process = subprocess.run([sys.executable, "-c", _RUN_PAGE, page], cwd=tmp_path,
+                             env=script_env(data_path=True), capture_output=True, text=True,
+                             timeout=600, check=False)
+    assert process.returncode == 0, (
+        f"{page}: an example failed\n{process.stdout[-2000:]}\n{process.stderr[-6000:]}")
 
 
 def test_skipped_blocks_are_exactly_the_expected_ones():
