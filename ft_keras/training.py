@@ -161,7 +161,10 @@ class SparseTraining(keras.callbacks.Callback):
         if not sparsify_lib.masked_layers_of(model):
             raise ValueError(
                 f"{type(self).__name__} was given model={model.name!r}, which has no masked "
-                "layer. Sparsify the model first: ft_keras.sparsify(model, sparsity=...)."
+                "layer: either it was not sparsified (ft_keras.sparsify(model, sparsity=...)), "
+                "or it was sparsified at sparsity 0.0 or with every prunable layer kept dense "
+                "(keep_dense, ERK's cap), which masks nothing. Sparsify with sparsity > 0, or "
+                "train the dense model without a sparsity callback."
             )
         if getattr(model, "optimizer", None) is not None:
             # Before any callback's on_train_begin: variables added to the optimizer here (the
