@@ -37,6 +37,7 @@ from absl import logging
 
 from ft_keras import _checks
 from ft_keras import _keras_compat
+from ft_keras import atomic_files
 from ft_keras import schedules
 from ft_keras import tickets
 from ft_keras import training
@@ -261,7 +262,7 @@ class _BestSnapshot:
         arrays = {f"arr_{i}": w for i, w in enumerate(self.weights or [])}
         buffer = io.BytesIO()
         np.savez(buffer, record=np.frombuffer(json.dumps(record).encode(), np.uint8), **arrays)
-        tickets.write_file_atomically(self.path, buffer.getvalue())
+        atomic_files.write_file_atomically(self.path, buffer.getvalue())
 
     def restore(self, num_weights):
         """Loads the persisted state of this window; False if there is none.
@@ -338,7 +339,7 @@ def recover_partial_writes(ticket_dir):
             os.remove(path)
             removed.append(name)
     for base in sorted(bases):
-        removed += tickets.recover_interrupted_writes(ticket_dir, base)[1]
+        removed += atomic_files.recover_interrupted_writes(ticket_dir, base)[1]
     return removed
 
 
@@ -375,7 +376,7 @@ class _RunRecord:
         self.save()
 
     def save(self):
-        tickets.write_file_atomically(self.path(self.ticket_dir),
+        atomic_files.write_file_atomically(self.path(self.ticket_dir),
                                       json.dumps(self.data, indent=1).encode())
 
     @classmethod
@@ -413,7 +414,7 @@ class _RunRecord:
         Raises ValueError when the folder holds no run, another run, or a run whose weights at
         the end of epoch ``epoch - 1`` differ from the model's (``digest``)."""
         path = cls.path(ticket_dir)
-        entries = sorted(n for n in os.listdir(ticket_dir) if n != tickets.LOCK_FILE)
+        entries = sorted(n for n in os.listdir(ticket_dir) if n != atomic_files.LOCK_FILE)
         if not os.path.exists(path):
             if entries:
                 raise ValueError(
@@ -606,7 +607,7 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
         self.tickets = []
         self._reset_epoch_close()
         if _is_chief(self.model):  # last: nothing after it can fail and leave the lock held
-            tickets.lock_ticket_dir(self.ticket_dir, {"writer": "FreeTickets"})
+            atomic_files.lock_ticket_dir(self.ticket_dir, {"writer": "FreeTickets"})
 
     def on_train_end(self, logs=None):
         super().on_train_end(logs)
@@ -614,7 +615,7 @@ class FreeTickets(_EpochClose, training.DynamicSparsity):
             written = all(os.path.isdir(self._ticket_path(i)) for i in range(self.num_tickets))
             if written and os.path.exists(_RunRecord.path(self.ticket_dir)):
                 os.remove(_RunRecord.path(self.ticket_dir))  # finished: nothing to resume
-            tickets.unlock_ticket_dir(self.ticket_dir)
+            atomic_files.unlock_ticket_dir(self.ticket_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._monitor_checked:
