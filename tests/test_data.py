@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from ft_keras.harness import data
+from ft_keras.harness import data_files
 from tests.conftest import SHARED_DATA
 from tests.conftest import needs_cifar10
 from tests.conftest import needs_fashion_mnist
@@ -420,12 +421,12 @@ def test_cifar_archive_cache(tmp_path, monkeypatch):
     assert cached[0].endswith(".npz")
 
     # Second process (simulated): in-process cache cleared, decoding disabled -> .npz is used.
-    data._load_cifar_cached.cache_clear()  # pylint: disable=protected-access
+    data_files.load_cifar_cached.cache_clear()
 
     def no_decode(*args):
         raise AssertionError("decoded again instead of using the .npz cache")
 
-    monkeypatch.setattr(data, "_decode_images", no_decode)
+    monkeypatch.setattr(data_files, "_decode_images", no_decode)
     again, _ = data.load_numpy("cifar10", "test", data_dir=tmp_path / "root")
     np.testing.assert_array_equal(again, images)
 
@@ -473,7 +474,7 @@ def test_cifar_pickle_batches(tmp_path):
     # Pickles that would run code are refused.
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({b"data": os.system, b"labels": []}, f)
-    data._load_cifar_cached.cache_clear()  # pylint: disable=protected-access
+    data_files.load_cifar_cached.cache_clear()
     with pytest.raises(ValueError, match="test_batch"):
         data.load_numpy("cifar10", "test", data_dir=tmp_path)
 

@@ -125,7 +125,7 @@ def test_core_does_not_load_the_harness_at_runtime():
     assert out.returncode == 0, out.stderr[-3000:]
     before, after = out.stdout.strip().splitlines()[-2:]
     assert before == "[]"
-    assert after == "['ft_keras.harness', 'ft_keras.harness.data']"
+    assert after == "['ft_keras.harness', 'ft_keras.harness.data', 'ft_keras.harness.data_files']"
 
 
 def test_import_finder_sees_every_form():
