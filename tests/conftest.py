@@ -18,6 +18,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import gzip  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -196,3 +198,28 @@ def lenet_sparse(lenet):  # pylint: disable=redefined-outer-name
     import ft_keras as ftk  # pylint: disable=import-outside-toplevel
 
     return ftk.sparsify(lenet, 0.9, distribution="uniform", seed=0)
+
+
+def idx_bytes(array, type_code=0x08):
+    """The bytes of an IDX file holding ``array`` (tests write data files by hand)."""
+    array = np.asarray(array)
+    header = bytes([0, 0, type_code, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_bytes(path, payload, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+    return str(path)
+
+
+def write_tiny_idx(directory, prefix="t10k", n=3, gz=True):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    suffix = ".gz" if gz else ""
+    write_bytes(directory / f"{prefix}-images-idx3-ubyte{suffix}", idx_bytes(images), gz)
+    write_bytes(directory / f"{prefix}-labels-idx1-ubyte{suffix}", idx_bytes(labels), gz)
+    return images, labels

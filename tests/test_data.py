@@ -1,6 +1,5 @@
 """Tests of ft_keras.data against the real data sets and tiny hand-made files."""
 
-import gzip
 import io
 import os
 import pickle
@@ -13,6 +12,9 @@ import tensorflow as tf
 
 from ft_keras.harness import data
 from ft_keras.harness import data_files
+from tests.conftest import idx_bytes as _idx_bytes
+from tests.conftest import write_bytes as _write
+from tests.conftest import write_tiny_idx as _write_tiny_idx
 from tests.conftest import SHARED_DATA
 from tests.conftest import needs_cifar10
 from tests.conftest import needs_fashion_mnist
@@ -35,30 +37,6 @@ def _hermetic(monkeypatch, session_cache_dir):
     per-session decoded-image cache instead of ~/.cache."""
     monkeypatch.setattr(data, "_tfds_builder_if_prepared", lambda name, data_dir: (None, []))
     monkeypatch.setenv(data.CACHE_DIR_ENV, session_cache_dir)
-
-
-def _idx_bytes(array, type_code=0x08):
-    array = np.asarray(array)
-    header = bytes([0, 0, type_code, array.ndim])
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.tobytes()
-
-
-def _write(path, payload, gz=False):
-    opener = gzip.open if gz else open
-    with opener(path, "wb") as f:
-        f.write(payload)
-    return str(path)
-
-
-def _write_tiny_idx(directory, prefix="t10k", n=3, gz=True):
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = np.arange(n, dtype=np.uint8) % 10
-    suffix = ".gz" if gz else ""
-    _write(directory / f"{prefix}-images-idx3-ubyte{suffix}", _idx_bytes(images), gz)
-    _write(directory / f"{prefix}-labels-idx1-ubyte{suffix}", _idx_bytes(labels), gz)
-    return images, labels
 
 
 # ---------------------------------------------------------------------------------------------
