@@ -80,6 +80,11 @@ MODELS = {
     "mlp_1024": ("MLP 784-1024-1024-10",
                  lambda **kw: ftk.models.mlp(hidden=(1024, 1024), name="mlp_1024", **kw), 20),
 }
+# How each model's channel budget is spread over its layers (`DynamicSparsity`'s
+# ``channel_allocation``): one global threshold where the first layer dominates the cost, the
+# same fraction of every layer where the convolutions do (a global threshold on mean |w| removes
+# LeNet-5's fc units first, leaving the convolutions, 86% of its MACs, nearly whole).
+ALLOCATION = {"lenet_300_100": "global", "lenet5": "layerwise", "mlp_1024": "global"}
 # Targets of issue 18: p50 of the M = 3 channel-level EDST ensemble / one dense model, batch 64.
 TARGETS = {"lenet_300_100": 1.0, "lenet5": 1.0, "mlp_1024": 0.5}
 TARGET_BATCH = 64
@@ -196,6 +201,7 @@ def resolve_settings():
         "validation_fraction": 0.1,
         "train_examples": FLAGS.train_examples, "test_examples": FLAGS.test_examples,
         "batches": batches, "rounds": FLAGS.rounds, "seconds_per_round": FLAGS.seconds,
+        "channel_allocation": {m: ALLOCATION[m] for m in models},
     }
 
 
@@ -206,8 +212,11 @@ def cell_config(settings, model):
             "explore_fraction", "learning_rate", "refine_lr", "batch_size",
             "steps_per_execution", "validation_fraction", "train_examples", "test_examples",
             "batches", "rounds", "seconds_per_round")
-    return dict({k: settings[k] for k in keys}, epochs=settings["epochs"][model],
-                edst_epochs=settings["edst_epochs"][model])
+    config = dict({k: settings[k] for k in keys}, epochs=settings["epochs"][model],
+                  edst_epochs=settings["edst_epochs"][model])
+    if ALLOCATION[model] != "global":
+        config["channel_allocation"] = ALLOCATION[model]
+    return config
 
 
 # ------------------------------------------------------------------------------- training
@@ -233,6 +242,8 @@ def _train(settings, data, model, method, seed, ticket_dir):
                                       sparsity=s["sparsity"], **common)
     if method != "edst":
         dst["channel_sparsity"] = float(method[len("edst_c"):])
+        if ALLOCATION[model] != "global":
+            dst["channel_allocation"] = ALLOCATION[model]
     exploration, refine = s["edst_epochs"][model]
     return ftk.train_edst(
         build, s["num_members"], data.train, exploration_epochs=exploration,
@@ -373,9 +384,13 @@ class Store:
 def summarize(records, settings):
     """{model: {method: {key: summary}}}: mean, std and n over seeds (`bench_tables.summary`)."""
     out = {}
-    for model in settings["models"]:
+    models = [m for m in MODELS if m in settings["models"] or any(r["model"] == m
+                                                                  for r in records)]
+    methods = list(settings["methods"])
+    methods += [m for m in dict.fromkeys(r["method"] for r in records) if m not in methods]
+    for model in models:
         out[model] = {}
-        for method in settings["methods"]:
+        for method in methods:
             rows = [r for r in records if r["model"] == model and r["method"] == method]
             if not rows:
                 continue
@@ -469,10 +484,10 @@ def markdown_region(report):
     if report.get("plots"):
         body += ["", *[f"![{p}]({p})" for p in report["plots"]]]
     body += ["", f"Raw per-seed numbers: `{OUTPUT_NAME}.json`."]
-    settings = [f"- {k}: {s[k]}" for k in ("models", "methods", "seeds", "epochs", "edst_epochs",
-                                           "num_members", "sparsity", "update_every",
-                                           "train_examples", "test_examples", "batches",
-                                           "rounds", "seconds_per_round")]
+    settings = [f"- {k}: {s.get(k)}" for k in (
+        "models", "methods", "seeds", "epochs", "edst_epochs", "channel_allocation",
+        "num_members", "sparsity", "update_every", "train_examples", "test_examples", "batches",
+        "rounds", "seconds_per_round")]
     return bench_tables.markdown_region(
         "bench/channels.py", report["command"],
         bench_tables.run_line(report["date_utc"], report["machine"], report["timing"]),
@@ -612,8 +627,8 @@ def main(argv):
                          progress.advance(method_epochs(settings, method, model)))
         else:
             progress.advance(method_epochs(settings, method, model))
-    records = [r for r in store.records if (r["model"], r["method"], r["seed"]) in set(cells)]
-    report = build_report(settings, records, command, start, meter, complete=True)
+    # Records of the models of earlier runs into the same JSON (--models=...) stay in it.
+    report = build_report(settings, store.records, command, start, meter, complete=True)
     render(report, output_dir)
     _write_json(json_path, report)
     if not FLAGS.work_dir:
