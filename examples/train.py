@@ -78,6 +78,9 @@ flags.DEFINE_float("channel_sparsity", 0.0,
                    "Channel-level DST (dst_ensemble, edst, checkpoint_ensemble): the fraction of "
                    "the prunable layers' units / channels removed during training (EDST: by the "
                    "end of exploration); 0: unstructured only. Served tickets are compacted.")
+flags.DEFINE_enum("channel_allocation", "global", ["global", "layerwise"],
+                  "How --channel_sparsity is spread over the layers: one global threshold, or the "
+                  "same fraction of every layer (convolution-heavy models such as lenet5).")
 flags.DEFINE_float("explore_fraction", 0.8, "EDST: global exploration drop fraction q.")
 flags.DEFINE_integer("num_members", 3, "Members M of the ensemble (EDST: tickets; "
                      "checkpoint_ensemble: snapshots).")
@@ -248,6 +251,7 @@ def train(method, strategy, data, ticket_dir):
                final_drop_fraction=0.005, grow=FLAGS.grow)
     if FLAGS.channel_sparsity:
         dst["channel_sparsity"] = FLAGS.channel_sparsity
+        dst["channel_allocation"] = FLAGS.channel_allocation
     epochs_lr = _compile_fn(_learning_rate(), FLAGS.lr_schedule, FLAGS.epochs, data)
     recipes = ftk.recipes
     if method == "dense":

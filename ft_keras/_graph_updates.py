@@ -67,11 +67,19 @@ def _channel_step(config, engine, step):
     alive = [tf.convert_to_tensor(state.alive.value) > 0.5 for state in groups]
     scores = [channels_lib.channel_scores(tf.convert_to_tensor(state.producer.kernel),
                                           state.depthwise) for state in groups]
-    removed = total - tf.add_n([masks.count_active(live) for live in alive])
-    due = tf.where(step <= ints[1],
-                   channels_lib.target_removed(step, ints[0], ints[1], sparsity, total) - removed,
-                   0)
-    alive = channels_lib.remove_channels(scores, alive, [state.protect for state in groups], due)
+    protect = [state.protect for state in groups]
+
+    def due(live, size):  # channels of `size` (removed so far: size - live) due at `step`
+        removed = size - tf.add_n([masks.count_active(v) for v in live])
+        target = channels_lib.target_removed(step, ints[0], ints[1], sparsity, size)
+        return tf.where(step <= ints[1], target - removed, 0)
+
+    if config.channels[0] == "global":
+        alive = channels_lib.remove_channels(scores, alive, protect, due(alive, total))
+    else:  # "layerwise": every group its own ramp and threshold
+        alive = [channels_lib.remove_channels([score], [live], [keep],
+                                              due([live], state.group.num_channels))[0]
+                 for state, score, live, keep in zip(groups, scores, alive, protect)]
     regions = {}
     for state, live in zip(groups, alive):
         state.alive.value.assign(tf.cast(live, tf.float32))

@@ -54,7 +54,8 @@ class GraphConfig:
     momentum: tuple  # SNFS: ("sgd", beta) / ("adam", b1, b2, eps) / ("sgd_ema", b1) / ()
     random_grown: bool = False  # grown weights drawn at random (grown_weight_scale > 0)
     split: bool = False  # XLA: ordinary steps compiled, update steps not (`split_train_step`)
-    channels: tuple = ()  # channel-level DST: the protected count of each group; () = off
+    # channel-level DST: (allocation, the protected count of each group...); () = off
+    channels: tuple = ()
     schedule: tuple = ()  # the drop schedule's `graph_signature` (() with fixed masks)
 
 

@@ -266,6 +266,10 @@ def removable_channels(group, kernels):
 
 
 # ------------------------------------------------------------------ the channel schedule
+# How `DynamicSparsity(channel_allocation=...)` spreads the removed channels over the layers.
+ALLOCATIONS = ("global", "layerwise")
+
+
 def target_removed(step, start_step, last_step, sparsity, total):
     """Channels removed in total by ``step``: ``floor(s(t) * total + 0.5)`` with the cubic ramp
     ``s(t) = sparsity * (1 - (1 - progress)^3)``, progress ``(t - start) / (last - start)``

@@ -451,6 +451,11 @@ class DynamicSparsity(SparseTraining):
             the surviving channels (docs/method.md, section 11). 0.0: off (the training
             graph holds no channel code). `ft_keras.compact` then slices the removed channels
             out.
+        channel_allocation: how the removed channels are spread over the prunable layers:
+            "global" (default: one threshold across all of them, so weak layers lose more)
+            or "layerwise" (every layer removes the fraction ``channel_sparsity`` of its own
+            channels, by the same cubic ramp, lowest mean |w| first: for models whose cost
+            sits in layers a global threshold leaves whole, such as LeNet-5's convolutions).
         channel_end_step: the step by which ``channel_sparsity`` is reached: the last regular
             update at or before it removes the last channels. None: the schedule's end step.
         channel_min_keep: in [0, 1]; ``ceil(channel_min_keep * C)`` (at least 1) channels of
@@ -499,6 +504,7 @@ class DynamicSparsity(SparseTraining):
         channel_end_step=None,
         channel_min_keep=0.05,
         schedule=None,
+        channel_allocation="global",
     ):
         super().__init__(optimizer_state=optimizer_state, log_dir=log_dir, verbose=verbose)
         self.grown_weight_scale = _checks.check_real("grown_weight_scale", grown_weight_scale,
@@ -509,6 +515,8 @@ class DynamicSparsity(SparseTraining):
                                                            allow_none=True)
         self.channel_min_keep = _checks.check_real("channel_min_keep", channel_min_keep,
                                                    low=0.0, high=1.0)
+        self.channel_allocation = _checks.check_choice("channel_allocation", channel_allocation,
+                                                       channels_lib.ALLOCATIONS)
         self._channel_end_override = None
         self._channel_groups = ()  # the prunable `ft_keras.channels.ChannelGroup`s
         if schedule is None:
@@ -586,16 +594,22 @@ class DynamicSparsity(SparseTraining):
                 f"channel_sparsity={self.channel_sparsity} needs a masked layer whose output "
                 f"channels can be removed; model={model.name!r} has none: {reasons}. See "
                 "ft_keras.channels for the supported topologies, or pass channel_sparsity=0.")
-        total = sum(group.num_channels for group in prunable)
-        target = channels_lib.target_removed(1, 0, 1, self.channel_sparsity, total)
-        removable = sum(group.num_channels - channels_lib.protected_count(
-            self.channel_min_keep, group.num_channels) for group in prunable)
-        if target > removable:
-            raise ValueError(
-                f"channel_sparsity={self.channel_sparsity} removes {target} of the {total} "
-                f"prunable channels, but channel_min_keep={self.channel_min_keep} leaves only "
-                f"{removable} removable ({[(g.name, g.num_channels) for g in prunable]}). "
-                "Lower channel_sparsity or channel_min_keep.")
+        # The target must be reachable: of all prunable channels together ("global"), of each
+        # layer's own ("layerwise").
+        sets = ([prunable] if self.channel_allocation == "global"
+                else [[group] for group in prunable])
+        for groups_ in sets:
+            total = sum(group.num_channels for group in groups_)
+            target = channels_lib.target_removed(1, 0, 1, self.channel_sparsity, total)
+            removable = sum(group.num_channels - channels_lib.protected_count(
+                self.channel_min_keep, group.num_channels) for group in groups_)
+            if target > removable:
+                raise ValueError(
+                    f"channel_sparsity={self.channel_sparsity} (channel_allocation="
+                    f"{self.channel_allocation!r}) removes {target} of the {total} prunable "
+                    f"channels of {[(g.name, g.num_channels) for g in groups_]}, but "
+                    f"channel_min_keep={self.channel_min_keep} leaves only {removable} "
+                    "removable. Lower channel_sparsity or channel_min_keep.")
         self._channel_groups = tuple(prunable)
         self._engine.add_channel_state(prunable, self.channel_min_keep)
         logging.info("%s: channel-level DST over %s; not prunable: %s", type(self).__name__,
@@ -604,7 +618,8 @@ class DynamicSparsity(SparseTraining):
     def _channel_config(self):
         if self.channel_sparsity == 0:
             return ()
-        return tuple(state.protect for state in self._engine.channel_groups)
+        return (self.channel_allocation,) + tuple(
+            state.protect for state in self._engine.channel_groups)
 
     def _last_channel_step(self, end):
         """The last regular update step at or before the channel end step."""

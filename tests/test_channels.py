@@ -197,6 +197,48 @@ def test_per_layer_minimum_is_respected():
     assert {k: int(v.sum()) for k, v in _alive(callback).items()} == {"a": 11, "b": 3}
 
 
+def test_layerwise_allocation_removes_each_layers_own_fraction():
+    """`b`'s channels score far below `a`'s (a global threshold would take b's first); with
+    "layerwise" each layer follows its own ramp: by hand, 0.5 * (1 - (1 - t / 10)^3) x 16 / x 12
+    rounded: t=2: 3.904 -> 4, 2.928 -> 3; t=4: 6.272 -> 6, 4.704 -> 5; t=6: 7.488 -> 7,
+    5.616 -> 6; t=8: 7.936 -> 8, 5.952 -> 6; t=10: 8, 6 (totals 7, 11, 13, 14, 14 as globally)."""
+    by_hand = {2: (4, 3), 4: (6, 5), 6: (7, 6), 8: (8, 6), 10: (8, 6)}
+    model = _compile(_tiny(b_scale=1e-4), keras.optimizers.SGD(1e-4))
+    budgets = {layer.name: layer.num_active for layer in ftk.masked_layers(model)}
+    callback = ftk.DynamicSparsity(update_every=2, drop_fraction=0.3, channel_sparsity=0.5,
+                                   channel_end_step=10, channel_allocation="layerwise")
+    checker = _Checker(callback, _REMOVED_BY, budgets)
+    x, y = _data()
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[callback, checker])
+    for step, seen in enumerate(checker.seen, start=1):
+        due = [t for t in by_hand if t <= step]
+        removed = by_hand[max(due)] if due else (0, 0)
+        assert seen == {"a": 16 - removed[0], "b": 12 - removed[1]}, step
+    global_ = _compile(_tiny(b_scale=1e-4), keras.optimizers.SGD(1e-4))
+    other = ftk.DynamicSparsity(update_every=2, drop_fraction=0.3, channel_sparsity=0.5,
+                                channel_end_step=10)
+    global_.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[other])
+    # globally: b loses all but its protected channel (11), a the other 3 of the 14
+    assert {k: int(v.sum()) for k, v in _alive(other).items()} == {"a": 13, "b": 1}
+
+
+def test_layerwise_target_must_be_reachable_in_every_layer():
+    """At 0.8 a 2-unit layer would lose floor(1.6 + 0.5) = 2 units; the minimum keeps 1."""
+    keras.utils.set_random_seed(0)
+    model = ftk.sparsify(keras.Sequential([
+        keras.Input((10,)), keras.layers.Dense(16, activation="relu", name="a"),
+        keras.layers.Dense(2, activation="relu", name="b"), keras.layers.Dense(3, name="out"),
+    ]), 0.5, distribution="uniform")
+    x, y = _data(32)
+    fit = dict(x=x, y=y, batch_size=8, epochs=1, verbose=0)
+    _compile(model).fit(callbacks=[ftk.DynamicSparsity(  # globally: 14 of 18, 16 removable
+        channel_sparsity=0.8, channel_end_step=2, update_every=1)], **fit)
+    with pytest.raises(ValueError, match=r"removes 2 of the 2 prunable channels of \[\('b', 2\)"):
+        _compile(model).fit(callbacks=[ftk.DynamicSparsity(
+            channel_sparsity=0.8, channel_allocation="layerwise")], **fit)
+
+
 def _traced(function, seen=None):
     """The tf.functions reachable from Keras's train function (through closures)."""
     seen = set() if seen is None else seen
@@ -394,6 +436,7 @@ def test_free_tickets_share_their_removed_channels(tmp_path):
     (dict(channel_sparsity="0.5"), TypeError, "channel_sparsity"),
     (dict(channel_min_keep=1.5), ValueError, "channel_min_keep=1.5"),
     (dict(channel_end_step=0), ValueError, "channel_end_step=0"),
+    (dict(channel_allocation="uniform"), ValueError, "channel_allocation='uniform'.*layerwise"),
 ])
 def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -268,21 +268,19 @@ def test_bad_flags_exit_with_a_clear_message(runs, tmp_path):
     assert len(ftk.list_tickets(os.path.join(runs["edst"], "tickets"))) == NUM_MEMBERS
 
 
-if __name__ == "__main__":  # bazel test / python tests/test_examples.py
-    import sys
 
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
-def test_edst_with_channel_sparsity(tmp_path):
+@pytest.mark.parametrize("allocation, kept", [("global", None), ("layerwise", (150, 50))])
+def test_edst_with_channel_sparsity(tmp_path, allocation, kept):
     """--channel_sparsity: the tickets of one run share their removed units, and compacted
-    tickets are narrower than LeNet-300-100 by the asked fraction of its hidden units."""
+    tickets are narrower than LeNet-300-100 by the asked fraction of its hidden units (layerwise:
+    of each layer's)."""
     if not _available("fashion_mnist"):
         pytest.skip("Fashion-MNIST is not available: install the Debian package "
                     "dataset-fashion-mnist or set FT_KERAS_DATA_DIR to a folder with its IDX files")
     out = str(tmp_path / "edst_channels")
     code, output = _finish(_start(TRAIN, ["--method=edst", f"--output_dir={out}",
-                                          "--channel_sparsity=0.5"] + TRAIN_FLAGS))
+                                          "--channel_sparsity=0.5",
+                                          f"--channel_allocation={allocation}"] + TRAIN_FLAGS))
     assert code == 0, output[-4000:]
     widths = []
     for path in ftk.list_tickets(os.path.join(out, "tickets")):
@@ -290,3 +288,10 @@ def test_edst_with_channel_sparsity(tmp_path):
         widths.append((small.get_layer("fc1").units, small.get_layer("fc2").units))
     assert len(widths) == NUM_MEMBERS and len(set(widths)) == 1
     assert sum(widths[0]) == 400 - round(0.5 * 400)  # fc1 + fc2: 300 + 100 hidden units
+    if kept:
+        assert widths[0] == kept
+
+if __name__ == "__main__":  # bazel test / python tests/test_examples.py
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q"]))
