@@ -65,8 +65,8 @@ def _channel_step(config, engine, step):
     sparsity = tf.convert_to_tensor(engine.channel_schedule_float)[0]
     total = sum(state.group.num_channels for state in groups)
     alive = [tf.convert_to_tensor(state.alive.value) > 0.5 for state in groups]
-    scores = [channels_lib.channel_scores(tf.convert_to_tensor(state.producer.kernel),
-                                          state.depthwise) for state in groups]
+    scores = [channels_lib.channel_scores(tf.convert_to_tensor(state.kernel), state.depthwise)
+              for state in groups]
     protect = [state.protect for state in groups]
 
     def due(live, size):  # channels of `size` (removed so far: size - live) due at `step`
@@ -89,11 +89,13 @@ def _channel_step(config, engine, step):
                     follower.slots if config.optimizer_state == "masked" else []):
                 value = tf.convert_to_tensor(variable.value)
                 variable.value.assign(tf.where(where, value, tf.zeros([], value.dtype)))
-        shape = tuple(state.producer.kernel.shape)
-        out = (tf.reshape(live, shape[-2:]) if state.depthwise else live)
-        out = tf.broadcast_to(out, shape)
-        index = state.producer.index
-        regions[index] = out if index not in regions else tf.logical_and(regions[index], out)
+        if state.producer is not None:  # a plain producer's kernel is a follower
+            shape = tuple(state.kernel.shape)
+            out = (tf.reshape(live, shape[-2:]) if state.depthwise else live)
+            out = tf.broadcast_to(out, shape)
+            index = state.producer.index
+            regions[index] = (out if index not in regions
+                              else tf.logical_and(regions[index], out))
         for kernel, tile in state.consumers:
             shape = tuple(kernel.kernel.shape)
             rows = tf.broadcast_to(_along(live, shape, -2, tile), shape)

@@ -75,7 +75,8 @@ class _ChannelGroupState:
 
     group: object
     alive: object  # keras Variable, float32 [C]: 1.0 = the channel survives
-    producer: object  # the producer's `_MaskedKernel`
+    kernel: object  # the producer's kernel variable
+    producer: object  # the producer's `_MaskedKernel`; None when it is not masked
     depthwise: bool
     protect: int  # the channels of this layer that are never removed
     consumers: list  # [(`_MaskedKernel`, tile)]: masked consumers (their mask follows)
@@ -245,13 +246,16 @@ class Engine:
                 self.channel_schedule_float = tf.Variable(
                     tf.zeros([1], tf.float64), trainable=False, name="ftk_channel_schedule_float")
             for group in groups:
-                producer = by_layer[id(group.producer)]
-                key = (producer.kernel.path, "ftk_channels")
+                producer = by_layer.get(id(group.producer))
+                kernel = channels_lib.kernel_of(group.producer)
+                key = (kernel.path, "ftk_channels")
                 if key not in cache:
                     cache[key] = self.optimizer.add_variable(
                         (group.num_channels,), initializer="ones", dtype="float32",
                         name="ftk_channels")
                 consumers, followers = [], []
+                if producer is None:  # a plain producer: its kernel's columns follow
+                    followers.append(self._follower(kernel, -1, 1))
                 for weight in group.producer.weights:
                     if weight.name == "bias":
                         followers.append(self._follower(weight, -1, 1))
@@ -266,7 +270,7 @@ class Engine:
                         followers.append(self._follower(
                             channels_lib.kernel_of(consumer.layer), -2, consumer.tile))
                 states.append(_ChannelGroupState(
-                    group=group, alive=cache[key], producer=producer,
+                    group=group, alive=cache[key], kernel=kernel, producer=producer,
                     depthwise=isinstance(group.producer, keras.layers.DepthwiseConv2D),
                     protect=channels_lib.protected_count(min_keep, group.num_channels),
                     consumers=consumers, followers=followers))

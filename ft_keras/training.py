@@ -583,8 +583,9 @@ class DynamicSparsity(SparseTraining):
         masked = {id(kernel.layer) for kernel in self._engine.kernels}
         prunable = []
         for group in groups:
-            if id(group.producer) not in masked:
-                reasons[group.name] = "it is not masked"
+            if (id(group.producer) not in masked
+                    and isinstance(group.producer, keras.layers.DepthwiseConv2D)):
+                reasons[group.name] = "it is a DepthwiseConv2D that is not masked"
             elif not group.zero_safe:
                 reasons[group.name] = "an activation on its path maps 0 to a nonzero value"
             else:

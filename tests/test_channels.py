@@ -404,6 +404,47 @@ def test_conv_model_and_compact():
                                atol=1e-5)
 
 
+def test_plain_producer_loses_channels_and_stays_dense_inside():
+    """A layer sparsify left dense (keep_dense, or density 1 under ERK) is a producer too: its
+    kernel's removed columns and bias are exactly zero after every step (gradient masked,
+    re-zeroed), its surviving columns stay dense, and compact slices them out."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, activation="relu", bias_initializer="ones", name="c1")(inputs)
+    h = keras.layers.MaxPooling2D(name="pool")(h)
+    h = keras.layers.Conv2D(6, 3, activation="relu", name="c2")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    outputs = keras.layers.Dense(3, name="out")(h)
+    model = ftk.sparsify(keras.Model(inputs, outputs), 0.5, distribution="uniform",
+                         keep_dense=("c1",))
+    assert [layer.name for layer in ftk.masked_layers(model)] == ["c2", "out"]
+    _compile(model)
+    callback = ftk.DynamicSparsity(update_every=2, channel_sparsity=0.5, channel_end_step=6,
+                                   channel_allocation="layerwise")
+
+    class Zeros(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            dead = ~_alive(callback)["c1"]
+            c1 = self.model.get_layer("c1")
+            assert not _np(c1.kernel)[..., dead].any() and not _np(c1.bias)[dead].any()
+            assert (_np(c1.kernel)[..., ~dead] != 0).all()  # dense inside
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 3, 32)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[callback, Zeros()])
+    alive = _alive(callback)
+    # floor(0.5 * 8 + 0.5) = 4 of c1's 8, floor(0.5 * 6 + 0.5) = 3 of c2's 6
+    assert {k: int(v.sum()) for k, v in alive.items()} == {"c1": 4, "c2": 3}
+    c2 = _np(model.get_layer("c2").kernel_mask)
+    assert not c2[:, :, ~alive["c1"], :].any() and not c2[..., ~alive["c2"]].any()
+    compacted = ftk.compact(model)
+    assert compacted.get_layer("c1").filters == 4
+    assert compacted.get_layer("c2").filters <= 3  # (a survivor may have no active rows in out)
+    np.testing.assert_allclose(np.asarray(compacted(x)), np.asarray(model(x)), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_free_tickets_share_their_removed_channels(tmp_path):
     x, y = _data()
     model = _compile(_tiny())
