@@ -12,11 +12,15 @@ equal widths) are *aligned*: each position is evaluated for all members together
 **Grouping** (``group_members``) evaluates a position of aligned members as one op:
 
 - ``"convolutions"`` (the default): convolutions (Conv1D / 2D / 3D, channels last, "valid" or
-  "same" padding) run as one convolution with the members' filters side by side, an ordinary
-  one on the shared request and a grouped one (one group per member) after that; the members'
-  channels then stay side by side on the last axis through layers that act on each channel
-  alone (pooling, activations, dropout, padding, cropping) until a layer that needs them apart
-  (Flatten, a Dense layer). Dense layers run as one product per member.
+  "same" padding) run as one ordinary convolution with the members' filters side by side: on
+  the shared request, the members' kernels concatenated; after that, a block-diagonal kernel
+  (member m's kernel maps its own input channels to its own output channels, zeros elsewhere).
+  The block-diagonal kernel costs M times the multiply-adds of a grouped convolution, but a
+  grouped convolution is no ordinary op on CPU: Keras compiles it with XLA, and TensorFlow's
+  fused CPU convolution refuses groups (docs/benchmarks.md, "Serving", has the measurement).
+  The members' channels then stay side by side on the last axis through layers that act on
+  each channel alone (pooling, activations, dropout, padding, cropping) until a layer that
+  needs them apart (Flatten, a Dense layer). Dense layers run as one product per member.
 - ``"all"``: convolutions as above, and Dense layers as one op too: a layer whose input is the
   request (shared by all members) multiplies it once by the members' kernels side by side
   (``n_in x M * n_out``); later layers are one batched product over the members' stacked
@@ -63,7 +67,7 @@ GROUP_MODES = ("convolutions", "all", "none")
 
 # States between steps: ("shared", x) before the first layer with weights; ("grouped", y)
 # with the members on a leading axis; ("channels", y) with the members' channels side by side
-# on the last axis (after grouped convolutions); ("list", [y_1, ..., y_M]).
+# on the last axis (after grouped convolution steps); ("list", [y_1, ..., y_M]).
 _SHARED, _GROUPED, _CHANNELS, _LIST = "shared", "grouped", "channels", "list"
 
 # Layers without weights that act on each channel alone (channels last): they run on the
@@ -536,23 +540,40 @@ class _WeightlessStep:
 
 class _ConvStep:
     """A convolution of M >= 2 aligned members as one convolution: the members' filters side
-    by side; on the shared input an ordinary convolution, on the members' channels side by
-    side a grouped one (one group per member). Its output is in the "channels" state."""
+    by side; on the shared input the kernels concatenated, on the members' channels side by
+    side a block-diagonal kernel. Its output is in the "channels" state."""
 
     output_kind = _CHANNELS
 
-    def __init__(self, module, layers):
+    def __init__(self, module, layers, input_kind):
         self.module = module
         self.layers = list(layers)
         self.members = len(self.layers)
         first = self.layers[0]
         self.segments = _store_kernels(module, self.layers)
         shape = self.segments[0].shape
-        self.kernel_shape = tuple(shape[:-1]) + (self.members * shape[-1],)
+        members = self.members
+        self.block_diagonal = input_kind != _SHARED
+        if self.block_diagonal:
+            # One ordinary convolution whose kernel holds member m's kernel at input channels
+            # [m * C_in, (m + 1) * C_in) x output channels [m * C_out, (m + 1) * C_out), zeros
+            # elsewhere (rebuilt at load: the zeros are not stored).
+            self.kernel_shape = tuple(shape[:-2]) + (members * shape[-2], members * shape[-1])
+            pad = [[0, 0]] * (len(shape) - 2)
+
+            def build(d):
+                blocks = [tf.pad(serving_storage.Storage.tensor(s, d),
+                                 pad + [[m * shape[-2], (members - 1 - m) * shape[-2]], [0, 0]])
+                          for m, s in enumerate(self.segments)]
+                return tf.concat(blocks, axis=-1)
+        else:
+            self.kernel_shape = tuple(shape[:-1]) + (members * shape[-1],)
+
+            def build(d):
+                return tf.concat([serving_storage.Storage.tensor(s, d) for s in self.segments],
+                                 axis=-1)
         self.nnz = sum(segment.nnz for segment in self.segments)
-        self.kernel_index = module.float_cache.add(
-            lambda d: tf.concat([serving_storage.Storage.tensor(s, d) for s in self.segments],
-                                axis=-1))
+        self.kernel_index = module.float_cache.add(build)
         self.bias_index = None
         if first.use_bias:
             biases = np.concatenate([keras.ops.convert_to_numpy(layer.bias)
@@ -659,7 +680,7 @@ def _steps(module, layers_by_position, members, sparse_kernels, group_members):
             dense_steps.append(step)
         elif (group_members != "none" and members > 1
               and all(map(_is_groupable_conv, layers))):
-            step = _ConvStep(module, layers)
+            step = _ConvStep(module, layers, kind)
             dense_steps.append(step)
         elif not any(layer.weights for layer in layers) and not any(
                 isinstance(layer, keras.Model) for layer in layers):
