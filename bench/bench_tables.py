@@ -1,20 +1,27 @@
 """Helpers shared by the benchmark scripts: summaries, ratios, merged table rows, memory
 accounting, the markdown of the tfmot and peak-memory sections, a CPU-contention meter, and the
 scripts' common plumbing (atomic writes, the shared data folder, seeds, a log filter, the data
-split of the recipe benchmarks, the run header of their reports, ``--render_only``).
+split of the recipe benchmarks, the loop that runs them (`Runner`), the run header of their
+reports, ``--render_only``).
 
 No TensorFlow, Keras or absl import at load time, so that the scripts' launchers stay light and
-``tests/test_bench_tables.py`` can check the logic in milliseconds (`Data` imports TensorFlow and
-ft_keras when it is built). Nothing here times a model.
+``tests/test_bench_tables.py`` can check the logic in milliseconds (`Data`, `Runner` and
+`recipe_machine_info` import TensorFlow, Keras or ft_keras when they are used). Nothing here
+times a model.
 """
 
+import contextlib
+import gc
 import json
 import logging
 import os
 import platform
 import re
+import shlex
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 
 # What the comparison table says when tf_keras / tensorflow-model-optimization are missing.
@@ -202,16 +209,17 @@ def parse_seeds(values, flag="seeds"):
 
 
 class OwnInfoOnly(logging.Filter):
-    """A logging filter that lets through the INFO lines of one script and everyone's
-    warnings (TensorFlow's SavedModel writer and the callbacks log a lot at INFO)."""
+    """A logging filter that lets through the INFO lines of one script (and of this module,
+    whose `Runner` it may use) and everyone's warnings (TensorFlow's SavedModel writer and the
+    callbacks log a lot at INFO)."""
 
     def __init__(self, script):
         super().__init__()
-        self.script = os.path.basename(script)
+        self.scripts = (os.path.basename(script), os.path.basename(__file__))
 
     def filter(self, record):
         return (record.levelno >= logging.WARNING
-                or os.path.basename(record.pathname) == self.script)
+                or os.path.basename(record.pathname) in self.scripts)
 
 
 def _write_atomically(path, content):
@@ -690,6 +698,87 @@ class Progress:
         eta = elapsed / done - elapsed if done > 0 else float("nan")
         return (f"{elapsed:.0f} s elapsed, {100 * done:.0f}% of the planned epochs, ~{eta:.0f} s "
                 "left (epoch-count estimate)")
+
+
+# -------------------------------------------------------------------- recipe benchmark runs
+def recipe_machine_info(repo):
+    """The ``machine`` of a recipe benchmark's report: `host_info` of ``repo``, the GPUs and
+    the versions of TensorFlow, Keras, numpy and ft_keras."""
+    # pylint: disable=import-outside-toplevel
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import ft_keras
+
+    return {**host_info(repo), "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "ft_keras": ft_keras.__version__}
+
+
+def script_command(argv, repo):
+    """How a benchmark was started: ``python <script> <arguments>``, the script's path relative
+    to ``repo`` when it was given as an absolute path."""
+    script = os.path.relpath(argv[0], repo) if os.path.isabs(argv[0]) else argv[0]
+    return "python " + shlex.join([script] + list(argv[1:]))
+
+
+def output_dir(flag_value, quick, quick_name, repo):
+    """Where a benchmark writes its report: ``--output_dir`` if given, else a temporary folder
+    named ``quick_name`` for a ``--quick`` run, else the repository's docs/."""
+    if flag_value:
+        return flag_value
+    if quick:
+        return os.path.join(tempfile.gettempdir(), quick_name)
+    return os.path.join(repo, "docs")
+
+
+@contextlib.contextmanager
+def work_folder(flag_value, prefix, keep=False):
+    """The folder the tickets of a run go to: ``--work_dir`` (created if missing; kept), or a new
+    temporary folder named with ``prefix``, deleted at the end unless ``keep``."""
+    folder = flag_value or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if not flag_value and not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class Runner:
+    """What the recipe benchmarks (bench/reproduce.py, bench/diversity.py) do around each run
+    they train: its folder under the work folder, the log lines before and after with the
+    planned-epochs count (`Progress`), and freeing what Keras holds once it is recorded. Each
+    script subclasses it with what it runs and records."""
+
+    def __init__(self, work_dir, total_epochs=0, start=None):
+        self.work_dir = work_dir
+        self.progress = Progress(total_epochs, start)
+
+    def folder(self, model, seed, name, *more):
+        """``work_dir/<model>/seed_<seed>/<name>[/<more>...]`` (a ``:`` in ``name`` as ``_``)."""
+        return os.path.join(self.work_dir, model, f"seed_{seed}", name.replace(":", "_"), *more)
+
+    def train(self, model, seed, name, epochs, train, folder):
+        """``train(folder)``, the training of run ``name`` of ``model`` and ``seed`` for
+        ``epochs`` epochs, logged before and after; returns its result."""
+        from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+        absl_logging.info("[%s, seed %d] training %s (%d epochs)", model, seed, name, epochs)
+        started = time.time()
+        result = train(folder)
+        absl_logging.info("[%s, seed %d] %s trained in %.1f s; %s", model, seed, name,
+                          time.time() - started, self.progress.advance(epochs))
+        return result
+
+    @staticmethod
+    def release():
+        """Frees what Keras holds of the runs so far (between runs)."""
+        import keras  # pylint: disable=import-outside-toplevel
+
+        keras.backend.clear_session()
+        gc.collect()
 
 
 # ------------------------------------------------------------------- recipe benchmark pages

@@ -49,13 +49,10 @@ to the data search path when it exists):
 
 import dataclasses
 import datetime
-import gc
 import json
 import os
-import shlex
 import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,7 +60,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -904,36 +900,16 @@ def write_plot(report, output_dir):
 
 
 # ---------------------------------------------------------------------------------- running
-def machine_info():
-    return {**bench_tables.host_info(_REPO), "tensorflow": tf.__version__,
-            "keras": keras.__version__, "numpy": np.__version__, "ft_keras": ftk.__version__}
-
-
-def _output_dir():
-    if FLAGS.output_dir:
-        return FLAGS.output_dir
-    if FLAGS.quick:
-        return os.path.join(tempfile.gettempdir(), "ft_keras_diversity_quick")
-    return os.path.join(_REPO, "docs")
-
-
-def _command():
-    script = sys.argv[0]
-    if os.path.isabs(script):
-        script = os.path.relpath(script, _REPO)
-    return "python " + shlex.join([script] + sys.argv[1:])
-
-
-class Runner:
+class Runner(bench_tables.Runner):
     """Plans, trains (or reuses) and evaluates every run; writes the report as it goes."""
 
     def __init__(self, config, data, store, work_dir, meter, machine, command, start):
+        super().__init__(work_dir, start=start)
         self.config, self.data, self.store = config, data, store
-        self.work_dir, self.meter, self.machine = work_dir, meter, machine
+        self.meter, self.machine = meter, machine
         self.command, self.start = command, start
         self.plan_runs = {}
         self.trained_s = 0.0
-        self.progress = bench_tables.Progress(start=start)
 
     def settings_for(self, model):
         names = list(self.config.plan[model])
@@ -978,12 +954,10 @@ class Runner:
             logging.info("[%s, seed %d] %s: in the JSON already, skipped", model, seed,
                          spec["name"])
             return
-        folder = os.path.join(self.work_dir, model, f"seed_{seed}",
-                              spec["name"].replace(":", "_"))
-        logging.info("[%s, seed %d] training %s (%d epochs)", model, seed, spec["name"],
-                     spec["epochs"])
+        folder = self.folder(model, seed, spec["name"])
         started = time.time()
-        result = train(self.config, self.data, model, seed, spec, folder)
+        result = self.train(model, seed, spec["name"], spec["epochs"],
+                            lambda f: train(self.config, self.data, model, seed, spec, f), folder)
         metrics, info = evaluate_run(self.config, self.data, model, result)
         shutil.rmtree(folder, ignore_errors=True)
         record = {"model": model, "run": spec["name"], "kind": spec["kind"], "seed": seed,
@@ -993,15 +967,13 @@ class Runner:
         self.store.add(record)
         self.trained_s += record["wall_time_s"]
         logging.info("[%s, seed %d] %s: accuracy %.4f (tickets %s), NLL %.4f, disagreement %s, "
-                     "training %.3fx dense, %.0f s; %s", model, seed, spec["name"],
+                     "training %.3fx dense, %.0f s", model, seed, spec["name"],
                      metrics["test/accuracy"],
                      " ".join(f"{a:.4f}" for a in metrics["member_accuracy"]),
                      metrics["test/nll"], f"{metrics.get('test/disagreement', float('nan')):.4f}",
-                     metrics["cost/training_macs_relative"], record["run_time_s"],
-                     self.progress.advance(spec["epochs"]))
+                     metrics["cost/training_macs_relative"], record["run_time_s"])
         self.write(self.report(complete=False))
-        keras.backend.clear_session()
-        gc.collect()
+        self.release()
 
     def report(self, complete):
         records = self.store.records
@@ -1091,22 +1063,20 @@ def main(argv):
     if FLAGS.data_dir is None:
         bench_tables.add_data_dir(SHARED_DATA, ftk.data.DATA_DIR_ENV)
     config = resolve_config()
-    output_dir = _output_dir()
+    output_dir = bench_tables.output_dir(FLAGS.output_dir, FLAGS.quick,
+                                         "ft_keras_diversity_quick", _REPO)
     markdown = FLAGS.markdown or os.path.join(output_dir, "results.md")
     data = load_data(config, FLAGS.data_dir)
     os.makedirs(output_dir, exist_ok=True)
     store = Store(os.path.join(output_dir, OUTPUT_NAME + ".json"), FLAGS.restart)
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="ft_keras_diversity_")
-    os.makedirs(work_dir, exist_ok=True)
     logging.info("config: %s", json.dumps(config.as_dict()))
     logging.info("outputs: %s, %s; %d runs in the JSON already", store.path, markdown,
                  len(store.records))
-    runner = Runner(config, data, store, work_dir, meter, machine_info(), _command(), start)
-    try:
+    with bench_tables.work_folder(FLAGS.work_dir, "ft_keras_diversity_") as work_dir:
+        runner = Runner(config, data, store, work_dir, meter,
+                        bench_tables.recipe_machine_info(_REPO),
+                        bench_tables.script_command(sys.argv, _REPO), start)
         report = runner.run()
-    finally:
-        if not FLAGS.work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
     report = render(report, output_dir, markdown, FLAGS.plots)
     runner.write(report)
     logging.info("done in %.1f min: %s, %s", (time.time() - start) / 60, store.path, markdown)

@@ -62,14 +62,10 @@ to the data search path when it exists):
 
 import dataclasses
 import datetime
-import gc
 import json
 import os
 import re
-import shlex
-import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,7 +73,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -553,29 +548,16 @@ def method_epochs(settings, method, model_name):
 
 
 # -------------------------------------------------------------------------------- machine
-def machine_info():
-    """CPU, accelerators, library versions and the git commit."""
-    return {
-        **bench_tables.host_info(_REPO),
-        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "ft_keras": ftk.__version__,
-    }
-
-
 # ---------------------------------------------------------------------------------- running
-class Runner:
+class Runner(bench_tables.Runner):
     """Trains and evaluates every (model, seed, method); collects per-seed records."""
 
     def __init__(self, settings, data, work_dir, on_progress=None):
         self.settings = settings
         self.data = data
-        self.work_dir = work_dir
         self.on_progress = on_progress
         self.records = []
-        self.progress = bench_tables.Progress(sum(
+        super().__init__(work_dir, sum(
             method_epochs(settings, m, model) for model in settings.models
             for m in self._trained_methods()) * len(settings.seeds))
 
@@ -595,15 +577,11 @@ class Runner:
 
     def _train(self, model_name, seed, method):
         """Trains one method; returns its `RecipeResult`."""
-        s = self.settings
-        folder = os.path.join(self.work_dir, model_name, f"seed_{seed}", method, "tickets")
-        logging.info("[%s, seed %d] training %s (%d epochs)", model_name, seed, LABELS[method],
-                     method_epochs(s, method, model_name))
-        result = train_method(s, self.data, model_name, seed, method, folder)
-        logging.info("[%s, seed %d] %s (%.1f s) done; %s", model_name, seed, method,
-                     result.wall_time_s,
-                     self.progress.advance(method_epochs(s, method, model_name)))
-        return result
+        return self.train(
+            model_name, seed, LABELS[method], method_epochs(self.settings, method, model_name),
+            lambda folder: train_method(self.settings, self.data, model_name, seed, method,
+                                        folder),
+            self.folder(model_name, seed, method, "tickets"))
 
     def _run_group(self, model_name, seed):
         trained = {}  # method -> (ticket paths, wall times, training MACs)
@@ -655,8 +633,7 @@ class Runner:
                          metrics["cost/training_macs_relative"],
                          metrics["cost/inference_macs_relative"])
         del outputs
-        keras.backend.clear_session()
-        gc.collect()
+        self.release()
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -980,14 +957,6 @@ def write_plots(report, output_dir):
 
 
 # -------------------------------------------------------------------------------------- main
-def _output_dir():
-    if FLAGS.output_dir:
-        return FLAGS.output_dir
-    if FLAGS.quick:
-        return os.path.join(tempfile.gettempdir(), "ft_keras_reproduce_quick")
-    return os.path.join(_REPO, "docs")
-
-
 def _write_json(path, value):
     bench_tables.write_text(path, json.dumps(value, indent=1, sort_keys=False))
 
@@ -1053,19 +1022,16 @@ def main(argv):
     if FLAGS.data_dir is None:
         bench_tables.add_data_dir(SHARED_DATA, ftk.data.DATA_DIR_ENV)
     settings = resolve_settings()
-    output_dir = _output_dir()
+    output_dir = bench_tables.output_dir(FLAGS.output_dir, FLAGS.quick,
+                                         "ft_keras_reproduce_quick", _REPO)
     output_name = FLAGS.output_name or CONFIGS[FLAGS.config]["output_name"]
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", output_name):
         raise _usage("output_name", f"{output_name!r} must be a plain file name stem.")
     os.makedirs(output_dir, exist_ok=True)
-    work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="ft_keras_reproduce_")
-    os.makedirs(work_dir, exist_ok=True)
-    command = shlex.join([os.path.relpath(sys.argv[0], _REPO)
-                          if os.path.isabs(sys.argv[0]) else sys.argv[0]] + sys.argv[1:])
-    command = "python " + command
-    machine = machine_info()
+    command = bench_tables.script_command(sys.argv, _REPO)
+    machine = bench_tables.recipe_machine_info(_REPO)
     logging.info("settings: %s", json.dumps(settings.as_dict()))
-    logging.info("outputs: %s/%s.{json,md}; tickets under %s", output_dir, output_name, work_dir)
+    logging.info("outputs: %s/%s.{json,md}", output_dir, output_name)
     data = load_data(settings, ood_required=FLAGS.ood_dataset is not None)
     settings = dataclasses.replace(settings, ood_dataset=data.ood_name)
     json_path = os.path.join(output_dir, output_name + ".json")
@@ -1075,12 +1041,10 @@ def main(argv):
                               output_name, complete=False, training_s=None)
         _write_json(json_path, report)
 
-    runner = Runner(settings, data, work_dir, on_progress=checkpoint)
-    try:
-        records = runner.run()
-    finally:
-        if not FLAGS.keep_tickets and not FLAGS.work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with bench_tables.work_folder(FLAGS.work_dir, "ft_keras_reproduce_",
+                                  keep=FLAGS.keep_tickets) as work_dir:
+        logging.info("tickets under %s", work_dir)
+        records = Runner(settings, data, work_dir, on_progress=checkpoint).run()
     training_s = sum(r["wall_time_s"] for r in records
                      if not (r["method"] == "dense" and "deep_ensemble" in settings.methods))
     report = build_report(settings, data, records, command, start, meter, machine, output_name,

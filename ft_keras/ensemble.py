@@ -482,12 +482,12 @@ class Ensemble(keras.Model):
             returning the dict of `ensemble_outputs` (the request checks of the export
             included). Its attribute ``plan`` lists the kernel choices (`LayerPlan` rows).
         """
-        for i, member in enumerate(self._members):
-            export_lib.check_finite_weights(member, f"members[{i}]")
-        module, serve, plan = export_lib.build_serving(
-            self._members, self._head(), sparse_kernels=sparse_kernels,
-            group_members=group_members, input_range=input_range, argument="members",
-        )
+        # pylint: disable=protected-access
+        sparse_kernels, group_members, input_range = export_lib.check_serving_options(
+            sparse_kernels, group_members, input_range)
+        walked = export_lib._walk_and_check_finite(self._members, "members")
+        module, serve, plan = export_lib._build_serving(
+            self._members, walked, self._head(), sparse_kernels, group_members, input_range)
         export_lib.initialize(module)
         serve.module = module
         serve.plan = plan
@@ -544,26 +544,22 @@ class Ensemble(keras.Model):
                 weight that is NaN or Inf (the message names member, layer and variable).
             TypeError: an argument of the wrong type (e.g. ``group_members=True``).
         """
+        # pylint: disable=protected-access
         export_dir = _checks.check_path("export_dir", export_dir)
         version = _checks.check_int("version", version, minimum=0)
         overwrite = _checks.check_bool("overwrite", overwrite)
-        sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels,
-                                              export_lib.SPARSE_KERNELS)
-        group_members = _checks.check_choice("group_members", group_members,
-                                             export_lib.GROUP_MODES)
-        input_range = export_lib.check_input_range(input_range)
+        sparse_kernels, group_members, input_range = export_lib.check_serving_options(
+            sparse_kernels, group_members, input_range)
         if os.path.exists(export_dir) and not os.path.isdir(export_dir):
             raise ValueError(f"export_dir={export_dir!r} exists and is not a folder.")
-        for i, member in enumerate(self._members):
-            export_lib.check_finite_weights(member, f"members[{i}]")
+        # The members were checked when the ensemble was made: walked and scanned once here.
+        walked = export_lib._walk_and_check_finite(self._members, "members")
         destination = os.path.join(export_dir, str(version))
         head = self._head()
         tickets_lib.atomic_folder(
             destination,
-            lambda tmp: export_lib.export_models(
-                self._members, tmp, head, sparse_kernels=sparse_kernels,
-                group_members=group_members, input_range=input_range,
-            ),
+            lambda tmp: export_lib._export_models(
+                self._members, walked, tmp, head, sparse_kernels, group_members, input_range),
             overwrite=overwrite,
             argument="version folder",
         )

@@ -103,7 +103,28 @@ def check_finite_weights(model, argument="model"):
     NaN, or confident nonsense.
     """
     _checks.check_model(argument, model)
-    for layer in sparsify_lib.walk_layers(model):
+    _check_finite(model, sparsify_lib.walk_layers(model), argument)
+    return model
+
+
+def _walk_and_check_finite(models, argument):
+    """`check_finite_weights` of each checked model of ``models``, named ``argument[i]``.
+
+    Returns:
+        The list of each model's `ft_keras.sparsify.walk_layers`, which `_export_models` and
+        `_build_serving` take instead of walking the models again.
+    """
+    walked = []
+    for i, model in enumerate(models):
+        layers = list(sparsify_lib.walk_layers(model))
+        _check_finite(model, layers, f"{argument}[{i}]")
+        walked.append(layers)
+    return walked
+
+
+def _check_finite(model, layers, argument):
+    """`check_finite_weights` of a checked model whose `walk_layers` are ``layers``."""
+    for layer in layers:
         for variable in layer.weights:
             value = np.asarray(keras.ops.convert_to_numpy(variable))
             if value.dtype.kind != "f":
@@ -115,7 +136,13 @@ def check_finite_weights(model, argument="model"):
                     f"{variable.path!r} holds {bad} non-finite value(s) (NaN or Inf) out of "
                     f"{value.size}; refusing to write it (did training diverge?)."
                 )
-    return model
+
+
+def check_serving_options(sparse_kernels, group_members, input_range):
+    """The checked ``sparse_kernels``, ``group_members`` and ``input_range`` of an export."""
+    return (_checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS),
+            _checks.check_choice("group_members", group_members, GROUP_MODES),
+            check_input_range(input_range))
 
 
 def check_input_range(input_range, argument="input_range"):
@@ -214,8 +241,8 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members="convol
     output) are gone, and the SavedModel computes a narrower dense network.
 
     Args:
-        models: a non-empty list of built single-input Keras models that output logits and
-            share their input shape (not checked again here; `export_models` checks them).
+        models: a keras.Model or a non-empty list of built single-input Keras models that
+            output logits and share their input shape.
         head: a callable mapping stacked member logits (M, B, ..., K) (float32) to the dict of
             outputs.
         sparse_kernels: "dense" (default), "csr" or "coo" (`ft_keras.serving_graph`).
@@ -229,16 +256,25 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members="convol
         signature ``inputs``), and the `LayerPlan` rows of its Dense positions. In process,
         call `initialize` on the module before calling ``serve``.
     """
-    input_range = check_input_range(input_range)
-    models = list(models)
-    input_shape = model_input_shape(models[0], f"{argument}[0]")
+    models = _check_models(models, argument)
+    sparse_kernels, group_members, input_range = check_serving_options(
+        sparse_kernels, group_members, input_range)
+    walked = [list(sparsify_lib.walk_layers(model)) for model in models]
+    return _build_serving(models, walked, head, sparse_kernels, group_members, input_range)
+
+
+def _build_serving(models, walked, head, sparse_kernels, group_members, input_range):
+    """`build_serving` of checked arguments; ``walked``: each model's `walk_layers`."""
+    input_shape = tuple(models[0].inputs[0].shape[1:])
     module = serving_graph.ServingModule()
     # The same model object appearing twice is evaluated once and stored once.
-    unique = list({id(m): m for m in models}.values())
-    order = [next(i for i, u in enumerate(unique) if u is m) for m in models]
-    unique = _compacted(unique)
-    run, plan = serving_graph.build_program(module, unique, sparse_kernels=sparse_kernels,
-                                            group_members=group_members)
+    unique = {}
+    for model, layers in zip(models, walked):
+        unique.setdefault(id(model), (model, layers))
+    order = [list(unique).index(id(m)) for m in models]
+    served, opaque = _compacted(*zip(*unique.values()))
+    run, plan = serving_graph._build_program(  # pylint: disable=protected-access
+        module, served, sparse_kernels, group_members, opaque)
     module.finish()
     spec = tf.TensorSpec((None,) + tuple(input_shape), tf.float32, name=SERVING_INPUT)
 
@@ -253,18 +289,25 @@ def build_serving(models, head, *, sparse_kernels="dense", group_members="convol
     return module, serve, plan
 
 
-def _compacted(models):
+def _compacted(models, walked):
     """``models`` as they are served: `ft_keras.sparsify.compact_aligned` of the Sequential /
     Functional ones (removable units and channels sliced out, masks baked into plain kernels;
     members of equal widths stay equal), the others as they are (a subclassed model, or one
-    wrapping a loaded SavedModel, is evaluated by its own layers)."""
+    wrapping a loaded SavedModel, is evaluated by its own layers).
+
+    Returns:
+        ``(served, opaque)``: the served models and, for each, whether it wraps a loaded
+        SavedModel (`ft_keras.serving_graph.is_opaque`, found from ``walked``).
+    """
+    # pylint: disable=protected-access
+    opaque = [serving_graph._is_opaque(layers) for layers in walked]
     graph = [i for i, model in enumerate(models)
-             if _keras_compat.is_graph_model(model) and not serving_graph.is_opaque(model)]
+             if _keras_compat.is_graph_model(model) and not opaque[i]]
     served = list(models)
     if graph:
-        for i, model in zip(graph, sparsify_lib.compact_aligned([models[i] for i in graph])):
+        for i, model in zip(graph, sparsify_lib._compact_aligned([models[i] for i in graph])):
             served[i] = model
-    return served
+    return served, opaque
 
 
 def initialize(module):
@@ -275,7 +318,6 @@ def initialize(module):
 def kernel_plan(models, *, sparse_kernels="dense", group_members="convolutions"):
     """The `LayerPlan` of every Dense position that `export_models` would write for ``models``.
     """
-    models = _check_models(models)
     _, _, plan = build_serving(models, lambda logits: {"logits": logits},
                                sparse_kernels=sparse_kernels, group_members=group_members)
     return plan
@@ -322,14 +364,19 @@ def export_models(models, path, head, *, sparse_kernels="dense", group_members="
         ValueError: a weight is NaN or Inf (naming layer and variable), or a bad argument.
     """
     models = _check_models(models)
-    sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
-    group_members = _checks.check_choice("group_members", group_members, GROUP_MODES)
-    input_range = check_input_range(input_range)
+    sparse_kernels, group_members, input_range = check_serving_options(
+        sparse_kernels, group_members, input_range)
     path = _checks.check_path("path", path)
-    for i, model in enumerate(models):
-        check_finite_weights(model, f"models[{i}]")
-    module, serve, _ = build_serving(models, head, sparse_kernels=sparse_kernels,
-                                     group_members=group_members, input_range=input_range)
+    walked = _walk_and_check_finite(models, "models")
+    return _export_models(models, walked, path, head, sparse_kernels, group_members,
+                          input_range)
+
+
+def _export_models(models, walked, path, head, sparse_kernels, group_members, input_range):
+    """`export_models` of checked arguments (models whose weights were found finite);
+    ``walked``: each model's `walk_layers` (from `_walk_and_check_finite`)."""
+    module, serve, _ = _build_serving(models, walked, head, sparse_kernels, group_members,
+                                      input_range)
     return write_saved_model(module, serve, path)
 
 

@@ -277,7 +277,15 @@ def forward_macs(model, dense=False):
     Returns:
         An int: MACs per example (FLOPs are twice this).
     """
-    return sum(e.sparse for e in _entries(model, dense))
+    _checks.check_model("model", model)
+    return _forward_macs(model, _checks.check_bool("dense", dense))
+
+
+def _forward_macs(model, dense):
+    """`forward_macs` of a checked, built model (a sum: no layer order needed)."""
+    entries = {}
+    _collect(model, dense, entries, "")
+    return sum(e.sparse for e in entries.values())
 
 
 def macs_to_flops(macs):

@@ -208,9 +208,12 @@ def _aligned(chains):
 
 def is_opaque(model):
     """Whether ``model`` wraps a loaded SavedModel (`keras.layers.TFSMLayer`): served as it is."""
-    return any(
-        isinstance(layer, keras.layers.TFSMLayer) for layer in sparsify_lib.walk_layers(model)
-    )
+    return _is_opaque(sparsify_lib.walk_layers(model))
+
+
+def _is_opaque(layers):
+    """`is_opaque` of the model whose `ft_keras.sparsify.walk_layers` are ``layers``."""
+    return any(isinstance(layer, keras.layers.TFSMLayer) for layer in layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,14 +262,11 @@ class ServingModule(tf.Module):
             state.append((variable, index, segment.shape))
         return state
 
-    def track_other(self, model, mapped):
-        """Tracks the weights of ``model`` that are neither mapped to the cache nor masks."""
+    def track_other(self, model, layers, mapped):
+        """Tracks the weights of ``model`` (whose `ft_keras.sparsify.walk_layers` are
+        ``layers``) that are neither mapped to the cache nor masks."""
         skip = {id(v) for v in mapped} | {id(v) for v in self.other_variables}
-        skip |= {
-            id(layer.kernel_mask)
-            for layer in sparsify_lib.walk_layers(model)
-            if _is_masked(layer)
-        }
+        skip |= {id(layer.kernel_mask) for layer in layers if _is_masked(layer)}
         for variable in model.weights:
             if id(variable) not in skip:
                 self.other_variables.append(variable)
@@ -617,11 +617,12 @@ class _KerasStep:
         self.layer = layer
         self.module = module
         self.state = []
-        targets = sparsify_lib.walk_layers(layer) if isinstance(layer, keras.Model) else [layer]
+        is_model = isinstance(layer, keras.Model)
+        targets = list(sparsify_lib.walk_layers(layer)) if is_model else [layer]
         for target in targets:
             self.state.extend(module.layer_state(target))
-        if isinstance(layer, keras.Model):
-            module.track_other(layer, [variable for variable, _, _ in self.state])
+        if is_model:
+            module.track_other(layer, targets, [variable for variable, _, _ in self.state])
 
     def __call__(self, x):
         if not self.state:
@@ -667,13 +668,16 @@ class _PerMemberStep:
 # The program.
 
 
-def _steps(module, layers_by_position, members, sparse_kernels, group_members):
-    # ``group_members`` is one of GROUP_MODES.
-    """The steps of one group of aligned members (or of one member), and their Dense steps."""
+def _steps(module, layers_by_position, members, sparse_kernels, group_members, opaque):
+    """The steps of one group of aligned members (or of one member), and their Dense steps.
+
+    ``group_members`` is one of GROUP_MODES; ``opaque``: the group is one opaque model
+    (`is_opaque`), its only position.
+    """
     steps, dense_steps = [], []
     kind = _SHARED
     for layers in layers_by_position:
-        if isinstance(layers[0], keras.Model) and is_opaque(layers[0]):
+        if opaque:
             step = _PerMemberStep([_OpaqueStep(module, layers[0])])
         elif all(_is_plain_dense(layer) for layer in layers):
             step = _DenseStep(module, layers, kind, sparse_kernels, group_members == "all")
@@ -708,15 +712,22 @@ def build_program(module, models, *, sparse_kernels="dense", group_members="conv
     """
     sparse_kernels = _checks.check_choice("sparse_kernels", sparse_kernels, SPARSE_KERNELS)
     group_members = _checks.check_choice("group_members", group_members, GROUP_MODES)
-    chains = [None if is_opaque(model) else _chain(model) for model in models]
+    return _build_program(module, models, sparse_kernels, group_members,
+                          [is_opaque(model) for model in models])
+
+
+def _build_program(module, models, sparse_kernels, group_members, opaque):
+    """`build_program` of checked arguments; ``opaque``: `is_opaque` of each model."""
+    chains = [None if flag else _chain(model) for model, flag in zip(models, opaque)]
     if _aligned(chains):
-        groups = [(len(models), list(zip(*chains)))]
+        groups = [(len(models), list(zip(*chains)), False)]
     else:
-        groups = [(1, [(layer,) for layer in chain] if chain is not None else [(model,)])
-                  for model, chain in zip(models, chains)]
+        groups = [(1, [(layer,) for layer in chain] if chain is not None else [(model,)], flag)
+                  for model, chain, flag in zip(models, chains, opaque)]
     programs, plan = [], []
-    for members, positions in groups:
-        steps, dense_steps = _steps(module, positions, members, sparse_kernels, group_members)
+    for members, positions, group_opaque in groups:
+        steps, dense_steps = _steps(module, positions, members, sparse_kernels, group_members,
+                                    group_opaque)
         programs.append((members, steps))
         plan.extend(step.plan() for step in dense_steps)
 

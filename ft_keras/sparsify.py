@@ -195,6 +195,11 @@ def strip(model):
     sparse weights (exactly zero off-mask). Non-masked layers are copied.
     """
     _check_model(model)
+    return _strip(model)[0]
+
+
+def _strip(model):
+    """`strip` of a checked model: ``(plain clone, the clone's layers in walk order)``."""
     originals = {}
 
     def clone_layer(layer):
@@ -204,7 +209,8 @@ def strip(model):
         return new
 
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    for new in walk_layers(clone):
+    layers = list(walk_layers(clone))
+    for new in layers:
         old = originals.get(id(new))
         if old is None or not old.weights:
             continue
@@ -220,13 +226,14 @@ def strip(model):
             new.set_weights(values)
         else:
             new.set_weights(old.get_weights())
-    return clone
+    return clone, layers
 
 
-def _baked_kernels(model):
-    """``{id(layer): numpy kernel}`` of every layer with a kernel, masks applied."""
+def _baked_kernels(layers):
+    """``{id(layer): numpy kernel}`` of every layer of ``layers`` (a model's `walk_layers`)
+    with a kernel, masks applied."""
     kernels = {}
-    for layer in walk_layers(model):
+    for layer in layers:
         if masked_layers.is_masked(layer):
             mask = keras.ops.convert_to_numpy(layer.kernel_mask)
             kernel = keras.ops.convert_to_numpy(layer.masked_kernel)
@@ -263,8 +270,8 @@ def compact(model):
         TypeError: ``model`` is not a Sequential / Functional model.
     """
     _check_model(model)
-    plain = strip(model)
-    return _slice_out(plain, _removable_channels(plain))
+    plain, layers = _strip(model)
+    return _slice_out(plain, _removable_channels(plain, layers))
 
 
 def compact_aligned(models):
@@ -279,8 +286,14 @@ def compact_aligned(models):
     """
     for i, model in enumerate(models):
         _check_model(model, f"models[{i}]")
-    plains = [strip(model) for model in models]
-    removables = [_removable_channels(plain) for plain in plains]
+    return _compact_aligned(models)
+
+
+def _compact_aligned(models):
+    """`compact_aligned` of checked models (Sequential or Functional, not checked again)."""
+    stripped = [_strip(model) for model in models]
+    plains = [plain for plain, _ in stripped]
+    removables = [_removable_channels(plain, layers) for plain, layers in stripped]
     for name in set(removables[0]).intersection(*removables[1:]):
         shapes = {removable[name][1].shape for removable in removables}
         if len(shapes) == 1:
@@ -290,10 +303,11 @@ def compact_aligned(models):
     return [_slice_out(plain, removable) for plain, removable in zip(plains, removables)]
 
 
-def _removable_channels(plain):
-    """{producer name: (`ChannelGroup`, bool [C]: removable)} of a plain (stripped) model."""
+def _removable_channels(plain, layers):
+    """{producer name: (`ChannelGroup`, bool [C]: removable)} of a plain (stripped) model whose
+    `walk_layers` are ``layers``."""
     groups, _ = channels_lib.analyse(plain)
-    kernels = _baked_kernels(plain)
+    kernels = _baked_kernels(layers)
     removables = {}
     for group in groups:
         if isinstance(group.producer, keras.layers.DepthwiseConv2D):
@@ -450,17 +464,22 @@ def sparsity_report(model):
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model; got {type(model).__name__}.")
+    return _sparsity_report(model, list(walk_layers(model)))
+
+
+def _sparsity_report(model, layers):
+    """`sparsity_report` of a checked model whose `walk_layers` are ``layers``."""
     kept_channels = {}
     if _keras_compat.is_graph_model(model):
         groups, _ = channels_lib.analyse(model)
-        kernels = _baked_kernels(model)
+        kernels = _baked_kernels(layers)
         for group in groups:
             removable = channels_lib.removable_channels(group, kernels)
             kept_channels[id(group.producer)] = (int(np.sum(~removable)), group.num_channels)
     rows = []
     num_params = 0
     num_active = 0
-    for layer in walk_layers(model):
+    for layer in layers:
         for weight in layer.trainable_weights:
             num_params += int(np.prod(weight.shape))
         if masked_layers.is_masked(layer):

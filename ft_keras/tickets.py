@@ -68,8 +68,9 @@ from ft_keras.atomic_files import unlock_ticket_dir  # noqa: F401
 from ft_keras.atomic_files import write_file_atomically  # noqa: F401
 from ft_keras.export import SERVING_INPUT
 from ft_keras.export import SERVING_SIGNATURE
-# Import the function: the package attribute ``ft_keras.sparsify`` is the function, not the module.
-from ft_keras.sparsify import sparsity_report
+# Import the functions: the package attribute ``ft_keras.sparsify`` is the function, not the module.
+from ft_keras.sparsify import _sparsity_report
+from ft_keras.sparsify import walk_layers
 from ft_keras.version import __version__
 
 FORMAT_VERSION = 2
@@ -125,9 +126,11 @@ def _ticket_head(member_logits):
     }
 
 
-def _write_saved_model(model, path, sparse_kernels="dense", input_range=None):
-    export_lib.export_models([model], path, _ticket_head, sparse_kernels=sparse_kernels,
-                             input_range=input_range)
+def _write_saved_model(model, layers, path, sparse_kernels, input_range):
+    """The ticket's SavedModel of a checked ``model`` (weights found finite) whose
+    `ft_keras.sparsify.walk_layers` are ``layers``."""
+    export_lib._export_models(  # pylint: disable=protected-access
+        [model], [layers], path, _ticket_head, sparse_kernels, "convolutions", input_range)
 
 
 def _save_keras_model(model, path, include_optimizer):
@@ -185,6 +188,12 @@ def ticket_metadata(model, index, metadata=None):
     Returns:
         A JSON-serialisable dict.
     """
+    _checks.check_model("model", model)
+    return _ticket_metadata(model, list(walk_layers(model)), index, metadata)
+
+
+def _ticket_metadata(model, layers, index, metadata):
+    """`ticket_metadata` of a checked, built ``model`` whose `walk_layers` are ``layers``."""
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict):
@@ -198,8 +207,8 @@ def ticket_metadata(model, index, metadata=None):
             f"metadata sets {reserved}, which write_ticket computes itself; allowed caller keys "
             f"are {list(CALLER_KEYS)} and any other extra key."
         )
-    report = sparsity_report(model)
-    layers = [
+    report = _sparsity_report(model, layers)
+    rows = [
         {
             "name": row.name,
             "kind": row.kind,
@@ -218,7 +227,7 @@ def ticket_metadata(model, index, metadata=None):
         result["forward_flops"] = _forward_flops_or_none(model)
     result.update(
         {
-            "layers": layers,
+            "layers": rows,
             "density": report.density,
             "num_params": report.num_params,
             "num_active_params": report.num_active_params,
@@ -239,12 +248,13 @@ def ticket_metadata(model, index, metadata=None):
 
 
 def _forward_flops_or_none(model):
-    """Sparse forward FLOPs per example (2 x multiply-adds), or None where they cannot be counted
-    (e.g. a model whose input shape is not fully known)."""
+    """Sparse forward FLOPs per example (2 x multiply-adds) of a checked model, or None where
+    they cannot be counted (e.g. a model whose input shape is not fully known)."""
     from ft_keras import flops  # pylint: disable=import-outside-toplevel
 
     try:
-        return flops.macs_to_flops(flops.forward_macs(model))
+        # pylint: disable-next=protected-access
+        return flops.macs_to_flops(flops._forward_macs(model, False))
     except (ValueError, TypeError) as error:
         logging.warning("forward FLOPs of %s not counted: %s", model.name, error)
         return None
@@ -404,9 +414,11 @@ def write_ticket(
                                           export_lib.SPARSE_KERNELS)
     input_range = export_lib.check_input_range(input_range)
     export_lib.model_input_shape(model)
-    export_lib.check_finite_weights(model)
+    # Walked once, scanned once: the private functions below take the checked model and layers.
+    layers = list(walk_layers(model))
+    export_lib._check_finite(model, layers, "model")  # pylint: disable=protected-access
     _check_logits_output(model, f"model={model.name!r}")
-    meta = ticket_metadata(model, index, metadata)
+    meta = _ticket_metadata(model, layers, index, metadata)
     meta["output"] = "logits"
     if os.path.exists(ticket_dir) and not os.path.isdir(ticket_dir):
         raise ValueError(f"ticket_dir={ticket_dir!r} exists and is not a folder.")
@@ -414,7 +426,7 @@ def write_ticket(
 
     def write(tmp):
         _save_keras_model(model, os.path.join(tmp, MODEL_FILE), include_optimizer)
-        _write_saved_model(model, os.path.join(tmp, SAVED_MODEL_DIR, str(version)),
+        _write_saved_model(model, layers, os.path.join(tmp, SAVED_MODEL_DIR, str(version)),
                            sparse_kernels, input_range)
         meta["files"] = ticket_digests(tmp)
         _write_metadata(meta, os.path.join(tmp, METADATA_FILE))  # last: marks completeness

@@ -318,8 +318,47 @@ def test_own_info_only_filter():
         return logging.LogRecord("n", level, path, 1, "m", None, None)
 
     assert keep.filter(record(logging.INFO, "/y/bench/reproduce.py"))
+    assert keep.filter(record(logging.INFO, "/y/bench/bench_tables.py"))  # its Runner's lines
+    assert not keep.filter(record(logging.INFO, "/y/bench/diversity.py"))
     assert not keep.filter(record(logging.INFO, "/y/tensorflow/saver.py"))
     assert keep.filter(record(logging.WARNING, "/y/tensorflow/saver.py"))
+
+
+# -------------------------------------------------------------------- recipe benchmark runs
+def test_script_command_and_output_dir():
+    repo = "/r/ft_keras"
+    assert (bt.script_command(["/r/ft_keras/bench/reproduce.py", "--seeds=0,1", "--x=a b"], repo)
+            == "python bench/reproduce.py --seeds=0,1 '--x=a b'")
+    assert bt.script_command(["bench/diversity.py"], repo) == "python bench/diversity.py"
+    assert bt.output_dir("/out", True, "quick_name", repo) == "/out"
+    assert bt.output_dir(None, True, "quick_name", repo).endswith(os.sep + "quick_name")
+    assert bt.output_dir("", False, "quick_name", repo) == "/r/ft_keras/docs"
+
+
+def test_work_folder_is_kept_only_when_given_or_asked(tmp_path):
+    with bt.work_folder(None, "ftk_test_") as folder:
+        assert os.path.isdir(folder) and os.path.basename(folder).startswith("ftk_test_")
+    assert not os.path.exists(folder)
+    with bt.work_folder(None, "ftk_test_", keep=True) as kept:
+        pass
+    assert os.path.isdir(kept)
+    os.rmdir(kept)
+    given = str(tmp_path / "work" / "here")
+    with pytest.raises(RuntimeError):
+        with bt.work_folder(given, "ftk_test_") as folder:
+            assert folder == given and os.path.isdir(given)
+            raise RuntimeError("a run failed")
+    assert os.path.isdir(given)  # a --work_dir is never deleted
+
+
+def test_runner_trains_in_its_folder_and_counts_epochs():
+    runner = bt.Runner("/work", total_epochs=10, start=0.0)
+    folder = runner.folder("lenet5", 2, "edst:q=0.8", "tickets")
+    assert folder == os.path.join("/work", "lenet5", "seed_2", "edst_q=0.8", "tickets")
+    seen = []
+    assert runner.train("lenet5", 2, "EDST", 4, lambda f: seen.append(f) or "result",
+                        folder) == "result"
+    assert seen == [folder] and runner.progress.done_epochs == 4
 
 
 # ------------------------------------------------------------------- recipe benchmark pages

@@ -503,7 +503,7 @@ def test_export_crash_leaves_no_version(members, tmp_path, monkeypatch):
         del args, kwargs
         raise RuntimeError("out of disk")
 
-    monkeypatch.setattr(export_lib, "export_models", crash)
+    monkeypatch.setattr(export_lib, "_export_models", crash)
     with pytest.raises(RuntimeError, match="out of disk"):
         Ensemble(members).export(export_dir)
     assert os.listdir(export_dir) == []

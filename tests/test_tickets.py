@@ -1,8 +1,10 @@
 """Tickets on disk: write_ticket / read_ticket / list_tickets / prepare_ticket_dir."""
 
+import collections
 import json
 import os
 import shutil
+import sys
 
 import keras
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import ft_keras as ftk
+from ft_keras import _checks
 from ft_keras import export
 from ft_keras import tickets
 from ft_keras.ensemble import Ensemble
@@ -472,6 +475,49 @@ def test_argument_errors(sparse_model, tmp_path):
     with pytest.raises(TypeError, match=r"overwrite"):
         tickets.write_ticket(sparse_model, ticket_dir, 0, overwrite="yes")
     assert not os.listdir(ticket_dir)
+
+
+def _count_calls_on(monkeypatch, models, functions):
+    """Wraps each ``(name, function, position)`` wherever an ft_keras module refers to it
+    (some import it by name), counting the calls whose argument at ``position`` is one of
+    ``models``; returns the Counter ``{(name, model index): calls}``."""
+    calls = collections.Counter()
+    modules = [module for name, module in sys.modules.items()
+               if name == "ft_keras" or name.startswith("ft_keras.")]
+    for name, function, position in functions:
+
+        def wrapper(*args, _name=name, _function=function, _position=position, **kwargs):
+            for i, model in enumerate(models):
+                if len(args) > _position and args[_position] is model:
+                    calls[(_name, i)] += 1
+            return _function(*args, **kwargs)
+
+        for module in modules:
+            for attribute, value in list(vars(module).items()):
+                if value is function:
+                    monkeypatch.setattr(module, attribute, wrapper)
+    return calls
+
+
+_WALK_AND_CHECK = (("walk_layers", sys.modules["ft_keras.sparsify"].walk_layers, 0),
+                   ("check_model", _checks.check_model, 1))
+
+
+def test_an_export_checks_and_walks_its_models_once(sparse_model, tmp_path, monkeypatch):
+    """write_ticket checks the model once where it enters and walks its layers once (the
+    NaN / Inf scan, the metadata, the FLOPs and the SavedModel reuse them); exporting an
+    ensemble walks each member once and checks none again (the Ensemble checked them)."""
+    with monkeypatch.context() as patch:
+        calls = _count_calls_on(patch, [sparse_model], _WALK_AND_CHECK)
+        tickets.write_ticket(sparse_model, str(tmp_path / "tickets"), 0)
+    assert calls == {("walk_layers", 0): 1, ("check_model", 0): 1}
+
+    other = ftk.sparsify(_mlp(4), sparsity=0.8, seed=4)
+    ensemble = Ensemble([sparse_model, other])
+    with monkeypatch.context() as patch:
+        calls = _count_calls_on(patch, [sparse_model, other], _WALK_AND_CHECK)
+        ensemble.export(str(tmp_path / "serving"))
+    assert calls == {("walk_layers", 0): 1, ("walk_layers", 1): 1}
 
 
 def test_plain_model_and_version(tmp_path, images):

@@ -8,6 +8,7 @@ around the sparse-training core.
 * `corruptions`: corrupted test sets;
 * `evaluation`: the evaluation suite of an ensemble;
 * `recipes`: every method of the comparison as one function (`ftk.train_edst`, ...);
+* `compiling`: how the recipes compile their models (`make_compile_fn`, ...);
 * `training_cost`: the training cost of the runs the recipes make.
 
 The core (``ft_keras.layers``, ``masks``, ``sparsify``, ``training``, ``free_tickets``,
