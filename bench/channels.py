@@ -43,7 +43,6 @@ import datetime
 import gc
 import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -551,8 +550,7 @@ def build_report(settings, records, command, start, meter, complete):
     return {
         "output_name": OUTPUT_NAME, "complete": complete, "command": command,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**bench_tables.host_info(_REPO), "tensorflow": tf.__version__,
-                    "keras": keras.__version__, "ft_keras": ftk.__version__},
+        "machine": bench_tables.recipe_machine_info(_REPO),
         "timing": {"total_s": time.time() - start,
                    "training_s": sum(r["wall_time_s"] for r in records),
                    "other_processes_cores": meter.others_cores()},
@@ -587,16 +585,17 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")
     logging.get_absl_handler().addFilter(bench_tables.OwnInfoOnly(__file__))
     settings = resolve_settings()
-    output_dir = FLAGS.output_dir or (
-        os.path.join(tempfile.gettempdir(), "ft_keras_channels_quick") if FLAGS.quick
-        else os.path.join(_REPO, "docs"))
+    output_dir = bench_tables.output_dir(FLAGS.output_dir, FLAGS.quick,
+                                         "ft_keras_channels_quick", _REPO)
+    # Not `bench_tables.work_folder`: a resumed run must find the same folder (its dense
+    # SavedModels), so the default is named after the output folder, not drawn at random.
     work_dir = FLAGS.work_dir or os.path.join(
         tempfile.gettempdir(), "ft_keras_channels_work",
         os.path.abspath(output_dir).strip(os.sep).replace(os.sep, "_"))
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, OUTPUT_NAME + ".json")
     store = Store(json_path, FLAGS.restart)
-    command = "python " + shlex.join(["bench/channels.py"] + sys.argv[1:])
+    command = bench_tables.script_command(sys.argv, _REPO)
     data = bench_tables.Data("fashion_mnist", settings["batch_size"],
                              settings["validation_fraction"],
                              train_examples=settings["train_examples"],
