@@ -450,10 +450,14 @@ def _cell(stats, fmt="{:.3f}", scale=1.0):
 def markdown_region(report):
     s = report["settings"]
     mode = "QUICK SMOKE RUN (not evidence)" if s["quick"] else "full run"
+    if not report.get("complete", True):
+        mode += " (INCOMPLETE: interrupted; rerunning the command resumes it)"
     body = []
     for model, methods in report["summary"].items():
         batches = _batches(methods)
-        body += ["", f"### {MODELS[model][0]}", "",
+        seeds = sorted({r["seed"] for r in report["records"] if r["model"] == model})
+        body += ["", f"### {MODELS[model][0]}", "", f"Seeds: {seeds} (means ± standard "
+                 "deviations over the seeds each method has).", "",
                  "| Method | Acc. (%) | NLL | ECE | Disagr. | Train FLOPs (x dense) | Infer. "
                  "FLOPs, sparse (x dense) | Served MACs, compacted (x dense) | member widths "
                  "| Size (x dense) | " + " | ".join(f"p50 batch {b} (x dense)" for b in batches)
@@ -552,7 +556,8 @@ def build_report(settings, records, command, start, meter, complete):
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": bench_tables.recipe_machine_info(_REPO),
         "timing": {"total_s": time.time() - start,
-                   "training_s": sum(r["wall_time_s"] for r in records),
+                   "training_s": sum(r["wall_time_s"] for r in records
+                                     if r["model"] in settings["models"]),
                    "other_processes_cores": meter.others_cores()},
         "settings": settings, "summary": summarize(records, settings), "records": records,
         "targets": {"latency_batch": TARGET_BATCH, "latency_ratio": TARGETS,
