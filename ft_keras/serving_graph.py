@@ -553,8 +553,7 @@ class _ConvStep:
         self.segments = _store_kernels(module, self.layers)
         shape = self.segments[0].shape
         members = self.members
-        self.block_diagonal = input_kind != _SHARED
-        if self.block_diagonal:
+        if input_kind != _SHARED:
             # One ordinary convolution whose kernel holds member m's kernel at input channels
             # [m * C_in, (m + 1) * C_in) x output channels [m * C_out, (m + 1) * C_out), zeros
             # elsewhere (rebuilt at load: the zeros are not stored).
